@@ -1,0 +1,87 @@
+"""One frozen config per component, built from config.pbtxt string `parameters`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from . import env
+from .images import ImageLimits
+from .url_fetch import FetchPolicy
+
+
+def read_parameters(model_config: dict) -> dict[str, str]:
+    """config.pbtxt `parameters { key: "k" value: { string_value: "v" } }` -> {"k": "v"}."""
+    return {k: v.get("string_value", "") for k, v in model_config.get("parameters", {}).items()}
+
+
+def _model_path(params: dict[str, str]) -> Path:
+    return Path(params.get("model_path") or env.default_model_path())
+
+
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _typed(cls, params: dict[str, str], **extra):
+    """Build `cls` from the parameters whose names match its fields (converted to the field's type)."""
+    values = {}
+    for f in fields(cls):
+        if f.name in params and params[f.name] != "" and f.name not in extra:
+            kind = type(f.default) if f.default is not None else str
+            raw = params[f.name]
+            values[f.name] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+    return cls(**values, **extra)
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    model_path: Path = field(default_factory=env.default_model_path)
+    max_images: int = 8
+    max_image_bytes: int = 20 * 2**20
+    max_image_pixels: int = 64 * 2**20
+    allow_private_urls: bool = False
+    url_timeout_s: float = 10.0
+    max_model_len: int = 0  # 0: the model's max_position_embeddings
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> PreprocessConfig:
+        cfg = _typed(cls, params, model_path=_model_path(params))
+        if env.allow_private_urls() and not cfg.allow_private_urls:
+            cfg = _typed(cls, {**params, "allow_private_urls": "1"}, model_path=cfg.model_path)
+        return cfg
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        fetch = FetchPolicy(timeout_s=self.url_timeout_s, max_bytes=self.max_image_bytes,
+                            allow_private=self.allow_private_urls)
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, fetch=fetch)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    model_path: Path = field(default_factory=env.default_model_path)
+    device: str = "cpu"
+    dtype: str = "auto"
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str], device: str = "cpu") -> EncoderConfig:
+        return _typed(cls, params, model_path=_model_path(params), device=device)
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    model_path: Path = field(default_factory=env.default_model_path)
+    device: str = "cpu"
+    dtype: str = "auto"
+    threads: int = 0
+    max_model_len: int = 0
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str], device: str = "cpu") -> LanguageConfig:
+        return _typed(cls, params, model_path=_model_path(params), device=device)

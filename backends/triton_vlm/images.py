@@ -1,0 +1,72 @@
+"""Turn one image source (raw bytes, a data: URL or an http(s) URL) into a checked RGB picture."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from dataclasses import dataclass, field
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InvalidRequest
+from .url_fetch import FetchPolicy, fetch_url
+
+_DATA_URL = re.compile(rb"^data:([\w/+.-]*)(;[\w=.-]+)*;base64,", re.IGNORECASE)
+_SCHEME = re.compile(rb"^[a-zA-Z][a-zA-Z0-9+.-]{1,15}://")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_bytes: int = 20 * 2**20
+    max_pixels: int = 64 * 2**20  # width * height before resizing; stops decompression bombs
+    formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+    fetch: FetchPolicy = field(default_factory=FetchPolicy)
+
+
+def read_source(source: bytes, index: int, limits: ImageLimits) -> bytes:
+    """The encoded image bytes behind `source`."""
+    head = source[:64].lstrip()
+    if head[:5].lower() == b"data:":
+        match = _DATA_URL.match(source.strip())
+        if not match:
+            raise InvalidRequest(f"image {index}: a data: URL must be base64 ('data:image/png;base64,...')")
+        try:
+            return base64.b64decode(source.strip()[match.end():], validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidRequest(f"image {index}: the data: URL is not valid base64") from None
+    if head[:7].lower() == b"http://" or head[:8].lower() == b"https://":
+        try:
+            url = source.strip().decode("ascii")
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"image {index}: the URL is not ASCII") from None
+        return fetch_url(url, limits.fetch)
+    if _SCHEME.match(head):
+        scheme = head.split(b":", 1)[0].decode("ascii", "replace")
+        raise InvalidRequest(f"image {index}: URL scheme {scheme!r} is not allowed; use http(s) or data:")
+    return source
+
+
+def load_image(source: bytes, index: int, limits: ImageLimits) -> Image.Image:
+    data = read_source(source, index, limits)
+    if not data:
+        raise InvalidRequest(f"image {index} is empty")
+    if len(data) > limits.max_bytes:
+        raise InvalidRequest(f"image {index} is {len(data)} bytes; the limit is {limits.max_bytes}")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InvalidRequest(f"image {index} could not be decoded: not an image or corrupt") from None
+    if image.format not in limits.formats:
+        raise InvalidRequest(
+            f"image {index} has unsupported format {image.format}; supported: {', '.join(limits.formats)}"
+        )
+    width, height = image.size
+    if width * height > limits.max_pixels:
+        raise InvalidRequest(f"image {index} is {width}x{height}; the limit is {limits.max_pixels} pixels")
+    try:
+        image.load()
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidRequest(f"image {index} could not be decoded: {e}") from None
+    return image.convert("RGB")

@@ -1,0 +1,49 @@
+"""Tensor names and types of every model in the repository; config.pbtxt files are checked against these."""
+
+from __future__ import annotations
+
+# public `vlm` / `vlm_unary` interface: name -> (config.pbtxt data_type, dims)
+PUBLIC_INPUTS = {
+    "text_input": ("TYPE_STRING", [1]),
+    "messages": ("TYPE_STRING", [1]),
+    "images": ("TYPE_STRING", [-1]),
+    "max_tokens": ("TYPE_INT32", [1]),
+    "temperature": ("TYPE_FP32", [1]),
+    "top_p": ("TYPE_FP32", [1]),
+    "top_k": ("TYPE_INT32", [1]),
+    "seed": ("TYPE_INT32", [1]),
+    "stream": ("TYPE_BOOL", [1]),
+}
+PUBLIC_OUTPUTS = {
+    "text_output": ("TYPE_STRING", [1]),
+    "output_ids": ("TYPE_INT64", [-1]),
+    "finish_reason": ("TYPE_STRING", [1]),
+}
+
+# internal tensors between ensemble steps
+INPUT_IDS = "_INPUT_IDS"  # INT64 [S]
+PIXEL_VALUES = "_PIXEL_VALUES"  # FP32 [P, C*T*patch*patch]
+IMAGE_GRID_THW = "_IMAGE_GRID_THW"  # INT64 [N, 3]
+IMAGE_EMBEDS = "_IMAGE_EMBEDS"  # FP32 [sum tokens per image, H]
+SAMPLING = "_SAMPLING"  # BYTES [1]: SamplingParams JSON
+
+INTERNAL = {
+    INPUT_IDS: ("TYPE_INT64", [-1]),
+    PIXEL_VALUES: ("TYPE_FP32", [-1, -1]),
+    IMAGE_GRID_THW: ("TYPE_INT64", [-1, 3]),
+    IMAGE_EMBEDS: ("TYPE_FP32", [-1, -1]),
+    SAMPLING: ("TYPE_STRING", [1]),
+}
+
+# model name -> (inputs, outputs)
+MODELS = {
+    "preprocess": (list(PUBLIC_INPUTS), [INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING]),
+    "vision_encoder": ([PIXEL_VALUES, IMAGE_GRID_THW], [IMAGE_EMBEDS]),
+    "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING], list(PUBLIC_OUTPUTS)),
+    "vlm": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
+    "vlm_unary": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
+}
+
+
+def spec(name: str) -> tuple[str, list[int]]:
+    return {**PUBLIC_INPUTS, **PUBLIC_OUTPUTS, **INTERNAL}[name]

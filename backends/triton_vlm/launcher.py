@@ -1,0 +1,71 @@
+"""Run the real tritonserver from the nvidia-pytriton wheel with our python backend set up.
+
+`tritonserver` (a console script of this package) is a drop-in for the real binary: it adds
+LD_LIBRARY_PATH for the wheel's libraries, puts this environment's `bin` first on PATH (the
+backend stub takes its Python prefix from the first python3 there), a backend directory with
+the stub for this Python, and a shared-memory prefix unique to the process.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
+from . import env
+
+
+def _pytriton() -> Path:
+    import pytriton
+
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def binary() -> Path:
+    return _pytriton() / "bin" / "tritonserver"
+
+
+def backend_directory() -> Path:
+    """<home>/backends/py3.X: the python backend plus the stub built for this Python."""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    root = env.home() / "backends" / f"py{version}"
+    stub = root / "python" / "triton_python_backend_stub"
+    if not stub.exists():
+        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(_pytriton() / "backends", tmp)
+        shutil.copy2(_pytriton() / "python_backend_stubs" / version / "triton_python_backend_stub", tmp / "python")
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+    return root
+
+
+def server_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    environ = dict(os.environ if base is None else base)
+    libs = [str(_pytriton().parent.parent / "nvidia_pytriton.libs")]
+    # The stub links libpython3.X.so; it must be the one of the Python whose stdlib it will run
+    # (a pyenv or conda Python next to the distribution's own is common), so ours goes first.
+    libdir = sysconfig.get_config_var("LIBDIR")
+    if libdir and (Path(libdir) / str(sysconfig.get_config_var("INSTSONAME"))).exists():
+        libs.insert(0, libdir)
+    environ["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, *filter(None, [environ.get("LD_LIBRARY_PATH")])])
+    environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), environ.get("PATH", "")))
+    return environ
+
+
+def command(args: list[str]) -> list[str]:
+    """The real tritonserver command line for `args` with our defaults added where not given."""
+    cmd = [str(binary())]
+    if not any(a.startswith("--backend-directory") for a in args):
+        cmd.append(f"--backend-directory={backend_directory()}")
+    if not any("shm-region-prefix-name" in a for a in args):
+        # two servers on one host must not share python-backend shared memory regions
+        cmd.append(f"--backend-config=python,shm-region-prefix-name=tvlm{os.getpid()}_")
+    return cmd + args
+
+
+def tritonserver_main() -> None:
+    cmd = command(sys.argv[1:])
+    os.execve(cmd[0], cmd, server_env())

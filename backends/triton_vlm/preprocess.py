@@ -1,0 +1,76 @@
+"""Preprocessing engine: chat + images in, token ids with expanded image placeholders and pixels out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig
+
+from .chat import build_conversation
+from .config import PreprocessConfig
+from .errors import InvalidRequest
+from .images import load_image
+from .models import load_family
+from .protocol import GenerateRequest, SamplingParams
+
+
+@dataclass
+class Preprocessed:
+    input_ids: np.ndarray  # [S] int64, one image token per merged patch
+    pixel_values: np.ndarray  # [P, C*T*patch*patch] float32, all images' patches in order
+    image_grid_thw: np.ndarray  # [N, 3] int64, in patches
+    sampling: SamplingParams
+
+
+def default_sampling(model_path) -> SamplingParams:
+    """The model's generation_config.json gives the defaults (as vLLM does); requests override."""
+    try:
+        gen = GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        return SamplingParams()
+    if not gen.do_sample:
+        return SamplingParams(temperature=0.0)
+    return SamplingParams(temperature=gen.temperature or 1.0, top_p=gen.top_p or 1.0, top_k=gen.top_k or 0)
+
+
+class Preprocessor:
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.config = config
+        self.family = load_family(config.model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
+        # the slow processor: the fast one needs torchvision
+        self.image_processor = AutoImageProcessor.from_pretrained(config.model_path, use_fast=False)
+        self.image_pad = self.tokenizer.convert_ids_to_tokens(self.family.image_token_id)
+        self.max_model_len = config.max_model_len or self.family.max_model_len
+        self.default_sampling = default_sampling(config.model_path)
+        vc = self.family.config.vision_config
+        self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+
+    def __call__(self, request: GenerateRequest) -> Preprocessed:
+        request.validate()
+        conversation, sources = build_conversation(request)
+        if len(sources) > self.config.max_images:
+            raise InvalidRequest(f"{len(sources)} images sent; the limit is {self.config.max_images} per request")
+        limits = self.config.image_limits
+        images = [load_image(source, i, limits) for i, source in enumerate(sources)]
+        if images:
+            out = self.image_processor(images=images, return_tensors="np")
+            pixel_values = out["pixel_values"].astype(np.float32)
+            grid_thw = out["image_grid_thw"].astype(np.int64)
+        else:
+            pixel_values = np.zeros((0, self.patch_dim), np.float32)
+            grid_thw = np.zeros((0, 3), np.int64)
+        prompt = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        pieces = prompt.split(self.image_pad)
+        if len(pieces) - 1 != len(images):
+            raise InvalidRequest("the image placeholders in the prompt do not match the images sent")
+        counts = self.family.tokens_per_image(grid_thw)
+        prompt = pieces[0] + "".join(self.image_pad * int(n) + p for n, p in zip(counts, pieces[1:]))
+        input_ids = np.asarray(self.tokenizer(prompt, add_special_tokens=False).input_ids, np.int64)
+        if len(input_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt is {len(input_ids)} tokens ({int(counts.sum())} of them for images); "
+                f"the model context is {self.max_model_len} tokens"
+            )
+        return Preprocessed(input_ids, pixel_values, grid_thw, request.sampling)

@@ -1,0 +1,109 @@
+"""Typed requests that cross stage boundaries, each with `validate()`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+from dataclasses import asdict, dataclass, field, replace
+
+from .errors import InvalidRequest
+
+MAX_SEED = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling, vLLM names. `temperature == 0` means greedy."""
+
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stream: bool = False
+
+    def validate(self) -> SamplingParams:
+        if self.max_tokens <= 0:
+            raise InvalidRequest(f"max_tokens must be > 0, got {self.max_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise InvalidRequest(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def with_overrides(self, **overrides) -> SamplingParams:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SamplingParams:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class GenerateRequest:
+    """What a client sends to `vlm`: a plain prompt or chat messages, plus images."""
+
+    text_input: str | None = None
+    messages: str | None = None  # OpenAI chat JSON
+    images: list[bytes] = field(default_factory=list)  # encoded bytes, data: URLs or http(s) URLs
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    def validate(self) -> GenerateRequest:
+        if (self.text_input is None) == (self.messages is None):
+            raise InvalidRequest("send exactly one of 'text_input' or 'messages'")
+        for i, image in enumerate(self.images):
+            if len(image) == 0:
+                raise InvalidRequest(f"image {i} is empty")
+        self.sampling.validate()
+        return self
+
+
+def _scalar(arrays: dict, name: str, kind: type):
+    value = arrays.get(name)
+    if value is None:
+        return None
+    flat = value.reshape(-1)
+    if flat.size != 1:
+        raise InvalidRequest(f"'{name}' must hold exactly one value, got {flat.size}")
+    return kind(flat[0])
+
+
+def _text(arrays: dict, name: str) -> str | None:
+    value = arrays.get(name)
+    if value is None:
+        return None
+    flat = value.reshape(-1)
+    if flat.size != 1:
+        raise InvalidRequest(f"'{name}' must hold exactly one string, got {flat.size}")
+    raw = flat[0]
+    try:
+        return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"'{name}' is not valid UTF-8") from None
+
+
+def request_from_arrays(arrays: dict, defaults: SamplingParams) -> GenerateRequest:
+    """The public `vlm` tensors (as numpy arrays; absent ones missing) -> a validated GenerateRequest."""
+    images = [bytes(x) if not isinstance(x, bytes) else x for x in arrays.get("images", np.empty(0)).reshape(-1)]
+    sampling = defaults.with_overrides(
+        max_tokens=_scalar(arrays, "max_tokens", int),
+        temperature=_scalar(arrays, "temperature", float),
+        top_p=_scalar(arrays, "top_p", float),
+        top_k=_scalar(arrays, "top_k", int),
+        seed=_scalar(arrays, "seed", int),
+        stream=_scalar(arrays, "stream", bool),
+    )
+    return GenerateRequest(_text(arrays, "text_input"), _text(arrays, "messages"), images, sampling).validate()

@@ -1,0 +1,159 @@
+"""Write a small random-weight Qwen2.5-VL checkpoint that loads with `from_pretrained`.
+
+No model hub is reachable from our machines, so tests and benchmarks build their
+model here: a byte-level BPE tokenizer trained on a fixed corpus (with Qwen's
+special tokens and chat template), `Qwen2_5_VLConfig`, random weights from the
+seed, a `Qwen2VLImageProcessor` config and a generation config.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+# Qwen2-VL's chat template (images/videos as parts of a content list).
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+_WORDS = (
+    "the a an image picture photo shows describe what is in of and to on with this that "
+    "red green blue yellow black white gray dark light small large big tiny wide tall "
+    "cat dog bird car tree house road sky cloud sun water river mountain person people "
+    "left right top bottom center corner background foreground color shape line text "
+    "one two three four five six seven eight nine ten first second third many few "
+    "please answer question compare both images are there how where which who why "
+    "yes no maybe very quite some all each other same different between above below"
+).split()
+
+# (vision, text) shapes. `small` is realistic enough for benchmarks on a CPU.
+SIZES: dict[str, dict] = {
+    "tiny": {
+        "vocab": 1000,
+        "vision": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1]),
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, mrope_section=[2, 3, 3]),
+    },
+    "small": {
+        "vocab": 4000,
+        "vision": dict(depth=6, hidden_size=256, intermediate_size=1024, num_heads=4, fullatt_block_indexes=[2, 5]),
+        "text": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                     num_key_value_heads=2, mrope_section=[4, 6, 6]),
+    },
+}
+
+
+def _corpus(seed: int) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 16))) for _ in range(4000)]
+    lines += ["".join(chars) for chars in itertools.product("0123456789.,:;!?()", repeat=2)]
+    return lines
+
+
+def _build_tokenizer(vocab: int, seed: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS,
+        model_max_length=32768,
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Write the checkpoint to `out` and return its path. Same seed -> same files."""
+    import torch
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
+    shape = SIZES[size]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _build_tokenizer(shape["vocab"], seed)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text = dict(shape["text"])
+    mrope_section = text.pop("mrope_section")
+    vocab_size = (len(tokenizer) + 63) // 64 * 64
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            max_position_embeddings=4096,
+            rope_theta=1000000.0,
+            rope_scaling={"type": "mrope", "mrope_section": mrope_section},
+            tie_word_embeddings=False,
+            **text,
+        ),
+        vision_config=dict(out_hidden_size=text["hidden_size"], window_size=112, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2, **shape["vision"]),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    # A 1280x720 image becomes ~1200 tokens; cap pixels so one image stays cheap on a CPU.
+    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=1280 * 28 * 28).save_pretrained(out)
+    (out / "triton_vlm.json").write_text(json.dumps({"generator": "triton-vlm make-tiny-model",
+                                                     "size": size, "seed": seed}) + "\n")
+    return out

@@ -1,0 +1,37 @@
+"""Read only the tensors a process needs from a safetensors checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+def _files(model_path: Path) -> list[Path]:
+    index = model_path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({model_path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_path}")
+    return files
+
+
+def load_renamed(model_path: str | Path, rename: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Tensors whose name starts with a key of `rename`, with that prefix replaced by its value.
+
+    The longest matching prefix wins, so {"model.": "", "model.visual.": None} is expressible:
+    a value of None skips those tensors.
+    """
+    prefixes = sorted(rename, key=len, reverse=True)
+    out: dict[str, torch.Tensor] = {}
+    for file in _files(Path(model_path)):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                prefix = next((p for p in prefixes if name.startswith(p)), None)
+                if prefix is None or rename[prefix] is None:
+                    continue
+                out[rename[prefix] + name[len(prefix):]] = f.get_tensor(name)
+    return out

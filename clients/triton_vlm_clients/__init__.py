@@ -1,0 +1,1 @@
+"""tritonclient clients for triton-vlm: streaming and unary calls, the demo, benchmarks."""

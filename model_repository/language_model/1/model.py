@@ -1,0 +1,73 @@
+"""language_model (decoupled): _INPUT_IDS, _IMAGE_EMBEDS, _IMAGE_GRID_THW, _SAMPLING -> text_output,
+output_ids, finish_reason. Streaming: one response per new token (deltas), the last one FINAL with the
+finish_reason. Otherwise one FINAL response with everything. Errors: an error response, then FINAL."""
+
+import uuid
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from triton_vlm import interface as I
+from triton_vlm import triton_io
+from triton_vlm.config import LanguageConfig
+from triton_vlm.language import LanguageEngine, LanguageRequest, StepOutput
+from triton_vlm.protocol import SamplingParams
+
+
+def _response(ids, text, finish_reason):
+    return pb_utils.InferenceResponse([
+        triton_io.text_tensor("text_output", text),
+        triton_io.output("output_ids", np.asarray(ids, dtype=np.int64)),
+        triton_io.text_tensor("finish_reason", finish_reason or ""),
+    ])
+
+
+class _Sender:
+    """Sends one request's engine outputs; runs on the engine thread."""
+
+    def __init__(self, engine, request_id, sender, stream):
+        self.engine, self.request_id, self.sender, self.stream = engine, request_id, sender, stream
+        self.ids, self.text = [], []
+
+    def __call__(self, out: StepOutput):
+        try:
+            if out.error is not None:
+                self.sender.send(triton_io.error_response(out.error), flags=triton_io.FINAL)
+            elif self.stream:
+                flags = triton_io.FINAL if out.finished else 0
+                self.sender.send(_response(out.token_ids, out.text, out.finish_reason), flags=flags)
+            else:
+                self.ids += out.token_ids
+                self.text.append(out.text)
+                if out.finished:
+                    self.sender.send(_response(self.ids, "".join(self.text), out.finish_reason),
+                                     flags=triton_io.FINAL)
+            if not out.finished and self.sender.is_cancelled():
+                self.engine.abort(self.request_id)
+        except Exception:  # the client is gone: stop generating for it
+            self.engine.abort(self.request_id)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = LanguageConfig.from_parameters(triton_io.parameters(args), device=triton_io.device(args))
+        self.engine = LanguageEngine(config)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                arrays = triton_io.inputs(request, [I.INPUT_IDS, I.IMAGE_GRID_THW, I.SAMPLING])
+                sampling = SamplingParams.from_json(arrays[I.SAMPLING].reshape(-1)[0]).validate()
+                request_id = request.request_id() or uuid.uuid4().hex
+                self.engine.submit(
+                    LanguageRequest(request_id, arrays[I.INPUT_IDS], triton_io.input_tensor(request, I.IMAGE_EMBEDS),
+                                    arrays[I.IMAGE_GRID_THW], sampling),
+                    _Sender(self.engine, request_id, sender, sampling.stream),
+                )
+            except Exception as e:
+                sender.send(triton_io.error_response(e), flags=triton_io.FINAL)
+        return None
+
+    def finalize(self):
+        self.engine.shutdown()

@@ -1,0 +1,26 @@
+"""vision_encoder: _PIXEL_VALUES [P, D], _IMAGE_GRID_THW [N, 3] -> _IMAGE_EMBEDS [sum tokens, H].
+On a KIND_GPU instance the embeddings stay on that instance's GPU (DLPack)."""
+
+import triton_python_backend_utils as pb_utils
+
+from triton_vlm import interface as I
+from triton_vlm import triton_io
+from triton_vlm.config import EncoderConfig
+from triton_vlm.encoder import VisionEncoder
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = EncoderConfig.from_parameters(triton_io.parameters(args), device=triton_io.device(args))
+        self.engine = VisionEncoder(config)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                embeds = self.engine.encode(triton_io.input_tensor(request, I.PIXEL_VALUES),
+                                            triton_io.inputs(request, [I.IMAGE_GRID_THW])[I.IMAGE_GRID_THW])
+                responses.append(pb_utils.InferenceResponse([triton_io.output(I.IMAGE_EMBEDS, embeds)]))
+            except Exception as e:
+                responses.append(triton_io.error_response(e))
+        return responses
