@@ -22,6 +22,7 @@ class TritonPythonModel:
         answer = None
         for response in bls.exec(decoupled=True):
             if response.has_error():
+                # python backend 2.51 BLS reports every step error as INTERNAL; the message names it
                 return pb_utils.InferenceResponse(output_tensors=[], error=response.error())
             if response.output_tensors():
                 answer = response

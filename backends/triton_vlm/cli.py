@@ -1,0 +1,102 @@
+"""`triton-vlm`: make-tiny-model, serve, infer."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from . import env
+
+
+def _make_tiny_model(args) -> int:
+    from .tiny_model import make_tiny_model
+
+    print(make_tiny_model(args.out, size=args.size, seed=args.seed))
+    return 0
+
+
+def _serve(args) -> int:
+    from .repository import COMMITTED, render
+    from .server import TritonServer
+
+    model = Path(args.model) if args.model else env.default_model_path()
+    if not (model / "config.json").exists():
+        if args.model:
+            sys.exit(f"no model at {model} (config.json missing)")
+        from .tiny_model import make_tiny_model
+
+        print(f"building the default tiny model in {model}", flush=True)
+        make_tiny_model(model)
+    with tempfile.TemporaryDirectory(prefix="triton-vlm-") as tmp:
+        repo = render(Path(tmp) / "repository", model, source=Path(args.model_repository or COMMITTED))
+        server = TritonServer(repo, args.http_port, args.grpc_port, args.metrics_port).start()
+        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        try:
+            server.wait_ready(args.ready_timeout)
+            print(f"triton-vlm ready: model {model}; gRPC {server.grpc_url}, HTTP {server.http_url} "
+                  "(models: vlm = streaming, vlm_unary = infer)", flush=True)
+            return server.process.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            server.stop()
+
+
+def _infer(args) -> int:
+    from triton_vlm_clients.client import infer, read_image, stream
+
+    request = dict(prompt=args.prompt, images=[read_image(i) for i in args.image], max_tokens=args.max_tokens,
+                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    if args.stream:
+        answer = stream(args.url, on_delta=lambda text, ids: print(text, end="", flush=True), **request)
+        print()
+    else:
+        answer = infer(args.url, protocol=args.protocol, **request)
+        print(answer.text)
+    print(f"output_ids: {answer.output_ids}\nfinish_reason: {answer.finish_reason}", file=sys.stderr)
+    if answer.ttft_s is not None:
+        print(f"time to first token: {answer.ttft_s * 1000:.0f} ms", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="triton-vlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny-model", help="write a small random-weight Qwen2.5-VL checkpoint")
+    p.add_argument("out")
+    p.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_tiny_model)
+
+    p = sub.add_parser("serve", help="render the model repository for a model and run tritonserver")
+    p.add_argument("--model", help=f"model folder (default {env.default_model_path()}, built if missing)")
+    p.add_argument("--model-repository", help="repository to render from (default: the committed one)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--ready-timeout", type=float, default=600)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("infer", help="send one request with tritonclient")
+    p.add_argument("--url", default="127.0.0.1:8001", help="gRPC address (HTTP address with --protocol http)")
+    p.add_argument("--image", action="append", default=[], help="file, http(s) URL or data: URL; repeatable")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stream", action="store_true", help="stream from `vlm` over gRPC")
+    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="for the unary `vlm_unary` call")
+    p.set_defaults(func=_infer)
+
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

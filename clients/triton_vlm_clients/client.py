@@ -1,0 +1,118 @@
+"""Call `vlm` (streaming, gRPC) and `vlm_unary` (infer, HTTP or gRPC) with tritonclient."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+STREAM_MODEL = "vlm"
+UNARY_MODEL = "vlm_unary"
+
+
+@dataclass
+class Answer:
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    responses: int = 0
+    ttft_s: float | None = None  # time to the first response carrying a token
+    total_s: float = 0.0
+
+
+def read_image(source: str) -> bytes:
+    """A local file's bytes, or the URL / data: URL itself (the server fetches it)."""
+    if source.startswith(("http://", "https://", "data:")):
+        return source.encode()
+    return Path(source).read_bytes()
+
+
+def build_inputs(module, prompt: str | None = None, images: list[bytes] | None = None,
+                 messages: list[dict] | None = None, stream: bool | None = None, **sampling) -> list:
+    """InferInputs for the `vlm` interface; `module` is tritonclient.grpc or tritonclient.http."""
+    tensors: dict[str, np.ndarray] = {}
+    if prompt is not None:
+        tensors["text_input"] = np.array([prompt.encode()], dtype=np.object_)
+    if messages is not None:
+        tensors["messages"] = np.array([json.dumps(messages).encode()], dtype=np.object_)
+    if images:
+        tensors["images"] = np.array(images, dtype=np.object_)
+    if stream is not None:
+        tensors["stream"] = np.array([stream])
+    kinds = {"max_tokens": np.int32, "top_k": np.int32, "seed": np.int32, "temperature": np.float32,
+             "top_p": np.float32}
+    for name, value in sampling.items():
+        if value is not None:
+            tensors[name] = np.array([value], dtype=kinds[name])
+    inputs = []
+    for name, array in tensors.items():
+        dtype = "BYTES" if array.dtype == np.object_ else module.np_to_triton_dtype(array.dtype)
+        tensor = module.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def _decode(result) -> tuple[str, list[int], str]:
+    text = result.as_numpy("text_output")
+    ids = result.as_numpy("output_ids")
+    finish = result.as_numpy("finish_reason")
+    return (text.reshape(-1)[0].decode("utf-8", "replace") if text is not None else "",
+            ids.tolist() if ids is not None else [],
+            finish.reshape(-1)[0].decode() if finish is not None else "")
+
+
+def stream(url: str, timeout_s: float = 300, on_delta=None, **request) -> Answer:
+    """Send one request to `vlm` over a gRPC stream; collect the deltas (and pass each to on_delta)."""
+    import tritonclient.grpc as grpcclient
+
+    answer, events = Answer(), queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    start = time.perf_counter()
+    client.start_stream(callback=lambda result, error: events.put((result, error)))
+    try:
+        client.async_stream_infer(STREAM_MODEL, build_inputs(grpcclient, stream=True, **request))
+        while True:
+            result, error = events.get(timeout=timeout_s)
+            if error is not None:
+                raise error
+            text, ids, finish = _decode(result)
+            answer.responses += 1
+            if ids and answer.ttft_s is None:
+                answer.ttft_s = time.perf_counter() - start
+            answer.text += text
+            answer.output_ids += ids
+            if on_delta:
+                on_delta(text, ids)
+            if finish:
+                answer.finish_reason = finish
+                break
+    finally:
+        client.stop_stream(cancel_requests=answer.finish_reason == "")
+        client.close()
+    answer.total_s = time.perf_counter() - start
+    return answer
+
+
+def infer(url: str, protocol: str = "http", timeout_s: float = 300, **request) -> Answer:
+    """One request to `vlm_unary` with plain infer(); the whole answer in one response."""
+    if protocol == "http":
+        import tritonclient.http as module
+
+        client = module.InferenceServerClient(url, network_timeout=timeout_s, connection_timeout=timeout_s)
+    else:
+        import tritonclient.grpc as module
+
+        client = module.InferenceServerClient(url)
+    start = time.perf_counter()
+    try:
+        result = client.infer(UNARY_MODEL, build_inputs(module, **request))
+    finally:
+        client.close()
+    text, ids, finish = _decode(result)
+    elapsed = time.perf_counter() - start
+    return Answer(text, ids, finish, 1, elapsed, elapsed)

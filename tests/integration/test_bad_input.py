@@ -1,0 +1,85 @@
+"""Bad input gets a clear error for that request alone; the next good request is served."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import make_image
+from triton_vlm_clients.client import build_inputs, infer, stream
+
+
+def _tiff() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+BAD = {
+    "corrupt image": (dict(images=[make_image(64, 64)[:200]]), "could not be decoded"),
+    "not an image": (dict(images=[b"hello, this is text"]), "could not be decoded"),
+    "empty image entry": (dict(images=[make_image(64, 64), b""]), "image 1 is empty"),
+    "unsupported format": (dict(images=[_tiff()]), "unsupported format TIFF"),
+    "too many images": (dict(images=[make_image(32, 32)] * 9), "9 images sent; the limit is 8"),
+    "prompt longer than context": (dict(prompt="red " * 4000, images=[make_image(640, 480)]),
+                                   "model context is 4096"),
+    "max_tokens zero": (dict(max_tokens=0), "max_tokens must be > 0"),
+    "max_tokens negative": (dict(max_tokens=-5), "max_tokens must be > 0"),
+    "bad temperature": (dict(temperature=-1.0), "temperature must be >= 0"),
+    "bad top_p": (dict(top_p=1.5), "top_p must be in (0, 1]"),
+    "file URL": (dict(images=[b"file:///etc/passwd"]), "scheme 'file' is not allowed"),
+    "loopback URL": (dict(images=[b"http://127.0.0.1:1/cat.png"]), "non-public address"),
+    "bad data URL": (dict(images=[b"data:image/png;base64,@@@"]), "not valid base64"),
+}
+
+
+def test_preprocess_refuses_bad_input_with_invalid_arg(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException, match="image 0 could not be decoded") as err:
+        client.infer("preprocess", build_inputs(grpcclient, prompt="x", images=[b"bad"]))
+    client.close()
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def _good_request_still_works(server):
+    answer = stream(server.grpc_url, prompt="hello", images=[make_image(64, 64)], max_tokens=3)
+    assert len(answer.output_ids) >= 1 and answer.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_input_is_refused_on_the_stream_and_server_keeps_serving(server, case):
+    request, message = BAD[case]
+    request = {"prompt": "describe", "max_tokens": 4, **request}
+    with pytest.raises(InferenceServerException, match=message.replace("(", r"\(").replace(")", r"\)")):
+        stream(server.grpc_url, **request)
+    _good_request_still_works(server)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unary_caller_gets_the_reason(server, protocol):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    with pytest.raises(InferenceServerException, match="image 0 could not be decoded") as err:
+        infer(url, protocol=protocol, prompt="describe", images=[b"\x89PNG broken"], max_tokens=4)
+    _good_request_still_works(server)
+
+
+def test_wrong_tensor_dtype_is_refused_by_name(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    inputs = build_inputs(grpcclient, prompt="hello")
+    wrong = grpcclient.InferInput("max_tokens", [1], "FP32")
+    wrong.set_data_from_numpy(np.array([4.0], dtype=np.float32))
+    with pytest.raises(InferenceServerException, match="max_tokens.*(INT32|FP32)|(INT32|FP32).*max_tokens"):
+        client.infer("vlm_unary", [*inputs, wrong])
+    client.close()
+    _good_request_still_works(server)
+
+
+def test_neither_text_nor_messages_is_refused(server):
+    with pytest.raises(InferenceServerException, match="exactly one of 'text_input' or 'messages'"):
+        stream(server.grpc_url, images=[make_image(64, 64)], max_tokens=4)
+    _good_request_still_works(server)
