@@ -66,7 +66,7 @@ class Preprocessor:
         if len(pieces) - 1 != len(images):
             raise InvalidRequest("the image placeholders in the prompt do not match the images sent")
         counts = self.family.tokens_per_image(grid_thw)
-        prompt = pieces[0] + "".join(self.image_pad * int(n) + p for n, p in zip(counts, pieces[1:]))
+        prompt = pieces[0] + "".join(self.image_pad * int(n) + p for n, p in zip(counts, pieces[1:], strict=True))
         input_ids = np.asarray(self.tokenizer(prompt, add_special_tokens=False).input_ids, np.int64)
         if len(input_ids) >= self.max_model_len:
             raise InvalidRequest(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
-from dataclasses import asdict, dataclass, field, replace
 
 from .errors import InvalidRequest
 

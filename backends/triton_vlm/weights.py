@@ -29,7 +29,7 @@ def load_renamed(model_path: str | Path, rename: dict[str, str]) -> dict[str, to
     out: dict[str, torch.Tensor] = {}
     for file in _files(Path(model_path)):
         with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 prefix = next((p for p in prefixes if name.startswith(p)), None)
                 if prefix is None or rename[prefix] is None:
                     continue

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from triton_vlm.repository import render
 from triton_vlm.server import TritonServer
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
+from triton_vlm_clients.client import build_inputs, infer, stream
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import make_image
-from triton_vlm_clients.client import build_inputs, infer, stream
 
 
 def _tiff() -> bytes:
@@ -63,7 +63,7 @@ def test_bad_input_is_refused_on_the_stream_and_server_keeps_serving(server, cas
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_unary_caller_gets_the_reason(server, protocol):
     url = server.grpc_url if protocol == "grpc" else server.http_url
-    with pytest.raises(InferenceServerException, match="image 0 could not be decoded") as err:
+    with pytest.raises(InferenceServerException, match="image 0 could not be decoded"):
         infer(url, protocol=protocol, prompt="describe", images=[b"\x89PNG broken"], max_tokens=4)
     _good_request_still_works(server)
 

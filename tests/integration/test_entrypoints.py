@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from tests.conftest import make_image
 from triton_vlm_clients.client import infer, stream
+
+from tests.conftest import make_image
 
 PROMPT = "What is in the picture?"
 

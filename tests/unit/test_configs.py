@@ -1,0 +1,74 @@
+"""Every config.pbtxt against the interface constants the adapters use."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from triton_vlm import interface as I
+from triton_vlm.repository import COMMITTED, render
+from tritonclient.grpc import model_config_pb2
+
+FIELD_ORDER = ["name", "backend", "platform", "max_batch_size", "model_transaction_policy", "dynamic_batching",
+               "input", "output", "ensemble_scheduling", "instance_group", "parameters"]
+
+
+def _load(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+def _dtype(value: int) -> str:
+    return model_config_pb2.DataType.Name(value)
+
+
+@pytest.mark.parametrize("model", sorted(I.MODELS))
+def test_tensors_match_the_interface(model):
+    config = _load(COMMITTED / model / "config.pbtxt")
+    inputs, outputs = I.MODELS[model]
+    assert config.name == model
+    assert [t.name for t in config.input] == inputs
+    assert [t.name for t in config.output] == outputs
+    for tensor in [*config.input, *config.output]:
+        assert (_dtype(tensor.data_type), list(tensor.dims)) == I.spec(tensor.name), tensor.name
+    if model != "vlm":
+        assert config.instance_group, "every python model sets instance_group explicitly"
+
+
+@pytest.mark.parametrize("model", sorted(I.MODELS))
+def test_fields_come_in_the_house_order(model):
+    seen = []
+    for line in (COMMITTED / model / "config.pbtxt").read_text().splitlines():
+        key = re.match(r"[a-z_]*", line).group()
+        if key and key not in seen:
+            seen.append(key)
+    assert seen == [k for k in FIELD_ORDER if k in seen]
+
+
+def test_ensemble_steps_connect():
+    ensemble = _load(COMMITTED / "vlm" / "config.pbtxt")
+    available = {t.name for t in ensemble.input}
+    for step in ensemble.ensemble_scheduling.step:
+        step_inputs, step_outputs = I.MODELS[step.model_name]
+        assert set(step.input_map) == set(step_inputs), step.model_name
+        assert set(step.input_map.values()) <= available, step.model_name
+        assert set(step.output_map) == set(step_outputs), step.model_name
+        available |= set(step.output_map.values())
+    assert {t.name for t in ensemble.output} <= available
+
+
+def test_language_model_is_one_decoupled_instance():
+    config = _load(COMMITTED / "language_model" / "config.pbtxt")
+    assert config.model_transaction_policy.decoupled
+    assert [(g.count, model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [
+        (1, "KIND_CPU")]
+
+
+def test_render_points_every_model_at_the_model(tmp_path):
+    repo = render(tmp_path / "repo", tmp_path / "model", {"vision_encoder": {"threads": "3"}})
+    for model in ("preprocess", "vision_encoder", "language_model"):
+        params = _load(repo / model / "config.pbtxt").parameters
+        assert params["model_path"].string_value == str((tmp_path / "model").resolve())
+    assert _load(repo / "vision_encoder" / "config.pbtxt").parameters["threads"].string_value == "3"
+    assert (repo / "vlm" / "1").is_dir()

@@ -1,0 +1,84 @@
+"""Image sources, chat messages and request tensors: what is accepted and what is refused."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from triton_vlm.chat import build_conversation
+from triton_vlm.errors import InvalidRequest
+from triton_vlm.images import ImageLimits, load_image
+from triton_vlm.protocol import GenerateRequest, SamplingParams, request_from_arrays
+
+from tests.conftest import make_image
+
+
+def test_raw_bytes_and_data_urls_decode_to_the_same_picture():
+    raw = make_image(40, 30)
+    url = b"data:image/png;base64," + base64.b64encode(raw)
+    a, b = load_image(raw, 0, ImageLimits()), load_image(url, 0, ImageLimits())
+    assert a.size == (40, 30) and a.mode == "RGB" and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, format="PNG")  # a few KB, 25 MP
+    with pytest.raises(InvalidRequest, match="5000x5000; the limit is 1000000 pixels"):
+        load_image(buf.getvalue(), 0, ImageLimits(max_pixels=1_000_000))
+
+
+def test_byte_cap():
+    with pytest.raises(InvalidRequest, match="the limit is 10"):
+        load_image(make_image(40, 30), 2, ImageLimits(max_bytes=10))
+
+
+def test_text_input_puts_images_first():
+    conv, sources = build_conversation(GenerateRequest(text_input="hi", images=[b"a", b"b"]))
+    assert conv == [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "hi"}]}]
+    assert sources == [b"a", b"b"]
+
+
+def test_messages_take_urls_and_image_parts_in_order():
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/1.png"}},
+                                     {"type": "image"}, {"type": "text", "text": "compare"}]},
+    ]
+    conv, sources = build_conversation(GenerateRequest(messages=json.dumps(messages), images=[b"raw"]))
+    assert sources == [b"https://x/1.png", b"raw"]
+    assert conv[1]["content"][2] == {"type": "text", "text": "compare"}
+
+
+@pytest.mark.parametrize("messages, error", [
+    ("not json", "not valid JSON"),
+    ("[]", "non-empty JSON list"),
+    ('[{"role": "robot", "content": "x"}]', "needs a 'role'"),
+    ('[{"role": "user", "content": [{"type": "video_url"}]}]', "video input is not supported"),
+    ('[{"role": "user", "content": [{"type": "image"}]}]', "more 'image' parts"),
+])
+def test_bad_messages(messages, error):
+    with pytest.raises(InvalidRequest, match=error):
+        build_conversation(GenerateRequest(messages=messages))
+
+
+def test_request_tensors_override_the_model_defaults():
+    defaults = SamplingParams(temperature=0.7, top_p=0.9)
+    req = request_from_arrays({"text_input": np.array([b"hi"], dtype=object),
+                               "max_tokens": np.array([5], np.int32), "stream": np.array([True])}, defaults)
+    assert req.sampling == SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, stream=True)
+
+
+@pytest.mark.parametrize("arrays, error", [
+    ({"text_input": np.array([b"\xff\xfe"], dtype=object)}, "not valid UTF-8"),
+    ({"text_input": np.array([b"a", b"b"], dtype=object)}, "exactly one string"),
+    ({"text_input": np.array([b"a"], dtype=object), "seed": np.array([-1], np.int32)}, "seed must be"),
+    ({"text_input": np.array([b"a"], dtype=object), "top_k": np.array([-2], np.int32)}, "top_k must be"),
+    ({"text_input": np.array([b"a"], dtype=object), "temperature": np.array([np.nan], np.float32)}, "temperature"),
+])
+def test_bad_request_tensors(arrays, error):
+    with pytest.raises(InvalidRequest, match=error):
+        request_from_arrays(arrays, SamplingParams())

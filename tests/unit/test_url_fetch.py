@@ -1,0 +1,80 @@
+"""Image URLs: scheme checks, no local/private addresses unless allowed, size caps, timeouts."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+import pytest
+from triton_vlm.errors import InvalidRequest
+from triton_vlm.url_fetch import FetchPolicy, fetch_url
+
+BODY = b"\x89PNG" + b"x" * 5000
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.path == "/redirect-home":
+            self.send_response(302)
+            self.send_header("Location", f"http://localhost:{self.server.server_port}/img")
+            self.end_headers()
+            return
+        if self.path == "/slow":
+            self.send_response(200)
+            self.end_headers()
+            threading.Event().wait(3)
+            return
+        self.send_response(200 if self.path == "/img" else 404)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def local_http():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+def test_loopback_is_refused_by_default(local_http):
+    with pytest.raises(InvalidRequest, match="non-public address 127.0.0.1"):
+        fetch_url(local_http + "/img", FetchPolicy())
+
+
+@pytest.mark.parametrize("host", ["10.1.2.3", "192.168.0.1", "169.254.169.254", "[::1]", "0.0.0.0"])
+def test_private_and_link_local_addresses_are_refused(host):
+    with pytest.raises(InvalidRequest, match="non-public address"):
+        fetch_url(f"http://{host}/x.png", FetchPolicy(timeout_s=0.5))
+
+
+def test_allowed_by_configuration(local_http):
+    assert fetch_url(local_http + "/img", FetchPolicy(allow_private=True)) == BODY
+
+
+def test_size_cap(local_http):
+    with pytest.raises(InvalidRequest, match="limit is 100"):
+        fetch_url(local_http + "/img", FetchPolicy(allow_private=True, max_bytes=100))
+
+
+def test_http_errors_and_timeouts_are_request_errors(local_http):
+    with pytest.raises(InvalidRequest, match="HTTP 404"):
+        fetch_url(local_http + "/missing", FetchPolicy(allow_private=True))
+    with pytest.raises(InvalidRequest, match="cannot fetch"):
+        fetch_url(local_http + "/slow", FetchPolicy(allow_private=True, timeout_s=0.5))
+
+
+def test_redirects_are_checked_too(local_http):
+    assert fetch_url(local_http + "/redirect-home", FetchPolicy(allow_private=True)) == BODY
+    with pytest.raises(InvalidRequest, match="redirected more than 0"):
+        fetch_url(local_http + "/redirect-home", FetchPolicy(allow_private=True, max_redirects=0))
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/a.png", "file:///etc/passwd", "http:///nohost"])
+def test_only_http_urls(url):
+    with pytest.raises(InvalidRequest, match="only http"):
+        fetch_url(url, FetchPolicy())
