@@ -84,4 +84,5 @@ class LanguageConfig:
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], device: str = "cpu") -> LanguageConfig:
-        return _typed(cls, params, model_path=_model_path(params), device=device)
+        # its one KIND_CPU instance places the model itself: parameter `device` (e.g. "cuda:0")
+        return _typed(cls, params, model_path=_model_path(params), device=params.get("device") or device)

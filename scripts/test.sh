@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite: lint, unit tests (no Triton), integration tests (real tritonserver).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+.venv/bin/ruff check backends clients tests model_repository || exit 1
+.venv/bin/python -m pytest tests "$@"
+status=$?
+if [ "$status" -eq 5 ]; then
+  echo "pytest collected no tests: that is a failure" >&2
+  exit 1
+fi
+exit "$status"
