@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from triton_vlm_clients.images import synthetic_image
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from triton_vlm.repository import render
 from triton_vlm.server import TritonServer
 

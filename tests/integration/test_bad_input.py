@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
-from triton_vlm_clients.client import build_inputs, infer, stream
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import make_image
+from triton_vlm_clients.client import build_inputs, infer, stream
 
 
 def _tiff() -> bytes:

@@ -9,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+from tests.conftest import make_image
 from triton_vlm.repository import COMMITTED
 from triton_vlm.server import free_port
 from triton_vlm_clients.client import infer
-
-from tests.conftest import make_image
 
 BIN = Path(sys.executable).parent
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import urllib.request
 
-from triton_vlm_clients.client import infer, stream
-
 from tests.conftest import make_image
+from triton_vlm_clients.client import infer, stream
 
 PROMPT = "What is in the picture?"
 

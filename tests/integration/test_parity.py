@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from triton_vlm_clients.client import stream
 
 from tests.conftest import make_image
 from tests.reference import reference_generate
+from triton_vlm_clients.client import stream
 
 CASES = {
     "text-only": [],

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
 from triton_vlm import interface as I
 from triton_vlm.repository import COMMITTED, render
-from tritonclient.grpc import model_config_pb2
 
 FIELD_ORDER = ["name", "backend", "platform", "max_batch_size", "model_transaction_policy", "dynamic_batching",
                "input", "output", "ensemble_scheduling", "instance_group", "parameters"]

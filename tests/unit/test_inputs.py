@@ -9,12 +9,12 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.conftest import make_image
 from triton_vlm.chat import build_conversation
 from triton_vlm.errors import InvalidRequest
 from triton_vlm.images import ImageLimits, load_image
 from triton_vlm.protocol import GenerateRequest, SamplingParams, request_from_arrays
-
-from tests.conftest import make_image
 
 
 def test_raw_bytes_and_data_urls_decode_to_the_same_picture():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
-from triton_vlm.models.mrope import mrope_positions
 
 from tests.conftest import make_image
 from tests.reference import reference_inputs
+from triton_vlm.models.mrope import mrope_positions
 
 
 def test_positions_and_delta_match_transformers(tiny_model):

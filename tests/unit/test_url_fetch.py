@@ -6,6 +6,7 @@ import http.server
 import threading
 
 import pytest
+
 from triton_vlm.errors import InvalidRequest
 from triton_vlm.url_fetch import FetchPolicy, fetch_url
 

@@ -2,6 +2,7 @@
 _IMAGE_GRID_THW [N, 3], _SAMPLING (JSON). A bad request gets INVALID_ARG naming its problem."""
 
 import triton_python_backend_utils as pb_utils
+
 from triton_vlm import interface as I
 from triton_vlm import triton_io
 from triton_vlm.config import PreprocessConfig

@@ -2,6 +2,7 @@
 On a KIND_GPU instance the embeddings stay on that instance's GPU (DLPack)."""
 
 import triton_python_backend_utils as pb_utils
+
 from triton_vlm import interface as I
 from triton_vlm import triton_io
 from triton_vlm.config import EncoderConfig

@@ -3,6 +3,7 @@ Forwards to the decoupled `vlm` ensemble (BLS) with stream=false and returns its
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
 from triton_vlm import interface as I
 
 
