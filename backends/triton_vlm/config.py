@@ -50,10 +50,9 @@ class PreprocessConfig:
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> PreprocessConfig:
-        cfg = _typed(cls, params, model_path=_model_path(params))
-        if env.allow_private_urls() and not cfg.allow_private_urls:
-            cfg = _typed(cls, {**params, "allow_private_urls": "1"}, model_path=cfg.model_path)
-        return cfg
+        if env.allow_private_urls():
+            params = {**params, "allow_private_urls": "true"}
+        return _typed(cls, params, model_path=_model_path(params))
 
     @property
     def image_limits(self) -> ImageLimits:

@@ -82,3 +82,12 @@ def test_request_tensors_override_the_model_defaults():
 def test_bad_request_tensors(arrays, error):
     with pytest.raises(InvalidRequest, match=error):
         request_from_arrays(arrays, SamplingParams())
+
+
+def test_private_urls_can_be_allowed_by_parameter_or_environment(monkeypatch):
+    from triton_vlm.config import PreprocessConfig
+
+    assert not PreprocessConfig.from_parameters({}).image_limits.fetch.allow_private
+    assert PreprocessConfig.from_parameters({"allow_private_urls": "true"}).image_limits.fetch.allow_private
+    monkeypatch.setenv("TRITON_VLM_ALLOW_PRIVATE_URLS", "1")
+    assert PreprocessConfig.from_parameters({"allow_private_urls": "false"}).image_limits.fetch.allow_private
