@@ -21,15 +21,12 @@ def _make_tiny_model(args) -> int:
 def _serve(args) -> int:
     from .repository import COMMITTED, render
     from .server import TritonServer
+    from .tiny_model import ensure_model
 
-    model = Path(args.model) if args.model else env.default_model_path()
-    if not (model / "config.json").exists():
-        if args.model:
-            sys.exit(f"no model at {model} (config.json missing)")
-        from .tiny_model import make_tiny_model
-
-        print(f"building the default tiny model in {model}", flush=True)
-        make_tiny_model(model)
+    try:
+        model = ensure_model(args.model)
+    except FileNotFoundError as e:
+        sys.exit(str(e))
     with tempfile.TemporaryDirectory(prefix="triton-vlm-") as tmp:
         repo = render(Path(tmp) / "repository", model, source=Path(args.model_repository or COMMITTED))
         server = TritonServer(repo, args.http_port, args.grpc_port, args.metrics_port).start()

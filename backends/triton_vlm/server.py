@@ -19,6 +19,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def is_ready(http_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{http_url}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def wait_ready(process: subprocess.Popen, http_url: str, timeout_s: float = 300) -> None:
+    """Until /v2/health/ready answers 200; RuntimeError if the process exits, TimeoutError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"tritonserver exited with {process.returncode}")
+        if is_ready(http_url):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"tritonserver not ready after {timeout_s}s")
+
+
+def stop_process_group(process: subprocess.Popen | None, timeout_s: float = 60) -> None:
+    """SIGTERM the whole process group (server and its stubs), SIGKILL if it lingers."""
+    if process is None or process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
 class TritonServer:
     def __init__(self, repository: str | Path, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, log_file: str | Path | None = None,
@@ -51,35 +85,18 @@ class TritonServer:
                                         start_new_session=True)
         return self
 
-    def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
     def wait_ready(self, timeout_s: float = 300) -> TritonServer:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.process.returncode}; log: {self.log_file}")
-            if self.is_ready():
-                return self
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"tritonserver not ready after {timeout_s}s; log: {self.log_file}")
+        try:
+            wait_ready(self.process, self.http_url, timeout_s)
+        except TimeoutError:
+            self.stop()
+            raise
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}; log: {self.log_file}") from None
+        return self
 
     def stop(self, timeout_s: float = 60) -> None:
-        """SIGTERM the whole process group (server and its stubs), SIGKILL if it lingers."""
-        if self.process and self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-            except ProcessLookupError:
-                pass
+        stop_process_group(self.process, timeout_s)
         if getattr(self, "_log", None):
             self._log.close()
             self._log = None

@@ -157,3 +157,16 @@ def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     (out / "triton_vlm.json").write_text(json.dumps({"generator": "triton-vlm make-tiny-model",
                                                      "size": size, "seed": seed}) + "\n")
     return out
+
+
+def ensure_model(model: str | Path | None) -> Path:
+    """`model`, or the default model path; the default tiny model is built there if missing."""
+    from . import env
+
+    path = Path(model) if model else env.default_model_path()
+    if not (path / "config.json").exists():
+        if model:
+            raise FileNotFoundError(f"no model at {path} (config.json missing)")
+        print(f"building the default tiny model in {path}", flush=True)
+        make_tiny_model(path)
+    return path

@@ -7,10 +7,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from triton_vlm import env
 from triton_vlm.repository import render
 from triton_vlm.server import TritonServer
-from triton_vlm.tiny_model import make_tiny_model
+from triton_vlm.tiny_model import ensure_model
 
 from .client import stream
 from .images import synthetic_image
@@ -23,10 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32)
     args = parser.parse_args(argv)
 
-    model = Path(args.model) if args.model else env.default_model_path()
-    if not (model / "config.json").exists():
-        print(f"building the tiny model in {model}", flush=True)
-        make_tiny_model(model)
+    model = ensure_model(args.model)
     images = [synthetic_image(640, 480, seed=1), synthetic_image(800, 600, seed=2, fmt="JPEG")]
     with tempfile.TemporaryDirectory(prefix="triton-vlm-demo-") as tmp:
         repo = render(Path(tmp) / "repository", model)

@@ -20,7 +20,15 @@ def _tiff() -> bytes:
     return buf.getvalue()
 
 
+def _huge_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (9000, 8000)).save(buf, format="PNG")  # ~70 KB on the wire, 72 million pixels
+    return buf.getvalue()
+
+
 BAD = {
+    "huge image": (dict(images=[_huge_png()]), "9000x8000; the limit is 67108864 pixels"),
+    "messages not a list": (dict(prompt=None, messages="[{"), "must be a non-empty JSON list"),
     "corrupt image": (dict(images=[make_image(64, 64)[:200]]), "could not be decoded"),
     "not an image": (dict(images=[b"hello, this is text"]), "could not be decoded"),
     "empty image entry": (dict(images=[make_image(64, 64), b""]), "image 1 is empty"),

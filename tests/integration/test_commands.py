@@ -3,43 +3,16 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from tests.conftest import make_image
 from triton_vlm.repository import COMMITTED
-from triton_vlm.server import free_port
+from triton_vlm.server import free_port, stop_process_group, wait_ready
 from triton_vlm_clients.client import infer
 
 BIN = Path(sys.executable).parent
-
-
-def _wait_ready(process, http_port, timeout_s=300):
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the server exited early"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError("server not ready")
-
-
-def _stop(process):
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def test_plain_tritonserver_serves_the_committed_repository(tiny_model, tmp_path):
@@ -51,12 +24,12 @@ def test_plain_tritonserver_serves_the_committed_repository(tiny_model, tmp_path
              f"--grpc-port={grpc}", f"--metrics-port={metrics}"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait_ready(process, http)
+            wait_ready(process, f"127.0.0.1:{http}")
             answer = infer(f"127.0.0.1:{http}", protocol="http", prompt="hi", images=[make_image(64, 64)],
                            max_tokens=3)
             assert len(answer.output_ids) >= 1
         finally:
-            _stop(process)
+            stop_process_group(process)
 
 
 def test_serve_and_infer_commands(tiny_model, tmp_path):
@@ -69,7 +42,7 @@ def test_serve_and_infer_commands(tiny_model, tmp_path):
              "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait_ready(process, http)
+            wait_ready(process, f"127.0.0.1:{http}")
             out = subprocess.run(
                 [str(BIN / "triton-vlm"), "infer", "--url", f"127.0.0.1:{grpc}", "--image", str(image),
                  "--prompt", "what is this", "--max-tokens", "4", "--stream"],
@@ -77,4 +50,4 @@ def test_serve_and_infer_commands(tiny_model, tmp_path):
             assert out.returncode == 0, out.stderr
             assert "output_ids: [" in out.stderr and "time to first token" in out.stderr
         finally:
-            _stop(process)
+            stop_process_group(process)
