@@ -1,4 +1,4 @@
-"""`triton-vlm`: make-tiny-model, serve, infer."""
+"""`triton-vlm`: make-tiny-model, serve, render, bench, infer."""
 
 from __future__ import annotations
 
@@ -18,18 +18,54 @@ def _make_tiny_model(args) -> int:
     return 0
 
 
-def _serve(args) -> int:
-    from .repository import COMMITTED, render
-    from .server import TritonServer
+def _gpus(value: str) -> tuple[int, ...]:
+    if value == "auto":
+        import torch
+
+        return tuple(range(torch.cuda.device_count()))
+    return () if value in ("", "none") else tuple(int(g) for g in value.split(","))
+
+
+def _deployment(args):
+    from .deployment import Deployment
     from .tiny_model import ensure_model
 
     try:
-        model = ensure_model(args.model)
-    except FileNotFoundError as e:
+        return Deployment(ensure_model(args.model), encoder_dp=args.encoder_dp, encoder_threads=args.encoder_threads,
+                          gpus=_gpus(args.gpus))
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
+
+
+def deployment_from_args(argv: list[str]):
+    """A Deployment from `triton-vlm serve` options (for benchmarks that start several deployments)."""
+    p = argparse.ArgumentParser(prog="deployment")
+    _deployment_args(p)
+    return _deployment(p.parse_args(argv))
+
+
+def _source(args) -> Path:
+    from .repository import COMMITTED
+
+    return Path(args.model_repository or COMMITTED)
+
+
+def _render(args) -> int:
+    deployment = _deployment(args)
+    repo = deployment.render(args.out, source=_source(args))
+    print(" ".join([f"--model-repository={repo.resolve()}", *deployment.server_args()]))
+    return 0
+
+
+def _serve(args) -> int:
+    from .server import TritonServer
+
+    deployment = _deployment(args)
+    model = deployment.model
     with tempfile.TemporaryDirectory(prefix="triton-vlm-") as tmp:
-        repo = render(Path(tmp) / "repository", model, source=Path(args.model_repository or COMMITTED))
-        server = TritonServer(repo, args.http_port, args.grpc_port, args.metrics_port).start()
+        repo = deployment.render(Path(tmp) / "repository", source=_source(args))
+        server = TritonServer(repo, args.http_port, args.grpc_port, args.metrics_port,
+                              extra_args=deployment.server_args()).start()
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         try:
             server.wait_ready(args.ready_timeout)
@@ -40,6 +76,12 @@ def _serve(args) -> int:
             return 0
         finally:
             server.stop()
+
+
+def _bench(argv: list[str]) -> int:
+    from triton_vlm_clients.bench import main as bench
+
+    return bench(argv)
 
 
 def _infer(args) -> int:
@@ -59,7 +101,20 @@ def _infer(args) -> int:
     return 0
 
 
+def _deployment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"model folder (default {env.default_model_path()}, built if missing)")
+    p.add_argument("--model-repository", help="repository to render from (default: the committed one)")
+    p.add_argument("--encoder-dp", type=int, help="vision encoder replicas; a request's images are split "
+                   "over them by patch count (default: the repository's, 2; on GPUs one per GPU)")
+    p.add_argument("--encoder-threads", type=int, help="torch threads per encoder replica (default: cores / replicas)")
+    p.add_argument("--gpus", default="auto", help="GPU ids for the encoder replicas, e.g. 0,1; 'none' for CPU "
+                   "(default: every visible GPU, else CPU)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     parser = argparse.ArgumentParser(prog="triton-vlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -70,13 +125,20 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_make_tiny_model)
 
     p = sub.add_parser("serve", help="render the model repository for a model and run tritonserver")
-    p.add_argument("--model", help=f"model folder (default {env.default_model_path()}, built if missing)")
-    p.add_argument("--model-repository", help="repository to render from (default: the committed one)")
+    _deployment_args(p)
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--ready-timeout", type=float, default=600)
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("render", help="write the model repository of a deployment; print tritonserver's arguments")
+    p.add_argument("out")
+    _deployment_args(p)
+    p.set_defaults(func=_render)
+
+    # listed for --help; main() hands `bench ...` to the benchmark's own parser
+    sub.add_parser("bench", help="serving benchmark of image workloads (see `triton-vlm bench --help`)")
 
     p = sub.add_parser("infer", help="send one request with tritonclient")
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC address (HTTP address with --protocol http)")

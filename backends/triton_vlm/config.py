@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import os
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -61,16 +62,35 @@ class PreprocessConfig:
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, fetch=fetch)
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     model_path: Path = field(default_factory=env.default_model_path)
     device: str = "cpu"
     dtype: str = "auto"
-    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    threads: int = 0  # torch intra-op threads per instance; 0: the cores divided by the instances
 
     @classmethod
-    def from_parameters(cls, params: dict[str, str], device: str = "cpu") -> EncoderConfig:
-        return _typed(cls, params, model_path=_model_path(params), device=device)
+    def from_parameters(cls, params: dict[str, str], device: str = "cpu", instances: int = 1) -> EncoderConfig:
+        config = _typed(cls, params, model_path=_model_path(params), device=device)
+        if config.threads <= 0:
+            config = replace(config, threads=max(1, usable_cores() // max(1, instances)))
+        return config
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """The encode stage: how many shards a request's images may be split into (= vision_encoder instances)."""
+
+    model_path: Path = field(default_factory=env.default_model_path)
+    data_parallel: int = 1
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str]) -> EncodeConfig:
+        return _typed(cls, params, model_path=_model_path(params))
 
 
 @dataclass(frozen=True)

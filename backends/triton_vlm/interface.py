@@ -38,6 +38,8 @@ INTERNAL = {
 # model name -> (inputs, outputs)
 MODELS = {
     "preprocess": (list(PUBLIC_INPUTS), [INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING]),
+    "encode": ([INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING],
+               [INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING]),
     "vision_encoder": ([PIXEL_VALUES, IMAGE_GRID_THW], [IMAGE_EMBEDS]),
     "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING], list(PUBLIC_OUTPUTS)),
     "vlm": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),

@@ -59,13 +59,13 @@ SIZES: dict[str, dict] = {
         "vocab": 1000,
         "vision": dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, fullatt_block_indexes=[1]),
         "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, mrope_section=[2, 3, 3]),
+                     num_key_value_heads=2, mrope_section=[2, 3, 3], max_position_embeddings=4096),
     },
     "small": {
         "vocab": 4000,
         "vision": dict(depth=6, hidden_size=256, intermediate_size=1024, num_heads=4, fullatt_block_indexes=[2, 5]),
         "text": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                     num_key_value_heads=2, mrope_section=[4, 6, 6]),
+                     num_key_value_heads=2, mrope_section=[4, 6, 6], max_position_embeddings=32768),
     },
 }
 
@@ -125,7 +125,6 @@ def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab_size,
-            max_position_embeddings=4096,
             rope_theta=1000000.0,
             rope_scaling={"type": "mrope", "mrope_section": mrope_section},
             tie_word_embeddings=False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
@@ -21,10 +23,22 @@ def inputs(request, names) -> dict[str, np.ndarray]:
     return found
 
 
-def input_tensor(request, name) -> torch.Tensor:
-    """A (possibly GPU) input as a torch tensor without a host copy (DLPack)."""
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
+def to_torch(tensor: pb_utils.Tensor) -> torch.Tensor:
+    """A (possibly GPU) tensor as a torch tensor without a host copy (DLPack on GPU)."""
     return torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else torch.from_dlpack(tensor.to_dlpack())
+
+
+def input_tensor(request, name) -> torch.Tensor:
+    return to_torch(pb_utils.get_input_tensor_by_name(request, name))
+
+
+def infer(model_name: str, inputs: list[pb_utils.Tensor], output_names: list[str]) -> dict[str, torch.Tensor]:
+    """One BLS call to another model of this server; its error raised as a RuntimeError."""
+    response = pb_utils.InferenceRequest(model_name=model_name, inputs=inputs,
+                                         requested_output_names=output_names).exec()
+    if response.has_error():
+        raise RuntimeError(f"{model_name}: {response.error().message()}")
+    return {name: to_torch(pb_utils.get_output_tensor_by_name(response, name)) for name in output_names}
 
 
 def output(name: str, value) -> pb_utils.Tensor:
@@ -49,11 +63,15 @@ def error_response(e: Exception) -> pb_utils.InferenceResponse:
 
 
 def parameters(args: dict) -> dict[str, str]:
-    import json
-
     from .config import read_parameters
 
     return read_parameters(json.loads(args["model_config"]))
+
+
+def instance_count(args: dict) -> int:
+    """How many instances of this model the server runs (count is per GPU on KIND_GPU groups)."""
+    groups = json.loads(args["model_config"]).get("instance_group", [])
+    return sum(int(g.get("count", 1)) * max(1, len(g.get("gpus", []))) for g in groups) or 1
 
 
 def device(args: dict) -> str:

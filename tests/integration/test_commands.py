@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tritonclient.http as httpclient
+
 from tests.conftest import make_image
 from triton_vlm.repository import COMMITTED
 from triton_vlm.server import free_port, stop_process_group, wait_ready
@@ -32,17 +34,24 @@ def test_plain_tritonserver_serves_the_committed_repository(tiny_model, tmp_path
             stop_process_group(process)
 
 
-def test_serve_and_infer_commands(tiny_model, tmp_path):
+def test_serve_with_encoder_replicas_and_infer_commands(tiny_model, tmp_path):
     http, grpc, metrics = free_port(), free_port(), free_port()
     image = tmp_path / "cat.png"
     image.write_bytes(make_image(120, 90))
     with open(tmp_path / "log", "wb") as log:
         process = subprocess.Popen(
             [str(BIN / "triton-vlm"), "serve", "--model", str(tiny_model), "--http-port", str(http),
-             "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+             "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--encoder-dp", "3",
+             "--encoder-threads", "1", "--gpus", "none"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_ready(process, f"127.0.0.1:{http}")
+            with httpclient.InferenceServerClient(f"127.0.0.1:{http}") as client:
+                encoder = client.get_model_config("vision_encoder")
+                encode = client.get_model_config("encode")
+            assert encoder["instance_group"][0]["count"] == 3
+            assert encoder["parameters"]["threads"]["string_value"] == "1"
+            assert encode["parameters"]["data_parallel"]["string_value"] == "3"
             out = subprocess.run(
                 [str(BIN / "triton-vlm"), "infer", "--url", f"127.0.0.1:{grpc}", "--image", str(image),
                  "--prompt", "what is this", "--max-tokens", "4", "--stream"],
@@ -51,3 +60,14 @@ def test_serve_and_infer_commands(tiny_model, tmp_path):
             assert "output_ids: [" in out.stderr and "time to first token" in out.stderr
         finally:
             stop_process_group(process)
+
+
+def test_render_prints_the_tritonserver_arguments(tiny_model, tmp_path):
+    out = subprocess.run([str(BIN / "triton-vlm"), "render", str(tmp_path / "repo"), "--model", str(tiny_model),
+                          "--encoder-dp", "2", "--gpus", "0,1"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [f"--model-repository={tmp_path / 'repo'}",
+                                  "--cuda-memory-pool-byte-size=0:268435456",
+                                  "--cuda-memory-pool-byte-size=1:268435456"]
+    config = (tmp_path / "repo" / "vision_encoder" / "config.pbtxt").read_text()
+    assert "{ count: 1 kind: KIND_GPU gpus: [ 0 ] }, { count: 1 kind: KIND_GPU gpus: [ 1 ] }" in config

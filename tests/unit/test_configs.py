@@ -9,7 +9,10 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from triton_vlm import config as config_module
 from triton_vlm import interface as I
+from triton_vlm.config import EncoderConfig
+from triton_vlm.deployment import Deployment
 from triton_vlm.repository import COMMITTED, render
 
 FIELD_ORDER = ["name", "backend", "platform", "max_batch_size", "model_transaction_policy", "dynamic_batching",
@@ -73,3 +76,47 @@ def test_render_points_every_model_at_the_model(tmp_path):
         assert params["model_path"].string_value == str((tmp_path / "model").resolve())
     assert _load(repo / "vision_encoder" / "config.pbtxt").parameters["threads"].string_value == "3"
     assert (repo / "vlm" / "1").is_dir()
+
+
+def _groups(config) -> list[tuple]:
+    return [(g.count, model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind), list(g.gpus))
+            for g in config.instance_group]
+
+
+def test_encode_shards_match_the_encoder_replicas():
+    encode = _load(COMMITTED / "encode" / "config.pbtxt")
+    replicas = sum(count for count, _, _ in _groups(_load(COMMITTED / "vision_encoder" / "config.pbtxt")))
+    assert encode.model_transaction_policy.decoupled, "decoupled so that execute never blocks a request"
+    assert int(encode.parameters["data_parallel"].string_value) == replicas
+
+
+@pytest.mark.parametrize(("dp", "gpus", "groups"), [
+    (1, (), [(1, "KIND_CPU", [])]),
+    (3, (), [(3, "KIND_CPU", [])]),
+    (3, (0, 1), [(2, "KIND_GPU", [0]), (1, "KIND_GPU", [1])]),
+    (None, (0, 1), [(1, "KIND_GPU", [0]), (1, "KIND_GPU", [1])]),
+])
+def test_deployment_renders_encoder_replicas(tmp_path, dp, gpus, groups):
+    repo = Deployment(tmp_path / "model", encoder_dp=dp, encoder_threads=1, gpus=gpus).render(tmp_path / "repo")
+    encoder, encode = _load(repo / "vision_encoder" / "config.pbtxt"), _load(repo / "encode" / "config.pbtxt")
+    assert _groups(encoder) == groups
+    assert int(encode.parameters["data_parallel"].string_value) == sum(g[0] for g in groups)
+    assert encoder.parameters["threads"].string_value == "1"
+    language = _load(repo / "language_model" / "config.pbtxt")
+    assert language.parameters["device"].string_value == (f"cuda:{gpus[0]}" if gpus else "cpu")
+
+
+def test_deployment_defaults_keep_the_repository(tmp_path):
+    repo = Deployment(tmp_path / "model").render(tmp_path / "repo")
+    for model in ("vision_encoder", "encode", "language_model"):
+        committed, rendered = _load(COMMITTED / model / "config.pbtxt"), _load(repo / model / "config.pbtxt")
+        assert _groups(rendered) == _groups(committed)
+        assert {k: v for k, v in rendered.parameters.items() if k != "model_path"} == {
+            k: v for k, v in committed.parameters.items() if k != "model_path"}
+
+
+def test_encoder_threads_default_to_cores_over_replicas(monkeypatch):
+    monkeypatch.setattr(config_module, "usable_cores", lambda: 8)
+    assert EncoderConfig.from_parameters({"threads": "0"}, instances=4).threads == 2
+    assert EncoderConfig.from_parameters({"threads": "0"}, instances=16).threads == 1
+    assert EncoderConfig.from_parameters({"threads": "3"}, instances=4).threads == 3

@@ -11,7 +11,8 @@ from triton_vlm.encoder import VisionEncoder
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = EncoderConfig.from_parameters(triton_io.parameters(args), device=triton_io.device(args))
+        config = EncoderConfig.from_parameters(triton_io.parameters(args), device=triton_io.device(args),
+                                              instances=triton_io.instance_count(args))
         self.engine = VisionEncoder(config)
 
     def execute(self, requests):

@@ -1,0 +1,50 @@
+"""What `triton-vlm serve` deploys: the knobs of one deployment, rendered into a model repository and
+tritonserver arguments. Anything left as None keeps what the source repository says."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .repository import COMMITTED, render
+
+CUDA_MEMORY_POOL_MB = 256  # per GPU; in-flight embeddings between steps live here (Triton's default is 64)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    model: Path
+    encoder_dp: int | None = None  # vision_encoder instances = shards per request
+    encoder_threads: int | None = None  # torch threads per encoder instance; 0: cores / instances
+    gpus: tuple[int, ...] = ()  # () = CPU; else encoder instances spread over these, language on the first
+    cuda_memory_pool_mb: int = CUDA_MEMORY_POOL_MB
+
+    def __post_init__(self) -> None:
+        if self.encoder_dp is not None and self.encoder_dp < 1:
+            raise ValueError(f"encoder_dp must be >= 1, got {self.encoder_dp}")
+        if self.encoder_threads is not None and self.encoder_threads < 0:
+            raise ValueError(f"encoder_threads must be >= 0, got {self.encoder_threads}")
+
+    def encoder_groups(self, count: int) -> list[dict]:
+        """`count` instances: KIND_CPU, or KIND_GPU spread as evenly as possible over the GPUs."""
+        if not self.gpus:
+            return [{"count": count, "kind": "KIND_CPU"}]
+        per_gpu = [count // len(self.gpus) + (i < count % len(self.gpus)) for i in range(len(self.gpus))]
+        return [{"count": n, "kind": "KIND_GPU", "gpus": [gpu]} for gpu, n in zip(self.gpus, per_gpu, strict=True) if n]
+
+    def render(self, dest: str | Path, source: Path = COMMITTED) -> Path:
+        parameters: dict[str, dict[str, str]] = {"vision_encoder": {}, "encode": {}, "language_model": {}}
+        groups: dict[str, list[dict]] = {}
+        dp = self.encoder_dp or (len(self.gpus) if self.gpus else None)  # on GPUs: one replica per GPU
+        if dp is not None:
+            parameters["encode"]["data_parallel"] = str(dp)
+            groups["vision_encoder"] = self.encoder_groups(dp)
+        if self.encoder_threads is not None:
+            parameters["vision_encoder"]["threads"] = str(self.encoder_threads)
+        if self.gpus:
+            parameters["language_model"]["device"] = f"cuda:{self.gpus[0]}"
+        return render(dest, self.model, parameters, source, groups)
+
+    def server_args(self) -> list[str]:
+        pool = self.cuda_memory_pool_mb * 2**20
+        return [f"--cuda-memory-pool-byte-size={gpu}:{pool}" for gpu in self.gpus]

@@ -1,0 +1,50 @@
+"""Call the internal steps of the ensemble one by one (gRPC): `preprocess`, then `encode`.
+
+For the encoder benchmarks and tests: they time the encode stage alone and read its embeddings.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import numpy as np
+
+from .client import build_inputs
+
+PREPROCESSED = ("_INPUT_IDS", "_PIXEL_VALUES", "_IMAGE_GRID_THW", "_SAMPLING")
+
+
+def preprocess(url: str, prompt: str, images: list[bytes]) -> dict[str, np.ndarray]:
+    """`preprocess`'s outputs (token ids, pixel values, image_grid_thw, sampling), as the ensemble passes them on."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        result = client.infer("preprocess", build_inputs(grpcclient, prompt=prompt, images=images),
+                              outputs=[grpcclient.InferRequestedOutput(n) for n in PREPROCESSED])
+    return {name: result.as_numpy(name) for name in PREPROCESSED}
+
+
+def encode(url: str, preprocessed: dict[str, np.ndarray], timeout_s: float = 300) -> tuple[np.ndarray, float]:
+    """One call of the (decoupled) `encode` stage -> (embeddings [tokens, H], seconds it took)."""
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, array in preprocessed.items():
+        dtype = "BYTES" if array.dtype == np.object_ else grpcclient.np_to_triton_dtype(array.dtype)
+        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    events: queue.Queue = queue.Queue()
+    with grpcclient.InferenceServerClient(url) as client:
+        client.start_stream(callback=lambda result, error: events.put((result, error)))
+        try:
+            start = time.perf_counter()
+            client.async_stream_infer("encode", inputs)
+            result, error = events.get(timeout=timeout_s)
+            elapsed = time.perf_counter() - start
+        finally:
+            client.stop_stream()
+    if error is not None:
+        raise error
+    return result.as_numpy("_IMAGE_EMBEDS"), elapsed

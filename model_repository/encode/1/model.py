@@ -1,0 +1,59 @@
+"""encode (decoupled): _PIXEL_VALUES [P, D], _IMAGE_GRID_THW [N, 3] -> _IMAGE_EMBEDS [sum tokens, H];
+_INPUT_IDS, _IMAGE_GRID_THW and _SAMPLING pass through (an ensemble step may take its inputs from one
+decoupled origin only, so the language model gets all of them from here).
+
+Splits the images into up to `data_parallel` patch-balanced shards and runs them in parallel on the
+`vision_encoder` instances (BLS). Decoupled so that `execute` returns at once: requests are encoded
+on worker threads and answered through their response senders, never one after another."""
+
+import triton_python_backend_utils as pb_utils
+
+from triton_vlm import interface as I
+from triton_vlm import triton_io
+from triton_vlm.config import EncodeConfig
+from triton_vlm.dispatch import ShardedEncode
+from triton_vlm.models import load_family
+
+_PASS_THROUGH = [I.INPUT_IDS, I.IMAGE_GRID_THW, I.SAMPLING]
+
+
+def _run_shard(pixel_values, grid_thw):
+    inputs = [triton_io.output(I.PIXEL_VALUES, pixel_values), triton_io.output(I.IMAGE_GRID_THW, grid_thw)]
+    return triton_io.infer("vision_encoder", inputs, [I.IMAGE_EMBEDS])[I.IMAGE_EMBEDS]
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = EncodeConfig.from_parameters(triton_io.parameters(args))
+        family = load_family(config.model_path)
+        self.stage = ShardedEncode(_run_shard, config.data_parallel, family.tokens_per_image, family.hidden_size)
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                pixels = triton_io.input_tensor(request, I.PIXEL_VALUES)
+                passed = triton_io.inputs(request, _PASS_THROUGH)
+                self.stage.submit(pixels, passed[I.IMAGE_GRID_THW], _Reply(request, sender, passed))
+            except Exception as e:
+                sender.send(triton_io.error_response(e), flags=triton_io.FINAL)
+        return None
+
+    def finalize(self):
+        self.stage.shutdown()
+
+
+class _Reply:
+    """Answers one request from the worker thread; holds the request so its input memory stays alive."""
+
+    def __init__(self, request, sender, passed):
+        self.request, self.sender, self.passed = request, sender, passed
+
+    def __call__(self, embeds, error):
+        if error is not None:
+            self.sender.send(triton_io.error_response(error), flags=triton_io.FINAL)
+        else:
+            outputs = [triton_io.output(I.IMAGE_EMBEDS, embeds)]
+            outputs += [triton_io.output(name, value) for name, value in self.passed.items()]
+            self.sender.send(pb_utils.InferenceResponse(outputs), flags=triton_io.FINAL)
+        self.request = None

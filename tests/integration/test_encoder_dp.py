@@ -1,0 +1,58 @@
+"""Data-parallel vision encoder through the real server: the committed repository (2 encoder replicas,
+a request's images split over them) against a 1-replica deployment, and under concurrent load."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from tests.conftest import make_image
+from tests.reference import reference_generate
+from triton_vlm.deployment import Deployment
+from triton_vlm.server import TritonServer
+from triton_vlm_clients import stages
+from triton_vlm_clients.client import stream
+
+MIXED = [(640, 480), (300, 200), (1280, 720), (200, 500)]
+
+
+@pytest.fixture(scope="module")
+def dp1_server(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp1")
+    repo = Deployment(tiny_model, encoder_dp=1, encoder_threads=1).render(root / "repository")
+    triton = TritonServer(repo, log_file=root / "tritonserver.log")
+    try:
+        yield triton.start().wait_ready(timeout_s=300)
+    finally:
+        triton.stop()
+
+
+def images(n, seed=0):
+    return [make_image(w, h, seed=seed + i, fmt="PNG" if i % 2 else "JPEG") for i, (w, h) in enumerate(MIXED[:n])]
+
+
+@pytest.mark.parametrize("n_images", [1, 3, 4])
+def test_two_replicas_give_the_same_embeddings_and_ids_as_one(server, dp1_server, n_images):
+    prompt, imgs = "Compare the pictures.", images(n_images)
+    pre = stages.preprocess(server.grpc_url, prompt, imgs)
+    grid = pre["_IMAGE_GRID_THW"]
+    embeds_dp2, _ = stages.encode(server.grpc_url, pre)
+    embeds_dp1, _ = stages.encode(dp1_server.grpc_url, pre)
+    assert embeds_dp2.shape == embeds_dp1.shape == (int(np.prod(grid, axis=1).sum()) // 4, embeds_dp1.shape[1])
+    np.testing.assert_allclose(embeds_dp2, embeds_dp1, rtol=0, atol=1e-5)
+
+    dp2 = stream(server.grpc_url, prompt=prompt, images=imgs, max_tokens=16)
+    dp1 = stream(dp1_server.grpc_url, prompt=prompt, images=imgs, max_tokens=16)
+    assert dp2.output_ids == dp1.output_ids and dp2.output_ids
+
+
+def test_eight_concurrent_clients_with_many_images_all_complete_correctly(server, tiny_model):
+    requests = [(f"Picture set {i}: what is in them?", images(2 + i % 3, seed=10 * i)) for i in range(16)]
+    expected = [reference_generate(tiny_model, prompt, imgs, max_new_tokens=8) for prompt, imgs in requests]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda r: stream(server.grpc_url, prompt=r[0], images=r[1], max_tokens=8),
+                                requests))
+    assert [a.output_ids for a in answers] == expected
+    assert all(a.finish_reason in ("stop", "length") for a in answers)

@@ -1,0 +1,126 @@
+"""The encode stage without Triton: sharded encoding equals unsharded, shards follow the balancer,
+and neither concurrent requests nor the shards of one request wait for each other."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_image
+from triton_vlm.balance import balance
+from triton_vlm.config import EncoderConfig, PreprocessConfig
+from triton_vlm.dispatch import ShardedEncode
+from triton_vlm.encoder import VisionEncoder
+from triton_vlm.preprocess import Preprocessor
+from triton_vlm.protocol import GenerateRequest
+
+SIZES = [(640, 480), (300, 200), (1280, 720), (100, 100)]
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model):
+    return Preprocessor(PreprocessConfig(model_path=tiny_model)), VisionEncoder(EncoderConfig(model_path=tiny_model))
+
+
+def pixels_and_grid(pre, n):
+    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES[:n])]
+    p = pre(GenerateRequest(text_input="hi", images=images))
+    return torch.as_tensor(p.pixel_values), p.image_grid_thw
+
+
+def stage(encoder, shards, run=None, calls=None):
+    def run_shard(pixels, grid):
+        if calls is not None:
+            calls.append(grid.copy())
+        return (run or encoder.encode)(pixels, grid)
+
+    return ShardedEncode(run_shard, shards, encoder.family.tokens_per_image, encoder.family.hidden_size)
+
+
+@pytest.mark.parametrize("n_images", [1, 3, 4])
+@pytest.mark.parametrize("shards", [2, 3])
+def test_sharded_equals_unsharded_and_follows_the_balancer(parts, n_images, shards):
+    pre, encoder = parts
+    pixels, grid = pixels_and_grid(pre, n_images)
+    calls = []
+    sharded = stage(encoder, shards, calls=calls).encode(pixels, grid)
+    whole = encoder.encode(pixels, grid)
+    assert sharded.shape == whole.shape
+    torch.testing.assert_close(sharded, whole, rtol=0, atol=1e-5)
+    expected, _ = balance(np.prod(grid, axis=1).tolist(), min(shards, n_images))
+    assert sorted(map(np.ndarray.tolist, calls)) == sorted(grid[s].tolist() for s in expected if s)
+
+
+def test_text_only_runs_nothing_and_one_image_runs_unsplit(parts):
+    pre, encoder = parts
+    calls = []
+    s = stage(encoder, 4, calls=calls)
+    empty = s.encode(torch.zeros((0, 1176)), np.zeros((0, 3), np.int64))
+    assert empty.shape == (0, encoder.family.hidden_size) and calls == []
+    pixels, grid = pixels_and_grid(pre, 1)
+    s.encode(pixels, grid)
+    assert [c.tolist() for c in calls] == [grid.tolist()]
+
+
+def _submit_all(s, requests, timeout=30):
+    results, done = [None] * len(requests), threading.Semaphore(0)
+
+    def reply(i):
+        def done_cb(embeds, error):
+            results[i] = error if error is not None else embeds
+            done.release()
+        return done_cb
+
+    for i, (pixels, grid) in enumerate(requests):
+        s.submit(pixels, grid, reply(i))
+    for _ in requests:
+        assert done.acquire(timeout=timeout), "a request never finished"
+    return results
+
+
+def test_concurrent_requests_are_encoded_at_the_same_time(parts):
+    """Each shard waits at a barrier for the other request's shard: serialised requests would break it."""
+    pre, encoder = parts
+    barrier = threading.Barrier(2, timeout=10)
+
+    def run(pixels, grid):
+        barrier.wait()
+        return encoder.encode(pixels, grid)
+
+    one = pixels_and_grid(pre, 1)
+    results = _submit_all(stage(encoder, 1, run=run), [one, one])
+    for r in results:
+        assert isinstance(r, torch.Tensor), r
+
+
+def test_the_shards_of_one_request_run_at_the_same_time(parts):
+    pre, encoder = parts
+    barrier = threading.Barrier(2, timeout=10)
+
+    def run(pixels, grid):
+        barrier.wait()
+        return encoder.encode(pixels, grid)
+
+    [result] = _submit_all(stage(encoder, 2, run=run), [pixels_and_grid(pre, 2)])
+    assert isinstance(result, torch.Tensor), result
+
+
+def test_a_failing_shard_fails_its_request_only(parts):
+    pre, encoder = parts
+    fail = threading.Event()
+
+    def run(pixels, grid):
+        if fail.is_set():
+            raise RuntimeError("replica died")
+        return encoder.encode(pixels, grid)
+
+    s = stage(encoder, 2, run=run)
+    fail.set()
+    [error] = _submit_all(s, [pixels_and_grid(pre, 3)])
+    assert isinstance(error, RuntimeError) and "replica died" in str(error)
+    fail.clear()
+    [ok] = _submit_all(s, [pixels_and_grid(pre, 3)])
+    assert isinstance(ok, torch.Tensor)
