@@ -22,6 +22,8 @@ class Answer:
     responses: int = 0
     ttft_s: float | None = None  # time to the first response carrying a token
     total_s: float = 0.0
+    token_times_s: list[float] = field(default_factory=list)  # arrival of each token-carrying response
+    tokens_per_response: list[int] = field(default_factory=list)
 
 
 def read_image(source: str) -> bytes:
@@ -48,6 +50,11 @@ def build_inputs(module, prompt: str | None = None, images: list[bytes] | None =
     for name, value in sampling.items():
         if value is not None:
             tensors[name] = np.array([value], dtype=kinds[name])
+    return infer_inputs(module, tensors)
+
+
+def infer_inputs(module, tensors: dict[str, np.ndarray]) -> list:
+    """{name: array} -> InferInputs of `module` (tritonclient.grpc or .http); object arrays as BYTES."""
     inputs = []
     for name, array in tensors.items():
         dtype = "BYTES" if array.dtype == np.object_ else module.np_to_triton_dtype(array.dtype)
@@ -82,8 +89,10 @@ def stream(url: str, timeout_s: float = 300, on_delta=None, **request) -> Answer
                 raise error
             text, ids, finish = _decode(result)
             answer.responses += 1
-            if ids and answer.ttft_s is None:
-                answer.ttft_s = time.perf_counter() - start
+            if ids:
+                answer.token_times_s.append(time.perf_counter() - start)
+                answer.tokens_per_response.append(len(ids))
+                answer.ttft_s = answer.token_times_s[0]
             answer.text += text
             answer.output_ids += ids
             if on_delta:

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from .client import build_inputs
+from .client import build_inputs, infer_inputs
 
 PREPROCESSED = ("_INPUT_IDS", "_PIXEL_VALUES", "_IMAGE_GRID_THW", "_SAMPLING")
 
@@ -29,12 +29,7 @@ def encode(url: str, preprocessed: dict[str, np.ndarray], timeout_s: float = 300
     """One call of the (decoupled) `encode` stage -> (embeddings [tokens, H], seconds it took)."""
     import tritonclient.grpc as grpcclient
 
-    inputs = []
-    for name, array in preprocessed.items():
-        dtype = "BYTES" if array.dtype == np.object_ else grpcclient.np_to_triton_dtype(array.dtype)
-        tensor = grpcclient.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
+    inputs = infer_inputs(grpcclient, preprocessed)
     events: queue.Queue = queue.Queue()
     with grpcclient.InferenceServerClient(url) as client:
         client.start_stream(callback=lambda result, error: events.put((result, error)))

@@ -81,30 +81,29 @@ def _submit_all(s, requests, timeout=30):
     return results
 
 
-def test_concurrent_requests_are_encoded_at_the_same_time(parts):
-    """Each shard waits at a barrier for the other request's shard: serialised requests would break it."""
-    pre, encoder = parts
+def _meet_in_pairs(encoder):
+    """A shard runner that returns only once another shard is running too (else the barrier breaks)."""
     barrier = threading.Barrier(2, timeout=10)
 
     def run(pixels, grid):
         barrier.wait()
         return encoder.encode(pixels, grid)
 
+    return run
+
+
+def test_concurrent_requests_are_encoded_at_the_same_time(parts):
+    """Each request's shard waits for the other request's: serialised requests would break the barrier."""
+    pre, encoder = parts
     one = pixels_and_grid(pre, 1)
-    results = _submit_all(stage(encoder, 1, run=run), [one, one])
+    results = _submit_all(stage(encoder, 1, run=_meet_in_pairs(encoder)), [one, one])
     for r in results:
         assert isinstance(r, torch.Tensor), r
 
 
 def test_the_shards_of_one_request_run_at_the_same_time(parts):
     pre, encoder = parts
-    barrier = threading.Barrier(2, timeout=10)
-
-    def run(pixels, grid):
-        barrier.wait()
-        return encoder.encode(pixels, grid)
-
-    [result] = _submit_all(stage(encoder, 2, run=run), [pixels_and_grid(pre, 2)])
+    [result] = _submit_all(stage(encoder, 2, run=_meet_in_pairs(encoder)), [pixels_and_grid(pre, 2)])
     assert isinstance(result, torch.Tensor), result
 
 

@@ -1,0 +1,77 @@
+"""The naive baseline: plain transformers `generate`, in-process, one request at a time.
+
+Uses only transformers (the tokenizer, the image processor and Qwen2.5-VL's own placeholder
+expansion), none of triton-vlm's serving code, so it is also the yardstick of the parity tests.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers.generation.streamers import BaseStreamer
+
+
+@dataclass
+class Generation:
+    output_ids: list[int]
+    token_times_s: list[float] = field(default_factory=list)  # from the call, one per new token
+    total_s: float = 0.0
+
+
+class _Clock(BaseStreamer):
+    """generate() calls put() with the prompt first, then once per new token."""
+
+    def __init__(self, start: float) -> None:
+        self.start, self.times, self._prompt_seen = start, [], False
+
+    def put(self, value) -> None:
+        if self._prompt_seen:
+            self.times.append(time.perf_counter() - self.start)
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+class HFModel:
+    def __init__(self, path, dtype=torch.float32) -> None:
+        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
+
+    def inputs(self, prompt: str, images: list[bytes]) -> dict:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                  add_generation_prompt=True)
+        inputs: dict = {}
+        if images:
+            pics = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+            vision = self.processor(images=pics, return_tensors="pt")
+            merge = self.model.config.vision_config.spatial_merge_size
+            # Qwen2.5-VL's processor: each <|image_pad|> becomes one token per merged patch
+            for grid in vision["image_grid_thw"]:
+                n = int(grid.prod()) // merge**2
+                text = text.replace("<|image_pad|>", "<|placeholder|>" * n, 1)
+            text = text.replace("<|placeholder|>", "<|image_pad|>")
+            inputs.update(vision)
+        inputs.update(self.tokenizer(text, return_tensors="pt", add_special_tokens=False))
+        return inputs
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, images: list[bytes], max_new_tokens: int) -> Generation:
+        """Greedy; the clock starts before the inputs are built, as a server's does at arrival."""
+        start = time.perf_counter()
+        inputs = self.inputs(prompt, images)
+        clock = _Clock(start)
+        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock)
+        ids = out[0, inputs["input_ids"].shape[1]:].tolist()
+        return Generation(ids, clock.times, time.perf_counter() - start)
+
+    @torch.inference_mode()
+    def prefill_logits(self, prompt: str, images: list[bytes]):
+        return self.model(**self.inputs(prompt, images)).logits[0, -1].numpy()
