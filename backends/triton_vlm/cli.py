@@ -32,7 +32,7 @@ def _deployment(args):
 
     try:
         return Deployment(ensure_model(args.model), encoder_dp=args.encoder_dp, encoder_threads=args.encoder_threads,
-                          gpus=_gpus(args.gpus))
+                          gpus=_gpus(args.gpus), tensor_parallel=args.tp)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
 
@@ -107,6 +107,8 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-dp", type=int, help="vision encoder replicas; a request's images are split "
                    "over them by patch count (default: the repository's, 2; on GPUs one per GPU)")
     p.add_argument("--encoder-threads", type=int, help="torch threads per encoder replica (default: cores / replicas)")
+    p.add_argument("--tp", type=int, help="tensor-parallel ranks of the language model (default 1); "
+                   "gloo on CPU, NCCL on GPUs")
     p.add_argument("--gpus", default="auto", help="GPU ids for the encoder replicas, e.g. 0,1; 'none' for CPU "
                    "(default: every visible GPU, else CPU)")
 
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("make-tiny-model", help="write a small random-weight Qwen2.5-VL checkpoint")
     p.add_argument("out")
-    p.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    p.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny_model)
 

@@ -96,10 +96,13 @@ class EncodeConfig:
 @dataclass(frozen=True)
 class LanguageConfig:
     model_path: Path = field(default_factory=env.default_model_path)
-    device: str = "cpu"
+    device: str = "cpu"  # rank 0's; rank r of a GPU deployment uses the r-th GPU after it
     dtype: str = "auto"
-    threads: int = 0
+    threads: int = 0  # torch threads per rank; 0: the cores divided by the ranks
     max_model_len: int = 0
+    tensor_parallel: int = 1
+    max_num_seqs: int = 8  # KV cache slots = sequences decoded together; more wait in the queue
+    kv_cache_mb: int = 1024  # per rank; caps each slot's length below max_model_len when needed
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], device: str = "cpu") -> LanguageConfig:

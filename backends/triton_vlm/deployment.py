@@ -16,12 +16,17 @@ class Deployment:
     model: Path
     encoder_dp: int | None = None  # vision_encoder instances = shards per request
     encoder_threads: int | None = None  # torch threads per encoder instance; 0: cores / instances
-    gpus: tuple[int, ...] = ()  # () = CPU; else encoder instances spread over these, language on the first
+    gpus: tuple[int, ...] = ()  # () = CPU; else encoder instances spread over these, language from the first
+    tensor_parallel: int | None = None  # language model ranks (one Triton instance; rank r on GPU first + r)
     cuda_memory_pool_mb: int = CUDA_MEMORY_POOL_MB
 
     def __post_init__(self) -> None:
         if self.encoder_dp is not None and self.encoder_dp < 1:
             raise ValueError(f"encoder_dp must be >= 1, got {self.encoder_dp}")
+        if self.tensor_parallel is not None and self.tensor_parallel < 1:
+            raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
+        if self.gpus and (self.tensor_parallel or 1) > len(self.gpus):
+            raise ValueError(f"tensor_parallel {self.tensor_parallel} needs as many GPUs; got {list(self.gpus)}")
         if self.encoder_threads is not None and self.encoder_threads < 0:
             raise ValueError(f"encoder_threads must be >= 0, got {self.encoder_threads}")
 
@@ -43,6 +48,8 @@ class Deployment:
             parameters["vision_encoder"]["threads"] = str(self.encoder_threads)
         if self.gpus:
             parameters["language_model"]["device"] = f"cuda:{self.gpus[0]}"
+        if self.tensor_parallel is not None:
+            parameters["language_model"]["tensor_parallel"] = str(self.tensor_parallel)
         return render(dest, self.model, parameters, source, groups)
 
     def server_args(self) -> list[str]:

@@ -13,6 +13,7 @@ PUBLIC_INPUTS = {
     "top_k": ("TYPE_INT32", [1]),
     "seed": ("TYPE_INT32", [1]),
     "stream": ("TYPE_BOOL", [1]),
+    "stop": ("TYPE_STRING", [-1]),
 }
 PUBLIC_OUTPUTS = {
     "text_output": ("TYPE_STRING", [1]),

@@ -11,6 +11,7 @@ import numpy as np
 from .errors import InvalidRequest
 
 MAX_SEED = 2**31 - 1
+MAX_STOPS, MAX_STOP_CHARS = 16, 256
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k cut
     seed: int | None = None
     stream: bool = False
+    stop: tuple[str, ...] = ()  # stop strings: the output ends before the first one
 
     def validate(self) -> SamplingParams:
         if self.max_tokens <= 0:
@@ -35,6 +37,8 @@ class SamplingParams:
             raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise InvalidRequest(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
+        if len(self.stop) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise InvalidRequest(f"stop: at most {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters")
         return self
 
     @property
@@ -49,7 +53,8 @@ class SamplingParams:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> SamplingParams:
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        return cls(**{**fields, "stop": tuple(fields.get("stop", ()))})
 
 
 @dataclass
@@ -95,6 +100,15 @@ def _text(arrays: dict, name: str) -> str | None:
         raise InvalidRequest(f"'{name}' is not valid UTF-8") from None
 
 
+def _texts(arrays: dict, name: str) -> tuple[str, ...] | None:
+    if name not in arrays:
+        return None
+    try:
+        return tuple(bytes(x).decode("utf-8") for x in arrays[name].reshape(-1))
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"'{name}' is not valid UTF-8") from None
+
+
 def request_from_arrays(arrays: dict, defaults: SamplingParams) -> GenerateRequest:
     """The public `vlm` tensors (as numpy arrays; absent ones missing) -> a validated GenerateRequest."""
     images = [bytes(x) if not isinstance(x, bytes) else x for x in arrays.get("images", np.empty(0)).reshape(-1)]
@@ -105,5 +119,6 @@ def request_from_arrays(arrays: dict, defaults: SamplingParams) -> GenerateReque
         top_k=_scalar(arrays, "top_k", int),
         seed=_scalar(arrays, "seed", int),
         stream=_scalar(arrays, "stream", bool),
+        stop=_texts(arrays, "stop"),
     )
     return GenerateRequest(_text(arrays, "text_input"), _text(arrays, "messages"), images, sampling).validate()

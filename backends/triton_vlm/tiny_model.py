@@ -67,6 +67,14 @@ SIZES: dict[str, dict] = {
         "text": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                      num_key_value_heads=2, mrope_section=[4, 6, 6], max_position_embeddings=32768),
     },
+    # `small`'s encoder with a language model wide enough that compute, not per-token overheads, sets the
+    # decode speed on a CPU (about 110M parameters), for language-engine benchmarks
+    "medium": {
+        "vocab": 4000,
+        "vision": dict(depth=6, hidden_size=256, intermediate_size=1024, num_heads=4, fullatt_block_indexes=[2, 5]),
+        "text": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                     num_key_value_heads=4, mrope_section=[8, 12, 12], max_position_embeddings=32768),
+    },
 }
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -19,11 +21,14 @@ def _files(model_path: Path) -> list[Path]:
     return files
 
 
-def load_renamed(model_path: str | Path, rename: dict[str, str]) -> dict[str, torch.Tensor]:
+Take = Callable[[str, Any], torch.Tensor]  # (new name, safetensors slice) -> the part to keep
+
+
+def load_renamed(model_path: str | Path, rename: dict[str, str], take: Take | None = None) -> dict[str, torch.Tensor]:
     """Tensors whose name starts with a key of `rename`, with that prefix replaced by its value.
 
     The longest matching prefix wins, so {"model.": "", "model.visual.": None} is expressible:
-    a value of None skips those tensors.
+    a value of None skips those tensors. `take` reads only part of a tensor (a tensor-parallel shard).
     """
     prefixes = sorted(rename, key=len, reverse=True)
     out: dict[str, torch.Tensor] = {}
@@ -33,5 +38,6 @@ def load_renamed(model_path: str | Path, rename: dict[str, str]) -> dict[str, to
                 prefix = next((p for p in prefixes if name.startswith(p)), None)
                 if prefix is None or rename[prefix] is None:
                     continue
-                out[rename[prefix] + name[len(prefix):]] = f.get_tensor(name)
+                new = rename[prefix] + name[len(prefix):]
+                out[new] = take(new, f.get_slice(name)) if take else f.get_tensor(name)
     return out

@@ -34,7 +34,8 @@ def read_image(source: str) -> bytes:
 
 
 def build_inputs(module, prompt: str | None = None, images: list[bytes] | None = None,
-                 messages: list[dict] | None = None, stream: bool | None = None, **sampling) -> list:
+                 messages: list[dict] | None = None, stream: bool | None = None, stop: list[str] | None = None,
+                 **sampling) -> list:
     """InferInputs for the `vlm` interface; `module` is tritonclient.grpc or tritonclient.http."""
     tensors: dict[str, np.ndarray] = {}
     if prompt is not None:
@@ -45,6 +46,8 @@ def build_inputs(module, prompt: str | None = None, images: list[bytes] | None =
         tensors["images"] = np.array(images, dtype=np.object_)
     if stream is not None:
         tensors["stream"] = np.array([stream])
+    if stop:
+        tensors["stop"] = np.array([s.encode() for s in stop], dtype=np.object_)
     kinds = {"max_tokens": np.int32, "top_k": np.int32, "seed": np.int32, "temperature": np.float32,
              "top_p": np.float32}
     for name, value in sampling.items():

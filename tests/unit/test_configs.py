@@ -120,3 +120,13 @@ def test_encoder_threads_default_to_cores_over_replicas(monkeypatch):
     assert EncoderConfig.from_parameters({"threads": "0"}, instances=4).threads == 2
     assert EncoderConfig.from_parameters({"threads": "0"}, instances=16).threads == 1
     assert EncoderConfig.from_parameters({"threads": "3"}, instances=4).threads == 3
+
+
+def test_deployment_renders_tensor_parallel_and_refuses_too_few_gpus(tmp_path):
+    repo = Deployment(tmp_path / "model", tensor_parallel=2).render(tmp_path / "repo")
+    language = _load(repo / "language_model" / "config.pbtxt")
+    assert language.parameters["tensor_parallel"].string_value == "2"
+    assert [(g.count, model_config_pb2.ModelInstanceGroup.Kind.Name(g.kind)) for g in language.instance_group] == [
+        (1, "KIND_CPU")], "one Triton instance owns every rank"
+    with pytest.raises(ValueError, match="needs as many GPUs"):
+        Deployment(tmp_path / "model", tensor_parallel=4, gpus=(0, 1))

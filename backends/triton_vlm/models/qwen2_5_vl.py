@@ -1,4 +1,5 @@
-"""Qwen2.5-VL: transformers' own vision tower and text decoder, each loaded with only its weights."""
+"""Qwen2.5-VL: transformers' own vision tower, and our tensor-parallel decoder (HF names), each loaded with
+only its weights."""
 
 from __future__ import annotations
 
@@ -8,27 +9,17 @@ import numpy as np
 import torch
 from transformers import AutoConfig
 from transformers.modeling_utils import no_init_weights
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-    Qwen2_5_VisionTransformerPretrainedModel,
-    Qwen2_5_VLTextModel,
-)
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
+from ..tp import TensorParallel
 from ..weights import load_renamed
+from .decoder import Decoder, shard_taker
 from .mrope import mrope_positions
 
 # Checkpoints come in two layouts: legacy (`visual.*`, `model.*`) and transformers>=4.52
 # (`model.visual.*`, `model.language_model.*`).
 _VISION_NAMES = {"visual.": "", "model.visual.": ""}
 _TEXT_NAMES = {"model.": "model.", "model.visual.": None, "model.language_model.": "model.", "lm_head.": "lm_head."}
-
-
-class TextDecoder(torch.nn.Module):
-    """The language half: HF's `Qwen2_5_VLTextModel` plus `lm_head`, HF parameter names."""
-
-    def __init__(self, config) -> None:
-        super().__init__()
-        self.model = Qwen2_5_VLTextModel._from_config(config)
-        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
 
 class Qwen2_5_VL:
@@ -57,10 +48,18 @@ class Qwen2_5_VL:
         """pixel_values: [P, C*T*14*14], grid_thw: [N, 3] -> embeddings [sum tokens_per_image, H]."""
         return vision(pixel_values.to(vision.dtype), grid_thw=grid_thw)
 
-    def load_text(self, device: str, dtype: torch.dtype) -> TextDecoder:
-        with no_init_weights():
-            model = TextDecoder(self.config.text_config)
-        model.load_state_dict(load_renamed(self.path, _TEXT_NAMES), strict=True)
+    def load_decoder(self, device: str, dtype: torch.dtype, tp: TensorParallel) -> Decoder:
+        """This rank's shard of the language model; reads only its slices from the checkpoint."""
+        with torch.device("meta"):
+            model = Decoder(self.config.text_config, tp)
+        state = load_renamed(self.path, _TEXT_NAMES, take=shard_taker(tp.rank, tp.size))
+        if "lm_head.weight" not in state and getattr(self.config, "tie_word_embeddings", False):
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]  # e.g. Qwen2.5-VL-3B
+        model.load_state_dict(state, strict=False, assign=True)
+        model.model.rotary_emb = type(model.model.rotary_emb)(self.config.text_config)  # buffers, not weights
+        missing = {n for n, _ in model.named_parameters()} - set(state)
+        if missing:
+            raise ValueError(f"checkpoint lacks {sorted(missing)[:5]}")
         return model.to(device=device, dtype=dtype).eval()
 
     def positions(self, input_ids: np.ndarray, grid_thw: np.ndarray) -> tuple[np.ndarray, int]:

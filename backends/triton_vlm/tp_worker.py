@@ -1,0 +1,75 @@
+"""A tensor-parallel rank > 0 of the language model: `python -m triton_vlm.tp_worker ...`, started by rank 0.
+
+It loads its shard, joins the process group and runs what rank 0 broadcasts until told to stop. It
+exits by itself when rank 0's process goes away (unload, server stop or crash): no orphans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+
+def _exit_with_parent(parent: int) -> None:
+    while True:
+        if os.getppid() != parent:
+            os._exit(0)
+        time.sleep(0.5)
+
+
+def start_workers(size: int, init_method: str, model_path: Path, device: str, dtype: str, slots: int,
+                  slot_len: int, threads: int) -> list[subprocess.Popen]:
+    """Ranks 1..size-1 as child processes of this one (rank 0)."""
+    python = Path(sys.prefix) / "bin" / "python3"  # the stub's sys.executable is not a Python
+    workers = []
+    for rank in range(1, size):
+        rank_device = f"cuda:{int(device.split(':')[1]) + rank}" if device.startswith("cuda") else device
+        workers.append(subprocess.Popen([
+            str(python), "-m", "triton_vlm.tp_worker", "--rank", str(rank), "--size", str(size),
+            "--init", init_method, "--model", str(model_path), "--device", rank_device, "--dtype", dtype,
+            "--slots", str(slots), "--slot-len", str(slot_len), "--threads", str(threads), "--parent", str(os.getpid()),
+        ]))
+    return workers
+
+
+def stop_workers(workers: list[subprocess.Popen], timeout_s: float = 30) -> None:
+    for w in workers:
+        try:
+            w.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    for name in ("--rank", "--size", "--slots", "--slot-len", "--threads", "--parent"):
+        p.add_argument(name, type=int, required=True)
+    for name in ("--init", "--model", "--device", "--dtype"):
+        p.add_argument(name, required=True)
+    args = p.parse_args(argv)
+    threading.Thread(target=_exit_with_parent, args=(args.parent,), daemon=True).start()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    from .config import torch_dtype
+    from .models import load_family
+    from .runner import ModelRunner
+    from .tp import init
+
+    tp = init(args.rank, args.size, args.init, args.device)
+    runner = ModelRunner(load_family(args.model), args.device, torch_dtype(args.dtype, args.device), tp,
+                         args.slots, args.slot_len)
+    runner.serve_forever()
+    tp.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The language model as a serving engine through the real server: tensor parallelism over gloo,
+continuous batching under concurrent streams, stop strings, cancellation, and clean rank shutdown."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from tests.conftest import make_image
+from tests.reference import reference_generate
+from triton_vlm.deployment import Deployment
+from triton_vlm.server import TritonServer
+from triton_vlm_clients.client import build_inputs, stream
+
+CASES = {"text-only": [], "one-image": [(640, 480)], "three-images": [(300, 200), (800, 600), (200, 500)]}
+
+
+def _tp_workers() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "triton_vlm.tp_worker"], capture_output=True, text=True)
+    return {int(p) for p in out.stdout.split()}
+
+
+@pytest.fixture(scope="module")
+def tp2_server(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp2")
+    repo = Deployment(tiny_model, tensor_parallel=2).render(root / "repository")
+    triton = TritonServer(repo, log_file=root / "tritonserver.log")
+    try:
+        yield triton.start().wait_ready(timeout_s=300)
+    finally:
+        triton.stop()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_ranks_give_the_same_ids_as_one(server, tp2_server, case):
+    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case])]
+    one = stream(server.grpc_url, prompt="Describe the pictures.", images=images, max_tokens=16)
+    two = stream(tp2_server.grpc_url, prompt="Describe the pictures.", images=images, max_tokens=16)
+    assert two.output_ids == one.output_ids and one.output_ids
+
+
+def test_eight_concurrent_streams_equal_transformers(tp2_server, tiny_model):
+    prompts = [("hi", 0), ("describe the picture in detail", 1), ("what color is the sky", 0), ("one two", 2),
+               ("is there a cat here", 1), ("compare both images", 2), ("the road", 0), ("why", 1)]
+    requests = [(p, [make_image(160, 120, seed=10 * i + j) for j in range(n)], 10 + i)
+                for i, (p, n) in enumerate(prompts)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda r: stream(tp2_server.grpc_url, prompt=r[0], images=r[1], max_tokens=r[2]),
+                                requests))
+    assert [a.output_ids for a in answers] == [reference_generate(tiny_model, p, imgs, n) for p, imgs, n in requests]
+
+
+def test_stop_strings_through_the_server(server):
+    full = stream(server.grpc_url, prompt="describe the picture", max_tokens=24)
+    assert len(full.text) > 6
+    stop = full.text[3:6]
+    cut = stream(server.grpc_url, prompt="describe the picture", max_tokens=24, stop=[stop, "never there"])
+    assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_cancelled_stream_stops_and_the_next_request_succeeds(server):
+    events = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: events.put((result, error)))
+    client.async_stream_infer("vlm", build_inputs(grpcclient, prompt="go on and on", max_tokens=3000, stream=True))
+    for _ in range(3):
+        result, error = events.get(timeout=60)
+        assert error is None
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    start = time.monotonic()
+    answer = stream(server.grpc_url, prompt="hi", max_tokens=4)
+    assert answer.finish_reason in ("stop", "length") and answer.output_ids
+    assert time.monotonic() - start < 60, "the cancelled request kept the engine busy"
+
+
+def test_ranks_exit_with_the_server_and_with_a_crashed_rank_zero(tiny_model, tmp_path):
+    before = _tp_workers()
+    repo = Deployment(tiny_model, tensor_parallel=2).render(tmp_path / "repository")
+    with TritonServer(repo, log_file=tmp_path / "tritonserver.log") as triton:
+        workers = _tp_workers() - before
+        assert len(workers) == 1
+        stub = subprocess.run(["pgrep", "-f", "-P", str(triton.process.pid), "triton_python_backend_stub"],
+                              capture_output=True, text=True).stdout.split()
+        rank0 = [int(p) for p in stub if workers & {int(c) for c in subprocess.run(
+            ["pgrep", "-P", p], capture_output=True, text=True).stdout.split()}]
+        assert len(rank0) == 1
+        os.kill(rank0[0], signal.SIGKILL)  # rank 0 crashes
+        deadline = time.monotonic() + 30
+        while _tp_workers() & workers and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _tp_workers() & workers, "a rank outlived rank 0"
+    # and a plain server stop leaves none either
+    with TritonServer(repo, log_file=tmp_path / "tritonserver2.log"):
+        workers = _tp_workers() - before
+        assert len(workers) == 1
+    time.sleep(1)
+    assert not _tp_workers() & workers

@@ -1,0 +1,142 @@
+"""The language engine as a serving engine, in-process: continuous batching, admission control, stop
+strings, and tensor parallelism over gloo against one rank."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_image
+from triton_vlm.config import EncoderConfig, LanguageConfig, PreprocessConfig
+from triton_vlm.encoder import VisionEncoder
+from triton_vlm.language import LanguageEngine, LanguageRequest
+from triton_vlm.preprocess import Preprocessor
+from triton_vlm.protocol import GenerateRequest, SamplingParams
+
+PROMPTS = ["hi", "describe the picture in detail", "what color is the sky", "one two three four five six",
+           "is there a cat", "compare both images please and say which is larger", "the road", "why"]
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model):
+    return Preprocessor(PreprocessConfig(model_path=tiny_model)), VisionEncoder(EncoderConfig(model_path=tiny_model))
+
+
+def make_request(parts, i, prompt, n_images=0, **sampling):
+    pre, enc = parts
+    images = [make_image(120 + 40 * j, 90 + 30 * j, seed=i * 10 + j) for j in range(n_images)]
+    p = pre(GenerateRequest(text_input=prompt, images=images, sampling=SamplingParams(**sampling)))
+    return LanguageRequest(f"r{i}", p.input_ids, enc.encode(p.pixel_values, p.image_grid_thw), p.image_grid_thw,
+                           p.sampling)
+
+
+def run_concurrently(engine, requests):
+    """Submit all at once; -> each request's (ids, text, last output)."""
+    results, done = {}, threading.Semaphore(0)
+
+    def collector(rid):
+        outs = []
+
+        def on_step(out):
+            outs.append(out)
+            if out.finished:
+                results[rid] = ([t for o in outs for t in o.token_ids], "".join(o.text for o in outs), out)
+                done.release()
+        return on_step
+
+    for r in requests:
+        engine.submit(r, collector(r.request_id))
+    for _ in requests:
+        assert done.acquire(timeout=120)
+    return [results[r.request_id] for r in requests]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    lm = LanguageEngine(LanguageConfig(model_path=tiny_model))
+    yield lm
+    lm.shutdown()
+
+
+def test_batched_decoding_equals_one_at_a_time(parts, engine):
+    requests = [make_request(parts, i, p, n_images=i % 3, max_tokens=12 + i) for i, p in enumerate(PROMPTS)]
+    alone = [run_concurrently(engine, [r])[0][0] for r in requests]
+    together = run_concurrently(engine, requests)
+    assert [ids for ids, _, _ in together] == alone
+    assert engine.peak_batch >= 4, "the requests were not decoded together"
+    assert engine.kv_tokens_in_use == 0 and engine.running == 0
+
+
+def test_full_cache_queues_requests_instead_of_failing(parts, tiny_model):
+    small = LanguageEngine(LanguageConfig(model_path=tiny_model, max_num_seqs=2))
+    try:
+        requests = [make_request(parts, i, p, max_tokens=6) for i, p in enumerate(PROMPTS[:5])]
+        results = run_concurrently(small, requests)
+        assert all(last.finish_reason in ("stop", "length") for _, _, last in results)
+        assert small.peak_batch == 2
+    finally:
+        small.shutdown()
+
+
+def test_seeds_reproduce_and_differ_in_a_batch(parts, engine):
+    def sampled(seed):
+        return make_request(parts, seed, "tell a story", max_tokens=10, temperature=1.0, seed=seed)
+
+    a, b, c = run_concurrently(engine, [sampled(1), sampled(1), sampled(2)])
+    assert a[0] == b[0] and a[0] != c[0]
+
+
+def test_stop_string_ends_the_output_before_it(parts, engine):
+    [(ids, text, last)] = run_concurrently(engine, [make_request(parts, 0, "describe the picture", max_tokens=24)])
+    assert len(text) > 6, text
+    stop = text[3:6]
+    [(ids2, text2, last2)] = run_concurrently(engine, [make_request(parts, 0, "describe the picture", max_tokens=24,
+                                                                    stop=(stop,))])
+    assert text2 == text[:text.index(stop)] and last2.finish_reason == "stop"
+    assert ids2 == ids[:len(ids2)] and len(ids2) < len(ids)
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_model):
+    lm = LanguageEngine(LanguageConfig(model_path=tiny_model, tensor_parallel=2))
+    yield lm
+    lm.shutdown()
+
+
+def test_two_ranks_give_the_same_logits_and_ids_as_one(parts, engine, tp2):
+    requests = [make_request(parts, 0, "what is this"), make_request(parts, 1, "compare them", n_images=2)]
+    one = run_concurrently(engine, requests)
+    two = run_concurrently(tp2, requests)
+    assert [r[0] for r in one] == [r[0] for r in two]
+    # prefill logits of the multi-image prompt, rank 0 of each, while both engines are idle
+    req = requests[1]
+    for lm in (engine, tp2):
+        assert lm.running == 0
+    logits = []
+    for lm in (engine, tp2):
+        embeds = lm.runner.embed(torch.as_tensor(req.input_ids)[None])
+        mask = torch.as_tensor(req.input_ids == lm.family.image_token_id)[None, :, None]
+        embeds = embeds.masked_scatter(mask, req.image_embeds)
+        positions, _ = lm.family.positions(req.input_ids, req.image_grid_thw)
+        logits.append(lm.runner.prefill(embeds, torch.as_tensor(positions)[:, None, :], 0)[0])
+    np.testing.assert_allclose(logits[1].numpy(), logits[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_a_rank_holds_only_its_shard(tp2, engine):
+    one = engine.runner.model.model.layers[0]
+    two = tp2.runner.model.model.layers[0]
+    assert two.self_attn.q_proj.weight.shape[0] * 2 == one.self_attn.q_proj.weight.shape[0]
+    assert two.mlp.down_proj.weight.shape[1] * 2 == one.mlp.down_proj.weight.shape[1]
+
+
+def test_tp_workers_exit_with_the_engine(tp2):  # last: it shuts the shared TP engine down
+    workers = list(tp2._workers)
+    assert workers and all(w.poll() is None for w in workers)
+    tp2.shutdown()
+    assert all(w.poll() is not None for w in workers)
+    out = subprocess.run(["pgrep", "-f", "triton_vlm.tp_worker"], capture_output=True, text=True)
+    assert str(workers[0].pid) not in out.stdout.split()
