@@ -32,7 +32,8 @@ def _deployment(args):
 
     try:
         return Deployment(ensure_model(args.model), encoder_dp=args.encoder_dp, encoder_threads=args.encoder_threads,
-                          gpus=_gpus(args.gpus), tensor_parallel=args.tp)
+                          gpus=_gpus(args.gpus), tensor_parallel=args.tp, mode=args.mode,
+                          encoder_urls=tuple(args.encoder_urls or ()), encoder_fallback=args.encoder_fallback)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
 
@@ -107,6 +108,12 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-dp", type=int, help="vision encoder replicas; a request's images are split "
                    "over them by patch count (default: the repository's, 2; on GPUs one per GPU)")
     p.add_argument("--encoder-threads", type=int, help="torch threads per encoder replica (default: cores / replicas)")
+    p.add_argument("--mode", choices=["colocated", "encoder", "language"], default="colocated",
+                   help="encoder: only preprocess + vision_encoder (an E/PD encoder server); language: encode "
+                   "on the --encoder-urls servers")
+    p.add_argument("--encoder-urls", nargs="+", metavar="HOST:PORT", help="gRPC addresses of encoder servers")
+    p.add_argument("--encoder-fallback", choices=["local", "none"], default="local",
+                   help="language mode: encode here when every encoder server fails (default local)")
     p.add_argument("--tp", type=int, help="tensor-parallel ranks of the language model (default 1); "
                    "gloo on CPU, NCCL on GPUs")
     p.add_argument("--gpus", default="auto", help="GPU ids for the encoder replicas, e.g. 0,1; 'none' for CPU "

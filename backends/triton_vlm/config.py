@@ -87,6 +87,13 @@ class EncodeConfig:
 
     model_path: Path = field(default_factory=env.default_model_path)
     data_parallel: int = 1
+    encoder_urls: str = ""  # E/PD: comma-separated gRPC addresses of encoder servers; "" = encode here
+    encoder_fallback: str = "local"  # local | none: where shards go when every encoder server fails
+    encoder_timeout_s: float = 60.0
+
+    @property
+    def remote_encoders(self) -> list[str]:
+        return [u.strip() for u in self.encoder_urls.split(",") if u.strip()]
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> EncodeConfig:

@@ -3,6 +3,7 @@ tritonserver arguments. Anything left as None keeps what the source repository s
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,17 @@ class Deployment:
     gpus: tuple[int, ...] = ()  # () = CPU; else encoder instances spread over these, language from the first
     tensor_parallel: int | None = None  # language model ranks (one Triton instance; rank r on GPU first + r)
     cuda_memory_pool_mb: int = CUDA_MEMORY_POOL_MB
+    mode: str = "colocated"  # colocated | encoder (preprocess + vision_encoder only) | language (E/PD)
+    encoder_urls: tuple[str, ...] = ()  # language mode: gRPC addresses of the encoder servers
+    encoder_fallback: str = "local"  # language mode: local | none
 
     def __post_init__(self) -> None:
+        if self.mode not in ("colocated", "encoder", "language"):
+            raise ValueError(f"mode must be colocated, encoder or language, got {self.mode!r}")
+        if (self.mode == "language") != bool(self.encoder_urls):
+            raise ValueError("--encoder-urls goes with --mode language, and language mode needs them")
+        if self.encoder_fallback not in ("local", "none"):
+            raise ValueError(f"encoder_fallback must be local or none, got {self.encoder_fallback!r}")
         if self.encoder_dp is not None and self.encoder_dp < 1:
             raise ValueError(f"encoder_dp must be >= 1, got {self.encoder_dp}")
         if self.tensor_parallel is not None and self.tensor_parallel < 1:
@@ -50,7 +60,15 @@ class Deployment:
             parameters["language_model"]["device"] = f"cuda:{self.gpus[0]}"
         if self.tensor_parallel is not None:
             parameters["language_model"]["tensor_parallel"] = str(self.tensor_parallel)
-        return render(dest, self.model, parameters, source, groups)
+        if self.mode == "language":
+            parameters["encode"].update(encoder_urls=",".join(self.encoder_urls),
+                                        encoder_fallback=self.encoder_fallback)
+        repo = render(dest, self.model, parameters, source, groups)
+        drop = {"encoder": ["encode", "language_model", "vlm", "vlm_unary"],
+                "language": ["vision_encoder"] if self.encoder_fallback == "none" else []}.get(self.mode, [])
+        for model in drop:
+            shutil.rmtree(repo / model)
+        return repo
 
     def server_args(self) -> list[str]:
         pool = self.cuda_memory_pool_mb * 2**20

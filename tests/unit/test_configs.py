@@ -130,3 +130,19 @@ def test_deployment_renders_tensor_parallel_and_refuses_too_few_gpus(tmp_path):
         (1, "KIND_CPU")], "one Triton instance owns every rank"
     with pytest.raises(ValueError, match="needs as many GPUs"):
         Deployment(tmp_path / "model", tensor_parallel=4, gpus=(0, 1))
+
+
+def test_epd_modes_render_their_servers(tmp_path):
+    encoder = Deployment(tmp_path / "model", mode="encoder", encoder_dp=3).render(tmp_path / "encoder")
+    assert sorted(p.name for p in encoder.iterdir()) == ["preprocess", "vision_encoder"]
+    assert _groups(_load(encoder / "vision_encoder" / "config.pbtxt")) == [(3, "KIND_CPU", [])]
+    language = Deployment(tmp_path / "model", mode="language", encoder_urls=("h1:1", "h2:2")).render(tmp_path / "l")
+    params = _load(language / "encode" / "config.pbtxt").parameters
+    assert params["encoder_urls"].string_value == "h1:1,h2:2" and params["encoder_fallback"].string_value == "local"
+    assert (language / "vision_encoder").is_dir(), "kept for the local fallback"
+    bare = Deployment(tmp_path / "model", mode="language", encoder_urls=("h1:1",), encoder_fallback="none")
+    assert not (bare.render(tmp_path / "bare") / "vision_encoder").exists()
+    with pytest.raises(ValueError, match="encoder-urls"):
+        Deployment(tmp_path / "model", mode="language")
+    with pytest.raises(ValueError, match="encoder-urls"):
+        Deployment(tmp_path / "model", encoder_urls=("h1:1",))

@@ -13,6 +13,7 @@ from triton_vlm import triton_io
 from triton_vlm.config import EncodeConfig
 from triton_vlm.dispatch import ShardedEncode
 from triton_vlm.models import load_family
+from triton_vlm.remote_encoders import RemoteEncoders
 
 _PASS_THROUGH = [I.INPUT_IDS, I.IMAGE_GRID_THW, I.SAMPLING]
 
@@ -22,11 +23,23 @@ def _run_shard(pixel_values, grid_thw):
     return triton_io.infer("vision_encoder", inputs, [I.IMAGE_EMBEDS])[I.IMAGE_EMBEDS]
 
 
+def _remote(config):
+    """E/PD: shards go to the encoder servers (one shard per server), the local encoder as fallback."""
+    fallback = _run_shard if config.encoder_fallback == "local" else None
+    remote = RemoteEncoders(config.remote_encoders, fallback=fallback, timeout_s=config.encoder_timeout_s)
+    for url, ready in remote.probe().items():
+        if not ready:
+            pb_utils.Logger.log_warn(f"encoder server {url} is unreachable at start; its shards go to "
+                                     f"{'the other encoders or the local encoder' if fallback else 'the others'}")
+    return remote, len(config.remote_encoders)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = EncodeConfig.from_parameters(triton_io.parameters(args))
         family = load_family(config.model_path)
-        self.stage = ShardedEncode(_run_shard, config.data_parallel, family.tokens_per_image, family.hidden_size)
+        run, shards = _remote(config) if config.remote_encoders else (_run_shard, config.data_parallel)
+        self.stage = ShardedEncode(run, shards, family.tokens_per_image, family.hidden_size)
 
     def execute(self, requests):
         for request in requests:

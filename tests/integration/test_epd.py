@@ -1,0 +1,121 @@
+"""Encoder disaggregation through real servers on loopback: 1 language server + 2 encoder servers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import tritonclient.grpc as grpcclient
+
+from tests.conftest import make_image
+from tests.reference import reference_generate
+from triton_vlm.deployment import Deployment
+from triton_vlm.server import TritonServer, free_port
+from triton_vlm_clients.client import stream
+
+MIXED = [(640, 480), (300, 200), (800, 600), (200, 500)]
+
+
+def images(n, seed=0):
+    return [make_image(w, h, seed=seed + i) for i, (w, h) in enumerate(MIXED[:n])]
+
+
+def encoder_shards(url: str) -> int:
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics("vision_encoder", as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"]["success"].get("count", 0))
+
+
+@pytest.fixture(scope="module")
+def epd(tiny_model, tmp_path_factory):
+    """Two encoder servers and a language server that uses them (local fallback on)."""
+    root = tmp_path_factory.mktemp("epd")
+    started = []
+    try:
+        encoders = []
+        for i in range(2):
+            repo = Deployment(tiny_model, mode="encoder", encoder_dp=1).render(root / f"encoder{i}")
+            encoders.append(TritonServer(repo, log_file=root / f"encoder{i}.log").start())
+            started.append(encoders[-1])
+        for e in encoders:
+            e.wait_ready(300)
+        repo = Deployment(tiny_model, mode="language", encoder_dp=1,
+                          encoder_urls=tuple(e.grpc_url for e in encoders)).render(root / "language")
+        language = TritonServer(repo, log_file=root / "language.log").start()
+        started.append(language)
+        yield language.wait_ready(300), encoders
+    finally:
+        for s in started:
+            s.stop()
+
+
+def test_encoder_servers_hold_only_the_encoder(epd):
+    _, encoders = epd
+    with grpcclient.InferenceServerClient(encoders[0].grpc_url) as client:
+        models = {m["name"] for m in client.get_model_repository_index(as_json=True)["models"]}
+    assert models == {"preprocess", "vision_encoder"}
+
+
+@pytest.mark.parametrize("n_images", [1, 3, 4])
+def test_disaggregated_ids_equal_colocated(server, epd, n_images):
+    language, encoders = epd
+    before = [encoder_shards(e.grpc_url) for e in encoders]
+    imgs = images(n_images)
+    colocated = stream(server.grpc_url, prompt="Compare the pictures.", images=imgs, max_tokens=16)
+    disaggregated = stream(language.grpc_url, prompt="Compare the pictures.", images=imgs, max_tokens=16)
+    assert disaggregated.output_ids == colocated.output_ids and colocated.output_ids
+    sent = [encoder_shards(e.grpc_url) - b for e, b in zip(encoders, before, strict=True)]
+    assert sum(sent) == min(n_images, 2) and all(sent) == (n_images > 1)  # a shard per server, none local
+
+
+def test_killing_an_encoder_under_load_loses_no_request(tiny_model, tmp_path):
+    encoders = [TritonServer(Deployment(tiny_model, mode="encoder", encoder_dp=1).render(tmp_path / f"e{i}"),
+                             log_file=tmp_path / f"e{i}.log").start() for i in range(2)]
+    language = None
+    try:
+        for e in encoders:
+            e.wait_ready(300)
+        repo = Deployment(tiny_model, mode="language", encoder_dp=1,
+                          encoder_urls=tuple(e.grpc_url for e in encoders)).render(tmp_path / "language")
+        language = TritonServer(repo, log_file=tmp_path / "language.log").start().wait_ready(300)
+        requests = [(f"Set {i}: what is here?", images(2 + i % 3, seed=7 * i)) for i in range(60)]
+        expected = [reference_generate(tiny_model, p, imgs, max_new_tokens=6) for p, imgs in requests]
+        done = []
+
+        def one(r):
+            answer = stream(language.grpc_url, prompt=r[0], images=r[1], max_tokens=6)
+            done.append(1)
+            return answer
+
+        def killer():  # a crash, not a graceful stop: SIGKILL to the server and its stubs
+            while len(done) < 10:
+                time.sleep(0.05)
+            os.killpg(encoders[0].process.pid, signal.SIGKILL)
+            encoders[0].process.wait()
+
+        kill = threading.Thread(target=killer)
+        kill.start()
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, requests))
+        kill.join()
+        assert encoders[0].process.poll() is not None, "the encoder was not killed during the run"
+        assert [a.output_ids for a in answers] == expected
+        assert encoder_shards(encoders[1].grpc_url) > 0
+    finally:
+        for s in [*encoders, language]:
+            if s is not None:
+                s.stop()
+
+
+def test_unreachable_encoder_at_start_falls_back_to_local_and_says_so(tiny_model, tmp_path):
+    dead = f"127.0.0.1:{free_port()}"
+    repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls=(dead,)).render(tmp_path / "repo")
+    with TritonServer(repo, log_file=tmp_path / "language.log") as language:
+        answer = stream(language.grpc_url, prompt="hi", images=images(2), max_tokens=4)
+        assert answer.output_ids == reference_generate(tiny_model, "hi", images(2), max_new_tokens=4)
+    log = (tmp_path / "language.log").read_text()
+    assert f"encoder server {dead} is unreachable at start" in log
