@@ -33,7 +33,8 @@ def _deployment(args):
     try:
         return Deployment(ensure_model(args.model), encoder_dp=args.encoder_dp, encoder_threads=args.encoder_threads,
                           gpus=_gpus(args.gpus), tensor_parallel=args.tp, mode=args.mode,
-                          encoder_urls=tuple(args.encoder_urls or ()), encoder_fallback=args.encoder_fallback)
+                          encoder_urls=tuple(args.encoder_urls or ()), encoder_urls_file=args.encoder_urls_file,
+                          encoder_fallback=args.encoder_fallback)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
 
@@ -112,6 +113,8 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                    help="encoder: only preprocess + vision_encoder (an E/PD encoder server); language: encode "
                    "on the --encoder-urls servers")
     p.add_argument("--encoder-urls", nargs="+", metavar="HOST:PORT", help="gRPC addresses of encoder servers")
+    p.add_argument("--encoder-urls-file", help="language mode: a file of encoder addresses, one a line, "
+                   "re-read every second: edit it to add or remove encoders while serving")
     p.add_argument("--encoder-fallback", choices=["local", "none"], default="local",
                    help="language mode: encode here when every encoder server fails (default local)")
     p.add_argument("--tp", type=int, help="tensor-parallel ranks of the language model (default 1); "

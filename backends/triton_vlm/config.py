@@ -88,6 +88,7 @@ class EncodeConfig:
     model_path: Path = field(default_factory=env.default_model_path)
     data_parallel: int = 1
     encoder_urls: str = ""  # E/PD: comma-separated gRPC addresses of encoder servers; "" = encode here
+    encoder_urls_file: str = ""  # E/PD: a file listing them, watched while serving (live scaling)
     encoder_fallback: str = "local"  # local | none: where shards go when every encoder server fails
     encoder_timeout_s: float = 60.0
 

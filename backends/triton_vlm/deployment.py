@@ -22,13 +22,14 @@ class Deployment:
     cuda_memory_pool_mb: int = CUDA_MEMORY_POOL_MB
     mode: str = "colocated"  # colocated | encoder (preprocess + vision_encoder only) | language (E/PD)
     encoder_urls: tuple[str, ...] = ()  # language mode: gRPC addresses of the encoder servers
+    encoder_urls_file: str | None = None  # language mode: a file listing them, watched (live scaling)
     encoder_fallback: str = "local"  # language mode: local | none
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocated", "encoder", "language"):
             raise ValueError(f"mode must be colocated, encoder or language, got {self.mode!r}")
-        if (self.mode == "language") != bool(self.encoder_urls):
-            raise ValueError("--encoder-urls goes with --mode language, and language mode needs them")
+        if (self.mode == "language") != bool(self.encoder_urls or self.encoder_urls_file):
+            raise ValueError("--encoder-urls/--encoder-urls-file go with --mode language, which needs one of them")
         if self.encoder_fallback not in ("local", "none"):
             raise ValueError(f"encoder_fallback must be local or none, got {self.encoder_fallback!r}")
         if self.encoder_dp is not None and self.encoder_dp < 1:
@@ -62,6 +63,8 @@ class Deployment:
             parameters["language_model"]["tensor_parallel"] = str(self.tensor_parallel)
         if self.mode == "language":
             parameters["encode"].update(encoder_urls=",".join(self.encoder_urls),
+                                        encoder_urls_file=str(Path(self.encoder_urls_file).resolve())
+                                        if self.encoder_urls_file else "",
                                         encoder_fallback=self.encoder_fallback)
         repo = render(dest, self.model, parameters, source, groups)
         drop = {"encoder": ["encode", "language_model", "vlm", "vlm_unary"],

@@ -31,7 +31,8 @@ class ShardedEncode:
         # requests and the extra shards of a request get separate pools: a request thread waits on its
         # shards, and a shard never waits on anything, so the pools cannot deadlock.
         self._requests = ThreadPoolExecutor(max_requests, thread_name_prefix="encode-request")
-        self._shards = ThreadPoolExecutor(max_requests * (num_shards - 1) or 1, thread_name_prefix="encode-shard")
+        # threads start lazily; room for num_shards to grow while serving (E/PD live scaling)
+        self._shards = ThreadPoolExecutor(max_requests * max(num_shards, 8), thread_name_prefix="encode-shard")
 
     def plan(self, grid_thw: np.ndarray) -> list[list[int]]:
         """The non-empty shards (image indices) for a request's images."""

@@ -5,6 +5,9 @@ gRPC (binary tensors) to the healthy encoder with the fewest shards in flight. I
 that encoder is marked down and the shard is retried on the next one, then on `fallback` (the local
 `vision_encoder`) if there is one; only when every path fails does the request get UNAVAILABLE. A down
 encoder is tried again after `retry_after_s` (a lazy probe: the next shard that finds it due).
+
+Live scaling: `set_urls` adds and removes encoders while serving (shards in flight on a removed one
+finish there); `watch` calls it whenever a file listing the encoders changes.
 """
 
 from __future__ import annotations
@@ -34,6 +37,38 @@ class RemoteEncoders:
         self.down_until = {url: 0.0 for url in self.urls}
         self.shards_sent = {url: 0 for url in self.urls}  # per encoder, successful shards (a stat)
         self._local = threading.local()  # one gRPC client per thread and encoder
+
+    def set_urls(self, urls: list[str]) -> None:
+        with self._lock:
+            for url in urls:
+                self.in_flight.setdefault(url, 0)
+                self.down_until.setdefault(url, 0.0)
+                self.shards_sent.setdefault(url, 0)
+            self.urls = list(dict.fromkeys(urls))
+
+    def watch(self, path: str, on_change: Callable[[list[str]], None], interval_s: float = 1.0) -> threading.Thread:
+        """Poll `path` (one HOST:PORT per line, # comments); on a change, `set_urls` and then `on_change`."""
+
+        def read() -> list[str] | None:
+            try:
+                lines = open(path).read().splitlines()  # noqa: SIM115 (read at once)
+            except OSError:
+                return None
+            return [u for u in (line.split("#")[0].strip() for line in lines) if u]
+
+        def loop() -> None:
+            last = None
+            while True:
+                urls = read()
+                if urls is not None and urls != last:
+                    last = urls
+                    self.set_urls(urls)
+                    on_change(urls)
+                time.sleep(interval_s)
+
+        thread = threading.Thread(target=loop, name="encoder-urls-watch", daemon=True)
+        thread.start()
+        return thread
 
     def probe(self, timeout_s: float = 2.0) -> dict[str, bool]:
         """Ask every encoder whether it is ready; mark the others down. -> {url: ready}."""

@@ -119,3 +119,37 @@ def test_unreachable_encoder_at_start_falls_back_to_local_and_says_so(tiny_model
         assert answer.output_ids == reference_generate(tiny_model, "hi", images(2), max_new_tokens=4)
     log = (tmp_path / "language.log").read_text()
     assert f"encoder server {dead} is unreachable at start" in log
+
+
+def test_encoders_added_and_removed_while_serving(epd, tiny_model, tmp_path):
+    _, (a, b) = epd
+    urls = tmp_path / "encoders.txt"
+    urls.write_text(f"{a.grpc_url}\n")
+    repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls_file=str(urls)).render(tmp_path / "r")
+
+    def send(n_requests):
+        for i in range(n_requests):
+            answer = stream(language.grpc_url, prompt=f"picture {i}", images=images(3, seed=i), max_tokens=3)
+            assert answer.finish_reason in ("stop", "length") and answer.output_ids
+
+    def wait_for(*listed):  # the server logs each list it switches to
+        line = f'encoder servers now: {", ".join(u.grpc_url for u in listed)}"'
+        deadline = time.monotonic() + 30
+        while line not in (tmp_path / "language.log").read_text():
+            assert time.monotonic() < deadline, f"the server never switched to: {line}"
+            time.sleep(0.2)
+
+    with TritonServer(repo, log_file=tmp_path / "language.log") as language:
+        wait_for(a)
+        before_b = encoder_shards(b.grpc_url)
+        send(2)
+        assert encoder_shards(b.grpc_url) == before_b, "b is not listed yet"
+        urls.write_text(f"{a.grpc_url}\n{b.grpc_url}  # added while serving\n")
+        wait_for(a, b)
+        send(2)
+        assert encoder_shards(b.grpc_url) > before_b, "the added encoder received no shard"
+        urls.write_text(f"{b.grpc_url}\n")
+        wait_for(b)
+        before_a = encoder_shards(a.grpc_url)
+        send(3)
+        assert encoder_shards(a.grpc_url) == before_a, "the removed encoder still got traffic"

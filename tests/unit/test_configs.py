@@ -142,6 +142,9 @@ def test_epd_modes_render_their_servers(tmp_path):
     assert (language / "vision_encoder").is_dir(), "kept for the local fallback"
     bare = Deployment(tmp_path / "model", mode="language", encoder_urls=("h1:1",), encoder_fallback="none")
     assert not (bare.render(tmp_path / "bare") / "vision_encoder").exists()
+    watched = Deployment(tmp_path / "model", mode="language", encoder_urls_file="encoders.txt").render(tmp_path / "w")
+    assert _load(watched / "encode" / "config.pbtxt").parameters["encoder_urls_file"].string_value == str(
+        Path("encoders.txt").resolve())
     with pytest.raises(ValueError, match="encoder-urls"):
         Deployment(tmp_path / "model", mode="language")
     with pytest.raises(ValueError, match="encoder-urls"):

@@ -31,15 +31,22 @@ def _remote(config):
         if not ready:
             pb_utils.Logger.log_warn(f"encoder server {url} is unreachable at start; its shards go to "
                                      f"{'the other encoders or the local encoder' if fallback else 'the others'}")
-    return remote, len(config.remote_encoders)
+    return remote
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = EncodeConfig.from_parameters(triton_io.parameters(args))
         family = load_family(config.model_path)
-        run, shards = _remote(config) if config.remote_encoders else (_run_shard, config.data_parallel)
-        self.stage = ShardedEncode(run, shards, family.tokens_per_image, family.hidden_size)
+        remote = _remote(config) if config.remote_encoders or config.encoder_urls_file else None
+        shards = max(1, len(config.remote_encoders)) if remote else config.data_parallel
+        self.stage = ShardedEncode(remote or _run_shard, shards, family.tokens_per_image, family.hidden_size)
+        if config.encoder_urls_file:
+            remote.watch(config.encoder_urls_file, self._encoders_changed)
+
+    def _encoders_changed(self, urls):
+        self.stage.num_shards = max(1, len(urls))
+        pb_utils.Logger.log_info(f"encoder servers now: {', '.join(urls) or 'none (local fallback)'}")
 
     def execute(self, requests):
         for request in requests:
