@@ -43,6 +43,8 @@ BAD = {
     "file URL": (dict(images=[b"file:///etc/passwd"]), "scheme 'file' is not allowed"),
     "loopback URL": (dict(images=[b"http://127.0.0.1:1/cat.png"]), "non-public address"),
     "bad data URL": (dict(images=[b"data:image/png;base64,@@@"]), "not valid base64"),
+    "empty stop string": (dict(stop=["ok", ""]), "stop: at most 16 non-empty strings"),
+    "too many stop strings": (dict(stop=[str(i) for i in range(17)]), "stop: at most 16 non-empty strings"),
 }
 
 
