@@ -90,7 +90,6 @@ class LanguageEngine:
         self.eos_ids = self._eos_ids(config.model_path)
         tp_size = config.tensor_parallel
         threads = config.threads or max(1, usable_cores() // tp_size)
-        torch.set_num_threads(threads)
         dtype = torch_dtype(config.dtype, config.device)
         self.slots = config.max_num_seqs
         self.max_model_len = min(config.max_model_len or self.family.max_model_len,
@@ -113,7 +112,7 @@ class LanguageEngine:
         # than the one whose OpenMP team first touched the weights (measured: 4.9 vs 1.7 ms a step).
         built: queue.Queue[BaseException | None] = queue.Queue()  # None: built
         self._thread = threading.Thread(target=self._run, name="language-engine", daemon=True,
-                                        args=(built, dtype, init_method))
+                                        args=(built, dtype, init_method, threads))
         self._thread.start()
         failure = built.get()
         if failure is not None:
@@ -121,9 +120,10 @@ class LanguageEngine:
                 worker.kill()
             raise failure
 
-    def _run(self, built: queue.Queue, dtype: torch.dtype, init_method: str) -> None:
+    def _run(self, built: queue.Queue, dtype: torch.dtype, init_method: str, threads: int) -> None:
         from .tp import init
 
+        torch.set_num_threads(threads)  # on the thread that runs the model
         try:
             tp = init(0, self.config.tensor_parallel, init_method, self.config.device)
             runner = ModelRunner(self.family, self.config.device, dtype, tp, self.slots, self.max_model_len)
@@ -255,6 +255,16 @@ class LanguageEngine:
         prompt_len = len(req.input_ids)
         if prompt_len >= self.max_model_len:
             raise InvalidRequest(f"the prompt is {prompt_len} tokens; the model context is {self.max_model_len}")
+        embeds, positions, delta = self.prompt_inputs(req)
+        logits = self.runner.prefill(embeds, positions, slot)
+        seq = _Sequence(req, callback, slot, prompt_len, delta, make_generator(req.sampling),
+                        IncrementalDetokenizer(self.tokenizer), StopStrings(req.sampling.stop))
+        self._emit(seq, sample(logits[0], req.sampling, seq.generator))
+        return seq
+
+    def prompt_inputs(self, req: LanguageRequest) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Token embeddings with the image embeddings spliced over the image tokens [1, S, H], M-RoPE
+        positions [3, 1, S], and the position delta for decoding."""
         ids = torch.as_tensor(req.input_ids, dtype=torch.long)[None]  # [1, S]
         embeds = self.runner.embed(ids)  # [1, S, H]
         mask = (ids == self.family.image_token_id).to(embeds.device)
@@ -264,11 +274,7 @@ class LanguageEngine:
                 f"the prompt has {int(mask.sum())} image tokens but {image_embeds.shape[0]} image embeddings came")
         embeds = embeds.masked_scatter(mask[..., None], image_embeds)
         positions, delta = self.family.positions(req.input_ids, req.image_grid_thw)
-        logits = self.runner.prefill(embeds, torch.as_tensor(positions)[:, None, :], slot)
-        seq = _Sequence(req, callback, slot, prompt_len, delta, make_generator(req.sampling),
-                        IncrementalDetokenizer(self.tokenizer), StopStrings(req.sampling.stop))
-        self._emit(seq, sample(logits[0], req.sampling, seq.generator))
-        return seq
+        return embeds, torch.as_tensor(positions)[:, None, :], delta
 
     def _decode(self, running: list[_Sequence]) -> None:
         """One token for every running sequence, in one batched step."""

@@ -8,7 +8,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 
 from tests.conftest import make_image
 from triton_vlm.config import EncoderConfig, LanguageConfig, PreprocessConfig
@@ -118,11 +117,8 @@ def test_two_ranks_give_the_same_logits_and_ids_as_one(parts, engine, tp2):
         assert lm.running == 0
     logits = []
     for lm in (engine, tp2):
-        embeds = lm.runner.embed(torch.as_tensor(req.input_ids)[None])
-        mask = torch.as_tensor(req.input_ids == lm.family.image_token_id)[None, :, None]
-        embeds = embeds.masked_scatter(mask, req.image_embeds)
-        positions, _ = lm.family.positions(req.input_ids, req.image_grid_thw)
-        logits.append(lm.runner.prefill(embeds, torch.as_tensor(positions)[:, None, :], 0)[0])
+        embeds, positions, _ = lm.prompt_inputs(req)
+        logits.append(lm.runner.prefill(embeds, positions, 0)[0])
     np.testing.assert_allclose(logits[1].numpy(), logits[0].numpy(), rtol=1e-4, atol=1e-5)
 
 
