@@ -15,6 +15,7 @@ Failed requests are counted and their errors listed, never dropped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -130,16 +131,36 @@ def compare_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def _split_encoder_servers(serve_args: str) -> tuple[int, list[str]]:
+    """"--encoder-servers 2 --encoder-dp 1" -> (2, ["--encoder-dp", "1"])."""
+    tokens = shlex.split(serve_args)
+    if "--encoder-servers" not in tokens:
+        return 0, tokens
+    at = tokens.index("--encoder-servers")
+    return int(tokens[at + 1]), tokens[:at] + tokens[at + 2:]
+
+
 def _run_deployment(name: str, serve_args: str, requests: list[BenchRequest], args) -> dict:
+    """Start one deployment, measure it, stop it. `--encoder-servers N` (E/PD) starts N encoder servers
+    (`serve --mode encoder`) and a language server (`--mode language`) that uses them; the other
+    options go to every server."""
     from triton_vlm.cli import deployment_from_args
     from triton_vlm.server import TritonServer
 
-    deployment = deployment_from_args([*shlex.split(serve_args), "--model", str(args.model)])
-    with tempfile.TemporaryDirectory(prefix="triton-vlm-bench-") as tmp:
-        repo = deployment.render(Path(tmp) / "repository")
+    encoders, options = _split_encoder_servers(serve_args)
+    model = ["--model", str(args.model)]
+    with tempfile.TemporaryDirectory(prefix="triton-vlm-bench-") as tmp, contextlib.ExitStack() as stack:
+        def start(role: str, argv: list[str]) -> TritonServer:
+            deployment = deployment_from_args([*argv, *model])
+            repo = deployment.render(Path(tmp) / role / "repository")
+            server = TritonServer(repo, log_file=Path(tmp) / role / "tritonserver.log",
+                                  extra_args=deployment.server_args())
+            return stack.enter_context(server)
+
         print(f"[{name}] starting tritonserver ({serve_args or 'defaults'})", file=sys.stderr, flush=True)
-        with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log", extra_args=deployment.server_args()) as s:
-            return _run(s.grpc_url, requests, args)
+        urls = [start(f"encoder{i}", ["--mode", "encoder", *options]).grpc_url for i in range(encoders)]
+        language = ["--mode", "language", "--encoder-urls", *urls] if urls else []
+        return _run(start("server", [*options, *language]).grpc_url, requests, args)
 
 
 def _run(url: str, requests: list[BenchRequest], args) -> dict:
@@ -166,7 +187,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first")
     p.add_argument("--compare", nargs="+", metavar="NAME=SERVE_ARGS", help="start each deployment in turn "
-                   "(`triton-vlm serve` options) and measure it; one side-by-side table")
+                   "(`triton-vlm serve` options; `--encoder-servers N` starts N encoder servers and a language server "
+                   "that uses them) and measure it; one side-by-side table")
     p.add_argument("--transformers-baseline", action="store_true",
                    help="also answer the requests with plain transformers generate, one at a time")
     p.add_argument("--output-json", type=Path)

@@ -86,17 +86,20 @@ def test_perf_analyzer_measures_preprocess(server, perf_analyzer, tmp_path):
 
 
 def test_bench_compares_a_started_deployment_with_plain_transformers(tiny_model, tmp_path):
+    # an E/PD deployment (1 encoder server + 1 language server); with no local fallback, the image
+    # embeddings behind outputs equal to transformers' can only come from the encoder server
+    epd = "epd=--encoder-servers 1 --encoder-dp 1 --encoder-fallback none --gpus none"
     out = subprocess.run(
-        [str(BIN / "triton-vlm"), "bench", "--model", str(tiny_model), "--compare", "dp1=--encoder-dp 1 --gpus none",
+        [str(BIN / "triton-vlm"), "bench", "--model", str(tiny_model), "--compare", epd,
          "--transformers-baseline", "--num-prompts", "3", "--image-count", "2", "--image-resolution", "160x120",
          "--input-len", "8", "--output-len", "4", "--output-json", str(tmp_path / "out.json"), "--disable-tqdm"],
         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     results = json.loads((tmp_path / "out.json").read_text())["results"]
-    assert list(results) == ["dp1", "transformers"]
+    assert list(results) == ["epd", "transformers"]
     for result in results.values():
         assert result["successful_requests"] == 3 and result["failed_requests"] == 0
     # the same prompts and images, and greedy on both sides: the same inputs counted, the same tokens out
     for key in ("total_text_input_tokens", "total_vision_input_tokens", "total_output_tokens"):
-        assert results["dp1"][key] == results["transformers"][key], key
-    assert "| Output throughput (tok/s) |" in out.stdout and "transformers/dp1" in out.stdout
+        assert results["epd"][key] == results["transformers"][key], key
+    assert "| Output throughput (tok/s) |" in out.stdout and "transformers/epd" in out.stdout
