@@ -48,6 +48,11 @@ class PreprocessConfig:
     allow_private_urls: bool = False
     url_timeout_s: float = 10.0
     max_model_len: int = 0  # 0: the model's max_position_embeddings
+    image_processing: str = "local"  # local: pixels out | remote: image files out (E/PD encoder servers)
+
+    def __post_init__(self) -> None:
+        if self.image_processing not in ("local", "remote"):
+            raise ValueError(f"image_processing must be local or remote, got {self.image_processing!r}")
 
     @classmethod
     def from_parameters(cls, params: dict[str, str]) -> PreprocessConfig:
@@ -91,6 +96,7 @@ class EncodeConfig:
     encoder_urls_file: str = ""  # E/PD: a file listing them, watched while serving (live scaling)
     encoder_fallback: str = "local"  # local | none: where shards go when every encoder server fails
     encoder_timeout_s: float = 60.0
+    local_encode_below: int = 0  # E/PD: requests with fewer image patches are encoded here
 
     @property
     def remote_encoders(self) -> list[str]:

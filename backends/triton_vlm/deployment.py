@@ -20,10 +20,11 @@ class Deployment:
     gpus: tuple[int, ...] = ()  # () = CPU; else encoder instances spread over these, language from the first
     tensor_parallel: int | None = None  # language model ranks (one Triton instance; rank r on GPU first + r)
     cuda_memory_pool_mb: int = CUDA_MEMORY_POOL_MB
-    mode: str = "colocated"  # colocated | encoder (preprocess + vision_encoder only) | language (E/PD)
+    mode: str = "colocated"  # colocated | encoder (image_encoder + vision_encoder only) | language (E/PD)
     encoder_urls: tuple[str, ...] = ()  # language mode: gRPC addresses of the encoder servers
     encoder_urls_file: str | None = None  # language mode: a file listing them, watched (live scaling)
     encoder_fallback: str = "local"  # language mode: local | none
+    local_encode_below: int = 0  # language mode: requests with fewer image patches are encoded here
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocated", "encoder", "language"):
@@ -32,6 +33,9 @@ class Deployment:
             raise ValueError("--encoder-urls/--encoder-urls-file go with --mode language, which needs one of them")
         if self.encoder_fallback not in ("local", "none"):
             raise ValueError(f"encoder_fallback must be local or none, got {self.encoder_fallback!r}")
+        if self.local_encode_below and (self.mode != "language" or self.encoder_fallback != "local"):
+            raise ValueError("--local-encode-below needs --mode language and the local encoder "
+                             "(--encoder-fallback local)")
         if self.encoder_dp is not None and self.encoder_dp < 1:
             raise ValueError(f"encoder_dp must be >= 1, got {self.encoder_dp}")
         if self.tensor_parallel is not None and self.tensor_parallel < 1:
@@ -49,12 +53,15 @@ class Deployment:
         return [{"count": n, "kind": "KIND_GPU", "gpus": [gpu]} for gpu, n in zip(self.gpus, per_gpu, strict=True) if n]
 
     def render(self, dest: str | Path, source: Path = COMMITTED) -> Path:
-        parameters: dict[str, dict[str, str]] = {"vision_encoder": {}, "encode": {}, "language_model": {}}
+        parameters: dict[str, dict[str, str]] = {name: {} for name in ("preprocess", "vision_encoder", "encode",
+                                                                        "image_encoder", "language_model")}
         groups: dict[str, list[dict]] = {}
         dp = self.encoder_dp or (len(self.gpus) if self.gpus else None)  # on GPUs: one replica per GPU
         if dp is not None:
-            parameters["encode"]["data_parallel"] = str(dp)
+            parameters["encode"]["data_parallel"] = parameters["image_encoder"]["data_parallel"] = str(dp)
             groups["vision_encoder"] = self.encoder_groups(dp)
+            # image_encoder instances = requests decoded and patchified at once; each waits on the replicas
+            groups["image_encoder"] = [{"count": max(2, dp), "kind": "KIND_CPU"}]
         if self.encoder_threads is not None:
             parameters["vision_encoder"]["threads"] = str(self.encoder_threads)
         if self.gpus:
@@ -65,10 +72,14 @@ class Deployment:
             parameters["encode"].update(encoder_urls=",".join(self.encoder_urls),
                                         encoder_urls_file=str(Path(self.encoder_urls_file).resolve())
                                         if self.encoder_urls_file else "",
-                                        encoder_fallback=self.encoder_fallback)
+                                        encoder_fallback=self.encoder_fallback,
+                                        local_encode_below=str(self.local_encode_below))
+            parameters["preprocess"]["image_processing"] = "remote"  # the files go to the encoder servers
         repo = render(dest, self.model, parameters, source, groups)
-        drop = {"encoder": ["encode", "language_model", "vlm", "vlm_unary"],
-                "language": ["vision_encoder"] if self.encoder_fallback == "none" else []}.get(self.mode, [])
+        # a colocated server keeps image_encoder: other language servers may use it as their encoder
+        drop = {"encoder": ["preprocess", "encode", "language_model", "vlm", "vlm_unary"],
+                "language": ["image_encoder", *(["vision_encoder"] if self.encoder_fallback == "none" else [])],
+                }.get(self.mode, [])
         for model in drop:
             shutil.rmtree(repo / model)
         return repo

@@ -48,8 +48,8 @@ def read_source(source: bytes, index: int, limits: ImageLimits) -> bytes:
     return source
 
 
-def load_image(source: bytes, index: int, limits: ImageLimits) -> Image.Image:
-    data = read_source(source, index, limits)
+def open_image(data: bytes, index: int, limits: ImageLimits) -> Image.Image:
+    """Read the header of an encoded image and check its size, format and pixel count; decode nothing."""
     if not data:
         raise InvalidRequest(f"image {index} is empty")
     if len(data) > limits.max_bytes:
@@ -65,8 +65,19 @@ def load_image(source: bytes, index: int, limits: ImageLimits) -> Image.Image:
     width, height = image.size
     if width * height > limits.max_pixels:
         raise InvalidRequest(f"image {index} is {width}x{height}; the limit is {limits.max_pixels} pixels")
+    return image
+
+
+def decode_image(data: bytes, index: int, limits: ImageLimits) -> Image.Image:
+    """Encoded image bytes (never a URL) -> a checked RGB picture."""
+    image = open_image(data, index, limits)
     try:
         image.load()
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidRequest(f"image {index} could not be decoded: {e}") from None
     return image.convert("RGB")
+
+
+def load_image(source: bytes, index: int, limits: ImageLimits) -> Image.Image:
+    """An image source (bytes, data: URL, http(s) URL) -> a checked RGB picture."""
+    return decode_image(read_source(source, index, limits), index, limits)

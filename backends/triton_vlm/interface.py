@@ -27,6 +27,7 @@ PIXEL_VALUES = "_PIXEL_VALUES"  # FP32 [P, C*T*patch*patch]
 IMAGE_GRID_THW = "_IMAGE_GRID_THW"  # INT64 [N, 3]
 IMAGE_EMBEDS = "_IMAGE_EMBEDS"  # FP32 [sum tokens per image, H]
 SAMPLING = "_SAMPLING"  # BYTES [1]: SamplingParams JSON
+IMAGES = "_IMAGES"  # BYTES [N]: the encoded image files, when encoder servers preprocess them (else [0])
 
 INTERNAL = {
     INPUT_IDS: ("TYPE_INT64", [-1]),
@@ -34,14 +35,17 @@ INTERNAL = {
     IMAGE_GRID_THW: ("TYPE_INT64", [-1, 3]),
     IMAGE_EMBEDS: ("TYPE_FP32", [-1, -1]),
     SAMPLING: ("TYPE_STRING", [1]),
+    IMAGES: ("TYPE_STRING", [-1]),
 }
 
 # model name -> (inputs, outputs)
 MODELS = {
-    "preprocess": (list(PUBLIC_INPUTS), [INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING]),
-    "encode": ([INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING],
+    "preprocess": (list(PUBLIC_INPUTS), [INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING, IMAGES]),
+    "encode": ([INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING, IMAGES],
                [INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING]),
     "vision_encoder": ([PIXEL_VALUES, IMAGE_GRID_THW], [IMAGE_EMBEDS]),
+    # E/PD encoder servers: image files in, embeddings and grids out (decode, resize, patchify, encode)
+    "image_encoder": ([IMAGES], [IMAGE_EMBEDS, IMAGE_GRID_THW]),
     "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING], list(PUBLIC_OUTPUTS)),
     "vlm": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
     "vlm_unary": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),

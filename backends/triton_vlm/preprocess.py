@@ -1,16 +1,21 @@
-"""Preprocessing engine: chat + images in, token ids with expanded image placeholders and pixels out."""
+"""Preprocessing engine: chat + images in, token ids with expanded image placeholders and pixels out.
+
+With `image_processing: remote` (E/PD language servers) the images are not decoded here: each file's
+header gives its size, the size gives its grid and placeholder count, and the files themselves go on
+to the encoder servers, which decode, resize and patchify them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
 
 from .chat import build_conversation
 from .config import PreprocessConfig
 from .errors import InvalidRequest
-from .images import load_image
+from .image_inputs import ImageProcessing
+from .images import load_image, open_image, read_source
 from .models import load_family
 from .protocol import GenerateRequest, SamplingParams
 
@@ -21,6 +26,7 @@ class Preprocessed:
     pixel_values: np.ndarray  # [P, C*T*patch*patch] float32, all images' patches in order
     image_grid_thw: np.ndarray  # [N, 3] int64, in patches
     sampling: SamplingParams
+    image_files: tuple[bytes, ...] = ()  # image_processing remote: the files, for the encoder servers
 
 
 def default_sampling(model_path) -> SamplingParams:
@@ -39,13 +45,10 @@ class Preprocessor:
         self.config = config
         self.family = load_family(config.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-        # the slow processor: the fast one needs torchvision
-        self.image_processor = AutoImageProcessor.from_pretrained(config.model_path, use_fast=False)
+        self.images = ImageProcessing(config.model_path)
         self.image_pad = self.tokenizer.convert_ids_to_tokens(self.family.image_token_id)
         self.max_model_len = config.max_model_len or self.family.max_model_len
         self.default_sampling = default_sampling(config.model_path)
-        vc = self.family.config.vision_config
-        self.patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
 
     def __call__(self, request: GenerateRequest) -> Preprocessed:
         request.validate()
@@ -53,17 +56,16 @@ class Preprocessor:
         if len(sources) > self.config.max_images:
             raise InvalidRequest(f"{len(sources)} images sent; the limit is {self.config.max_images} per request")
         limits = self.config.image_limits
-        images = [load_image(source, i, limits) for i, source in enumerate(sources)]
-        if images:
-            out = self.image_processor(images=images, return_tensors="np")
-            pixel_values = out["pixel_values"].astype(np.float32)
-            grid_thw = out["image_grid_thw"].astype(np.int64)
+        files: tuple[bytes, ...] = ()
+        if self.config.image_processing == "remote":
+            files = tuple(read_source(source, i, limits) for i, source in enumerate(sources))
+            grid_thw = self.images.grid([open_image(data, i, limits).size for i, data in enumerate(files)])
+            pixel_values = np.zeros((0, self.images.patch_dim), np.float32)
         else:
-            pixel_values = np.zeros((0, self.patch_dim), np.float32)
-            grid_thw = np.zeros((0, 3), np.int64)
+            pixel_values, grid_thw = self.images.pixels([load_image(s, i, limits) for i, s in enumerate(sources)])
         prompt = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         pieces = prompt.split(self.image_pad)
-        if len(pieces) - 1 != len(images):
+        if len(pieces) - 1 != len(sources):
             raise InvalidRequest("the image placeholders in the prompt do not match the images sent")
         counts = self.family.tokens_per_image(grid_thw)
         prompt = pieces[0] + "".join(self.image_pad * int(n) + p for n, p in zip(counts, pieces[1:], strict=True))
@@ -73,4 +75,4 @@ class Preprocessor:
                 f"the prompt is {len(input_ids)} tokens ({int(counts.sum())} of them for images); "
                 f"the model context is {self.max_model_len} tokens"
             )
-        return Preprocessed(input_ids, pixel_values, grid_thw, request.sampling)
+        return Preprocessed(input_ids, pixel_values, grid_thw, request.sampling, files)

@@ -1,10 +1,13 @@
 """Encoder disaggregation (E/PD), the language server's side: run encoder shards on remote encoder servers.
 
-Each encoder server runs `vision_encoder` (`triton-vlm serve --mode encoder`). A shard goes over Triton
-gRPC (binary tensors) to the healthy encoder with the fewest shards in flight. If it times out or fails,
-that encoder is marked down and the shard is retried on the next one, then on `fallback` (the local
-`vision_encoder`) if there is one; only when every path fails does the request get UNAVAILABLE. A down
-encoder is tried again after `retry_after_s` (a lazy probe: the next shard that finds it due).
+Each encoder server runs `image_encoder` (`triton-vlm serve --mode encoder`): the image files go out
+over Triton gRPC, the server decodes, resizes, patchifies and encodes them, and the embeddings and
+grids come back as binary tensors. `split` gives each healthy encoder one shard, balanced by patch
+count on top of the patches it already has in flight; small requests (`local_below` patches) stay
+here. If a shard times out or fails, that encoder is marked down and the shard is retried on the
+next one, then on `fallback` (the local encoder) if there is one; only when every path fails does
+the request get UNAVAILABLE. A bad image is the request's fault, not the encoder's: INVALID_ARG
+goes back to the client at once. A down encoder is tried again after `retry_after_s`.
 
 Live scaling: `set_urls` adds and removes encoders while serving (shards in flight on a removed one
 finish there); `watch` calls it whenever a file listing the encoders changes.
@@ -20,20 +23,24 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from .errors import Unavailable
+from .balance import balance
+from .errors import InvalidRequest, Unavailable
+from .image_inputs import Images
 
 log = logging.getLogger(__name__)
 
-Shard = Callable[[torch.Tensor, np.ndarray], torch.Tensor]
+LOCAL = "local"  # the target of a shard encoded on this server
+MODEL = "image_encoder"
 
 
 class RemoteEncoders:
-    def __init__(self, urls: list[str], fallback: Shard | None = None, timeout_s: float = 60.0,
-                 retry_after_s: float = 5.0) -> None:
+    def __init__(self, urls: list[str], fallback: Callable[[Images], torch.Tensor] | None = None,
+                 timeout_s: float = 60.0, retry_after_s: float = 5.0, local_below: int = 0) -> None:
         self.urls, self.fallback = list(urls), fallback
         self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
+        self.local_below = local_below if fallback is not None else 0
         self._lock = threading.Lock()
-        self.in_flight = {url: 0 for url in self.urls}
+        self.in_flight = {url: 0 for url in self.urls}  # patches being encoded there
         self.down_until = {url: 0.0 for url in self.urls}
         self.shards_sent = {url: 0 for url in self.urls}  # per encoder, successful shards (a stat)
         self._local = threading.local()  # one gRPC client per thread and encoder
@@ -78,7 +85,7 @@ class RemoteEncoders:
         for url in self.urls:
             try:
                 with grpcclient.InferenceServerClient(url) as client:
-                    ready[url] = bool(client.is_model_ready("vision_encoder", client_timeout=timeout_s))
+                    ready[url] = bool(client.is_model_ready(MODEL, client_timeout=timeout_s))
             except Exception:
                 ready[url] = False
             if not ready[url]:
@@ -91,14 +98,28 @@ class RemoteEncoders:
         with self._lock:
             return [u for u in self.urls if self.down_until[u] <= now]
 
-    def _pick(self, tried: set[str]) -> str | None:
+    def split(self, patches: list[int]) -> list[tuple[str | None, list[int]]]:
+        """One shard per healthy encoder, balanced over the patches each already has in flight."""
+        everything = list(range(len(patches)))
+        if sum(patches) < self.local_below:
+            return [(LOCAL, everything)]
+        healthy = self.healthy()
+        if not healthy:
+            return [(None, everything)]  # every encoder is down: __call__ finds what is left
+        with self._lock:
+            base = [self.in_flight[u] for u in healthy]
+        shards, _ = balance(patches, len(healthy), base)
+        return [(url, shard) for url, shard in zip(healthy, shards, strict=True) if shard]
+
+    def _pick(self, tried: set[str], prefer: str | None, patches: int) -> str | None:
         now = time.monotonic()
         with self._lock:
             candidates = [u for u in self.urls if u not in tried and self.down_until[u] <= now]
             if not candidates:
                 return None
-            url = min(candidates, key=lambda u: (self.in_flight[u], self.urls.index(u)))
-            self.in_flight[url] += 1
+            url = prefer if prefer in candidates else min(candidates, key=lambda u: (self.in_flight[u],
+                                                                                    self.urls.index(u)))
+            self.in_flight[url] += patches
             return url
 
     def _client(self, url: str):
@@ -109,27 +130,33 @@ class RemoteEncoders:
             clients[url] = grpcclient.InferenceServerClient(url)
         return clients[url]
 
-    def _remote(self, url: str, pixel_values: torch.Tensor, grid_thw: np.ndarray) -> torch.Tensor:
+    def _remote(self, url: str, images: Images) -> torch.Tensor:
         import tritonclient.grpc as grpcclient
 
-        inputs = []
-        for name, array in (("_PIXEL_VALUES", pixel_values.cpu().numpy()), ("_IMAGE_GRID_THW", grid_thw)):
-            tensor = grpcclient.InferInput(name, list(array.shape), grpcclient.np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(np.ascontiguousarray(array))
-            inputs.append(tensor)
-        result = self._client(url).infer("vision_encoder", inputs, client_timeout=self.timeout_s,
-                                         outputs=[grpcclient.InferRequestedOutput("_IMAGE_EMBEDS")])
+        files = grpcclient.InferInput("_IMAGES", [len(images.files)], "BYTES")
+        files.set_data_from_numpy(np.array(images.files, dtype=np.object_))
+        result = self._client(url).infer(MODEL, [files], client_timeout=self.timeout_s, outputs=[
+            grpcclient.InferRequestedOutput("_IMAGE_EMBEDS"), grpcclient.InferRequestedOutput("_IMAGE_GRID_THW")])
+        grid = result.as_numpy("_IMAGE_GRID_THW")
+        if not np.array_equal(grid.reshape(-1, 3), np.asarray(images.grid_thw).reshape(-1, 3)):
+            raise RuntimeError(f"it returned image_grid_thw {grid.tolist()} for {images.grid_thw.tolist()} "
+                               "(a different model or image processor?)")
         return torch.from_numpy(result.as_numpy("_IMAGE_EMBEDS").copy())
 
-    def __call__(self, pixel_values: torch.Tensor, grid_thw: np.ndarray) -> torch.Tensor:
-        """Encode one shard somewhere; the first path that works wins."""
+    def __call__(self, images: Images, target: str | None = None) -> torch.Tensor:
+        """Encode one shard: on `target` first, then on the other encoders, then locally."""
+        if target == LOCAL:
+            return self.fallback(images)
         tried: set[str] = set()
         errors = []
-        while (url := self._pick(tried)) is not None:
+        patches = int(images.patches.sum())
+        while (url := self._pick(tried, target, patches)) is not None:
             tried.add(url)
             try:
-                embeds = self._remote(url, pixel_values, grid_thw)
+                embeds = self._remote(url, images)
             except Exception as e:
+                if _status(e) == "StatusCode.INVALID_ARGUMENT":  # the images are bad, not the encoder
+                    raise InvalidRequest(e.message()) from None
                 with self._lock:
                     self.down_until[url] = time.monotonic() + self.retry_after_s
                 errors.append(f"{url}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
@@ -138,10 +165,15 @@ class RemoteEncoders:
                 continue
             finally:
                 with self._lock:
-                    self.in_flight[url] -= 1
+                    self.in_flight[url] -= patches
             with self._lock:
                 self.shards_sent[url] += 1
             return embeds
         if self.fallback is not None:
-            return self.fallback(pixel_values, grid_thw)
+            return self.fallback(images)
         raise Unavailable("no encoder could encode the images" + (f": {'; '.join(errors)}" if errors else ""))
+
+
+def _status(error: Exception) -> str | None:
+    status = getattr(error, "status", None)
+    return status() if callable(status) else None

@@ -50,7 +50,14 @@ def output(name: str, value) -> pb_utils.Tensor:
 
 
 def text_tensor(name: str, text: str) -> pb_utils.Tensor:
-    return pb_utils.Tensor(name, np.array([text.encode("utf-8")], dtype=np.object_))
+    return bytes_tensor(name, [text.encode("utf-8")])
+
+
+def bytes_tensor(name: str, items) -> pb_utils.Tensor:
+    """A BYTES tensor [len(items)] (it may be empty)."""
+    array = np.empty(len(items), dtype=np.object_)
+    array[:] = list(items)
+    return pb_utils.Tensor(name, array)
 
 
 def error(e: Exception) -> pb_utils.TritonError:

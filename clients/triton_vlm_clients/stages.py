@@ -12,11 +12,11 @@ import numpy as np
 
 from .client import build_inputs, infer_inputs
 
-PREPROCESSED = ("_INPUT_IDS", "_PIXEL_VALUES", "_IMAGE_GRID_THW", "_SAMPLING")
+PREPROCESSED = ("_INPUT_IDS", "_PIXEL_VALUES", "_IMAGE_GRID_THW", "_SAMPLING", "_IMAGES")
 
 
 def preprocess(url: str, prompt: str, images: list[bytes]) -> dict[str, np.ndarray]:
-    """`preprocess`'s outputs (token ids, pixel values, image_grid_thw, sampling), as the ensemble passes them on."""
+    """`preprocess`'s outputs (token ids, pixels, image_grid_thw, sampling, files), as the ensemble passes them on."""
     import tritonclient.grpc as grpcclient
 
     with grpcclient.InferenceServerClient(url) as client:

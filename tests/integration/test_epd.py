@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from tests.conftest import make_image
 from tests.reference import reference_generate
@@ -25,8 +26,9 @@ def images(n, seed=0):
 
 
 def encoder_shards(url: str) -> int:
+    """Shards an encoder server has encoded (requests to its image_encoder)."""
     with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics("vision_encoder", as_json=True)["model_stats"][0]
+        stats = client.get_inference_statistics("image_encoder", as_json=True)["model_stats"][0]
     return int(stats["inference_stats"]["success"].get("count", 0))
 
 
@@ -57,7 +59,7 @@ def test_encoder_servers_hold_only_the_encoder(epd):
     _, encoders = epd
     with grpcclient.InferenceServerClient(encoders[0].grpc_url) as client:
         models = {m["name"] for m in client.get_model_repository_index(as_json=True)["models"]}
-    assert models == {"preprocess", "vision_encoder"}
+    assert models == {"image_encoder", "vision_encoder"}
 
 
 @pytest.mark.parametrize("n_images", [1, 3, 4])
@@ -153,3 +155,36 @@ def test_encoders_added_and_removed_while_serving(epd, tiny_model, tmp_path):
         before_a = encoder_shards(a.grpc_url)
         send(3)
         assert encoder_shards(a.grpc_url) == before_a, "the removed encoder still got traffic"
+
+
+@pytest.fixture(scope="module")
+def local_below(epd, tiny_model, tmp_path_factory):
+    """A language server on the two encoders that keeps requests under 500 patches to itself."""
+    _, encoders = epd
+    root = tmp_path_factory.mktemp("local_below")
+    repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls=tuple(e.grpc_url for e in encoders),
+                      local_encode_below=500).render(root / "language")
+    with TritonServer(repo, log_file=root / "language.log") as language:
+        yield language
+
+
+def test_small_requests_are_encoded_locally_the_rest_remotely(local_below, epd, tiny_model):
+    _, encoders = epd
+    small, large = [make_image(100, 100)] * 2, images(2)  # 2 x 64 patches; 1 x 1564 + 1 x 300 patches
+    for imgs, sent in ((small, 0), (large, 2)):
+        before = sum(encoder_shards(e.grpc_url) for e in encoders)
+        answer = stream(local_below.grpc_url, prompt="What is it?", images=imgs, max_tokens=5)
+        assert answer.output_ids == reference_generate(tiny_model, "What is it?", imgs, max_new_tokens=5)
+        assert sum(encoder_shards(e.grpc_url) for e in encoders) - before == sent
+
+
+def test_a_corrupt_image_is_the_requests_fault_not_the_encoders(local_below, epd):
+    """The header passes here; the encoder server finds the body broken: INVALID_ARG for this request,
+    and no encoder is marked down (the next request still uses both)."""
+    _, encoders = epd
+    truncated = make_image(640, 480)[:2000]
+    with pytest.raises(InferenceServerException, match="image 1 could not be decoded"):
+        stream(local_below.grpc_url, prompt="What is it?", images=[images(1)[0], truncated], max_tokens=4)
+    before = [encoder_shards(e.grpc_url) for e in encoders]
+    stream(local_below.grpc_url, prompt="What is it?", images=images(2), max_tokens=2)
+    assert all(encoder_shards(e.grpc_url) > b for e, b in zip(encoders, before, strict=True))

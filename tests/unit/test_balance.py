@@ -48,3 +48,11 @@ def test_gather_restores_image_order():
     shards, _ = balance(sizes, 3)
     outputs = [[np.full((sizes[i], 2), i) for i in shard] for shard in shards]
     assert [int(x[0, 0]) for x in gather(outputs, shards)] == [0, 1, 2, 3, 4]
+
+
+def test_base_loads_send_images_to_the_idle_shard():
+    # an encoder with 2000 patches in flight gets nothing until the other has caught up
+    assert balance([1000, 100, 200], 2, base=[2000, 0]) == ([[], [0, 2, 1]], [2000, 1300])
+    assert balance([1000, 1000], 2, base=[500, 0]) == ([[1], [0]], [1500, 1000])
+    with pytest.raises(ValueError, match="2 base loads for 3 shards"):
+        balance([1], 3, base=[0, 0])

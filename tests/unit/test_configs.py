@@ -134,12 +134,17 @@ def test_deployment_renders_tensor_parallel_and_refuses_too_few_gpus(tmp_path):
 
 def test_epd_modes_render_their_servers(tmp_path):
     encoder = Deployment(tmp_path / "model", mode="encoder", encoder_dp=3).render(tmp_path / "encoder")
-    assert sorted(p.name for p in encoder.iterdir()) == ["preprocess", "vision_encoder"]
+    assert sorted(p.name for p in encoder.iterdir()) == ["image_encoder", "vision_encoder"]
     assert _groups(_load(encoder / "vision_encoder" / "config.pbtxt")) == [(3, "KIND_CPU", [])]
-    language = Deployment(tmp_path / "model", mode="language", encoder_urls=("h1:1", "h2:2")).render(tmp_path / "l")
+    assert _load(encoder / "image_encoder" / "config.pbtxt").parameters["data_parallel"].string_value == "3"
+    language = Deployment(tmp_path / "model", mode="language", encoder_urls=("h1:1", "h2:2"),
+                          local_encode_below=500).render(tmp_path / "l")
     params = _load(language / "encode" / "config.pbtxt").parameters
     assert params["encoder_urls"].string_value == "h1:1,h2:2" and params["encoder_fallback"].string_value == "local"
+    assert params["local_encode_below"].string_value == "500"
+    assert _load(language / "preprocess" / "config.pbtxt").parameters["image_processing"].string_value == "remote"
     assert (language / "vision_encoder").is_dir(), "kept for the local fallback"
+    assert not (language / "image_encoder").exists()
     bare = Deployment(tmp_path / "model", mode="language", encoder_urls=("h1:1",), encoder_fallback="none")
     assert not (bare.render(tmp_path / "bare") / "vision_encoder").exists()
     watched = Deployment(tmp_path / "model", mode="language", encoder_urls_file="encoders.txt").render(tmp_path / "w")
@@ -149,3 +154,6 @@ def test_epd_modes_render_their_servers(tmp_path):
         Deployment(tmp_path / "model", mode="language")
     with pytest.raises(ValueError, match="encoder-urls"):
         Deployment(tmp_path / "model", encoder_urls=("h1:1",))
+    with pytest.raises(ValueError, match="local-encode-below"):
+        Deployment(tmp_path / "model", mode="language", encoder_urls=("h1:1",), encoder_fallback="none",
+                   local_encode_below=10)

@@ -12,8 +12,10 @@ import torch
 from tests.conftest import make_image
 from triton_vlm.balance import balance
 from triton_vlm.config import EncoderConfig, PreprocessConfig
-from triton_vlm.dispatch import ShardedEncode
+from triton_vlm.dispatch import ShardedEncode, even
 from triton_vlm.encoder import VisionEncoder
+from triton_vlm.errors import InvalidRequest
+from triton_vlm.image_inputs import Images
 from triton_vlm.preprocess import Preprocessor
 from triton_vlm.protocol import GenerateRequest
 
@@ -28,25 +30,27 @@ def parts(tiny_model):
 def pixels_and_grid(pre, n):
     images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES[:n])]
     p = pre(GenerateRequest(text_input="hi", images=images))
-    return torch.as_tensor(p.pixel_values), p.image_grid_thw
+    return Images(p.image_grid_thw, pixel_values=torch.as_tensor(p.pixel_values))
 
 
 def stage(encoder, shards, run=None, calls=None):
-    def run_shard(pixels, grid):
+    def run_shard(images, target):
+        assert target is None, "local replicas: Triton picks the instance"
         if calls is not None:
-            calls.append(grid.copy())
-        return (run or encoder.encode)(pixels, grid)
+            calls.append(images.grid_thw.copy())
+        return (run or encoder.encode)(images.pixel_values, images.grid_thw)
 
-    return ShardedEncode(run_shard, shards, encoder.family.tokens_per_image, encoder.family.hidden_size)
+    return ShardedEncode(run_shard, even(shards), encoder.family.tokens_per_image, encoder.family.hidden_size)
 
 
 @pytest.mark.parametrize("n_images", [1, 3, 4])
 @pytest.mark.parametrize("shards", [2, 3])
 def test_sharded_equals_unsharded_and_follows_the_balancer(parts, n_images, shards):
     pre, encoder = parts
-    pixels, grid = pixels_and_grid(pre, n_images)
+    images = pixels_and_grid(pre, n_images)
+    pixels, grid = images.pixel_values, images.grid_thw
     calls = []
-    sharded = stage(encoder, shards, calls=calls).encode(pixels, grid)
+    sharded = stage(encoder, shards, calls=calls).encode(images)
     whole = encoder.encode(pixels, grid)
     assert sharded.shape == whole.shape
     torch.testing.assert_close(sharded, whole, rtol=0, atol=1e-5)
@@ -58,11 +62,11 @@ def test_text_only_runs_nothing_and_one_image_runs_unsplit(parts):
     pre, encoder = parts
     calls = []
     s = stage(encoder, 4, calls=calls)
-    empty = s.encode(torch.zeros((0, 1176)), np.zeros((0, 3), np.int64))
+    empty = s.encode(Images(np.zeros((0, 3), np.int64), pixel_values=torch.zeros((0, 1176))))
     assert empty.shape == (0, encoder.family.hidden_size) and calls == []
-    pixels, grid = pixels_and_grid(pre, 1)
-    s.encode(pixels, grid)
-    assert [c.tolist() for c in calls] == [grid.tolist()]
+    one = pixels_and_grid(pre, 1)
+    s.encode(one)
+    assert [c.tolist() for c in calls] == [one.grid_thw.tolist()]
 
 
 def _submit_all(s, requests, timeout=30):
@@ -74,8 +78,8 @@ def _submit_all(s, requests, timeout=30):
             done.release()
         return done_cb
 
-    for i, (pixels, grid) in enumerate(requests):
-        s.submit(pixels, grid, reply(i))
+    for i, images in enumerate(requests):
+        s.submit(images, reply(i))
     for _ in requests:
         assert done.acquire(timeout=timeout), "a request never finished"
     return results
@@ -123,3 +127,16 @@ def test_a_failing_shard_fails_its_request_only(parts):
     fail.clear()
     [ok] = _submit_all(s, [pixels_and_grid(pre, 3)])
     assert isinstance(ok, torch.Tensor)
+
+
+def test_a_bad_image_in_a_shard_is_named_by_its_place_in_the_request(parts):
+    pre, encoder = parts
+    images = pixels_and_grid(pre, 4)  # 1564, 308, 4784 and 64 patches: shards [2] and [0, 1, 3]
+
+    def run(pixels, grid):
+        if len(grid) == 3:  # the shard's image 2 is the request's image 3
+            raise InvalidRequest("image 2 could not be decoded: truncated")
+        return encoder.encode(pixels, grid)
+
+    with pytest.raises(InvalidRequest, match="^image 3 could not be decoded: truncated$"):
+        stage(encoder, 2, run=run).encode(images)

@@ -1,5 +1,6 @@
 """preprocess: text_input | messages, images, sampling knobs -> _INPUT_IDS [S], _PIXEL_VALUES [P, D],
-_IMAGE_GRID_THW [N, 3], _SAMPLING (JSON). A bad request gets INVALID_ARG naming its problem."""
+_IMAGE_GRID_THW [N, 3], _SAMPLING (JSON), _IMAGES (the image files, when encoder servers preprocess them;
+else empty). A bad request gets INVALID_ARG naming its problem."""
 
 import triton_python_backend_utils as pb_utils
 
@@ -28,4 +29,5 @@ class TritonPythonModel:
             triton_io.output(I.PIXEL_VALUES, out.pixel_values),
             triton_io.output(I.IMAGE_GRID_THW, out.image_grid_thw),
             triton_io.text_tensor(I.SAMPLING, out.sampling.to_json()),
+            triton_io.bytes_tensor(I.IMAGES, out.image_files),
         ])

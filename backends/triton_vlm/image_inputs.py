@@ -1,0 +1,77 @@
+"""A request's images on their way to the vision encoder, and the image processing that makes patches.
+
+`Images` carries them either as pixel patches (preprocessed here) or as the encoded files themselves
+(E/PD: the encoder server decodes, resizes and patchifies, so only the files go out and only the
+embeddings come back). Either way `grid_thw` is known up front: the placeholder tokens need it, and
+`ImageProcessing.grid` gets it from each image's size alone, by the image processor's own resize rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from .errors import InvalidRequest
+from .images import ImageLimits, decode_image
+
+
+@dataclass(frozen=True)
+class Images:
+    grid_thw: np.ndarray  # [N, 3] int64, in patches
+    pixel_values: torch.Tensor | None = None  # [P, D]: every image's patches, image after image
+    files: tuple[bytes, ...] | None = None  # or the encoded image files, checked by their headers
+
+    def __len__(self) -> int:
+        return len(self.grid_thw)
+
+    @property
+    def patches(self) -> np.ndarray:
+        return np.prod(np.asarray(self.grid_thw, np.int64).reshape(-1, 3), axis=1)
+
+    def select(self, indices: Sequence[int]) -> Images:
+        """The images at `indices`, in that order."""
+        grid = np.asarray(self.grid_thw).reshape(-1, 3)[list(indices)]
+        if self.files is not None:
+            return Images(grid, files=tuple(self.files[i] for i in indices))
+        rows = np.concatenate([[0], np.cumsum(self.patches)])
+        return Images(grid, pixel_values=torch.cat([self.pixel_values[rows[i]:rows[i + 1]] for i in indices]))
+
+
+class ImageProcessing:
+    """The model's image processor (the slow one: the fast one needs torchvision)."""
+
+    def __init__(self, model_path) -> None:
+        self.processor = AutoImageProcessor.from_pretrained(model_path, use_fast=False)
+        p = self.processor
+        self.patch_dim = 3 * p.temporal_patch_size * p.patch_size**2
+
+    def grid(self, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+        """(width, height) per image -> image_grid_thw [N, 3], exactly as the processor would resize them."""
+        p = self.processor
+        rows = []
+        for index, (width, height) in enumerate(sizes):
+            try:
+                h, w = smart_resize(height, width, factor=p.patch_size * p.merge_size,
+                                    min_pixels=p.size["shortest_edge"], max_pixels=p.size["longest_edge"])
+            except ValueError as e:  # e.g. an aspect ratio over 200
+                raise InvalidRequest(f"image {index} ({width}x{height}) cannot be used: {e}") from None
+            rows.append((1, h // p.patch_size, w // p.patch_size))
+        return np.asarray(rows, np.int64).reshape(-1, 3)
+
+    def pixels(self, pictures: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded pictures -> (pixel_values [P, D] float32, image_grid_thw [N, 3] int64)."""
+        if not pictures:
+            return np.zeros((0, self.patch_dim), np.float32), np.zeros((0, 3), np.int64)
+        self.grid([picture.size for picture in pictures])  # a clear error for sizes it cannot resize
+        out = self.processor(images=list(pictures), return_tensors="np")
+        return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
+
+    def decode(self, files: Sequence[bytes], limits: ImageLimits) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded image files -> (pixel_values, image_grid_thw)."""
+        return self.pixels([decode_image(data, i, limits) for i, data in enumerate(files)])

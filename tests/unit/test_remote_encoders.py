@@ -1,0 +1,55 @@
+"""How a language server splits a request over its encoder servers (no servers needed for these)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from triton_vlm.errors import Unavailable
+from triton_vlm.image_inputs import Images
+from triton_vlm.remote_encoders import LOCAL, RemoteEncoders
+
+
+def test_each_healthy_encoder_gets_a_shard_weighted_by_its_load():
+    remote = RemoteEncoders(["a:1", "b:2"])
+    assert remote.split([1000, 100, 200, 50]) == [("a:1", [0]), ("b:2", [2, 1, 3])]
+    remote.in_flight["a:1"] = 5000  # a is busy: everything goes to b
+    assert remote.split([1000, 100, 200, 50]) == [("b:2", [0, 2, 1, 3])]
+    remote.in_flight["a:1"] = 800
+    assert remote.split([1000, 100, 200, 50]) == [("a:1", [2, 1]), ("b:2", [0, 3])]  # a: 800+200+100, b: 1000+50
+
+
+def test_down_and_removed_encoders_get_nothing():
+    remote = RemoteEncoders(["a:1", "b:2"])
+    remote.down_until["a:1"] = float("inf")
+    assert remote.split([10, 10]) == [("b:2", [0, 1])]
+    remote.set_urls(["c:3", "b:2"])
+    assert remote.split([10, 10]) == [("c:3", [0]), ("b:2", [1])]
+    remote.down_until.update({"b:2": float("inf"), "c:3": float("inf")})
+    assert remote.split([10, 10]) == [(None, [0, 1])], "no healthy encoder: the call finds what is left"
+
+
+def test_small_requests_stay_local_only_with_a_local_encoder():
+    local_calls = []
+
+    def local(images):
+        local_calls.append(images.grid_thw.tolist())
+        return torch.zeros((1, 4))
+
+    remote = RemoteEncoders(["a:1"], fallback=local, local_below=100)
+    assert remote.split([64, 32]) == [(LOCAL, [0, 1])]
+    assert remote.split([64, 64]) == [("a:1", [0, 1])]
+    remote(Images(np.array([[1, 8, 8]]), files=(b"x",)), LOCAL)
+    assert local_calls == [[[1, 8, 8]]]
+    assert RemoteEncoders(["a:1"], local_below=100).split([64]) == [("a:1", [0])], "no local encoder to use"
+
+
+def test_every_encoder_down_falls_back_or_is_unavailable():
+    images = Images(np.array([[1, 2, 2]]), files=(b"x",))
+    remote = RemoteEncoders(["127.0.0.1:1"], timeout_s=2)  # nothing listens on port 1
+    with pytest.raises(Unavailable, match="no encoder could encode the images: 127.0.0.1:1"):
+        remote(images, "127.0.0.1:1")
+    assert remote.healthy() == [] and remote.in_flight["127.0.0.1:1"] == 0
+    fallback = RemoteEncoders(["127.0.0.1:1"], fallback=lambda images: torch.ones((1, 4)), timeout_s=2)
+    assert fallback(images, "127.0.0.1:1").tolist() == [[1.0] * 4]
