@@ -97,6 +97,7 @@ class EncodeConfig:
     encoder_fallback: str = "local"  # local | none: where shards go when every encoder server fails
     encoder_timeout_s: float = 60.0
     local_encode_below: int = 0  # E/PD: requests with fewer image patches are encoded here
+    encoder_transport: str = "auto"  # E/PD embeddings: auto (shared memory on loopback) | grpc | shm
 
     @property
     def remote_encoders(self) -> list[str]:
@@ -117,6 +118,7 @@ class LanguageConfig:
     tensor_parallel: int = 1
     max_num_seqs: int = 8  # KV cache slots = sequences decoded together; more wait in the queue
     kv_cache_mb: int = 1024  # per rank; caps each slot's length below max_model_len when needed
+    max_prefill_tokens: int = 512  # prompt tokens prefilled together in one step (a longer prompt goes alone)
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], device: str = "cpu") -> LanguageConfig:

@@ -3,9 +3,10 @@
 
 One engine thread owns the model (rank 0; ranks 1..N-1 are worker processes that mirror each step).
 `submit` queues a request and returns at once. Every iteration the thread
-1. takes new requests and, while a KV cache slot is free, prefills each (image embeddings spliced over
-   the image placeholder tokens, M-RoPE positions from `image_grid_thw`) and emits its first token;
-   requests that find no free slot wait in the queue (admission control: queue, never fail);
+1. takes new requests and, while a KV cache slot is free and `max_prefill_tokens` allows, prefills
+   them together in one forward (image embeddings spliced over the image placeholder tokens, M-RoPE
+   positions from `image_grid_thw`) and emits each one's first token; requests that find no free
+   slot wait in the queue (admission control: queue, never fail);
 2. runs one decode step for every running sequence together, each attending to its own slot;
 3. emits each sequence's token; finished or cancelled sequences leave and free their slot.
 
@@ -108,6 +109,7 @@ class LanguageEngine:
         self._lock = threading.Lock()
         self._kv: dict[int, int] = {}  # slot -> tokens it holds, for the running sequences
         self.peak_batch = 0  # the most sequences decoded in one step so far (an engine stat)
+        self.peak_prefill = 0  # the most prompts prefilled in one step so far (an engine stat)
         # The engine thread builds the model itself: torch ops run several times slower in a thread other
         # than the one whose OpenMP team first touched the weights (measured: 4.9 vs 1.7 ms a step).
         built: queue.Queue[BaseException | None] = queue.Queue()  # None: built
@@ -231,36 +233,51 @@ class LanguageEngine:
             return request_id in self._aborted
 
     def _admit(self, waiting: deque, running: list[_Sequence], free: list[int]) -> None:
-        """Prefill waiting requests while slots are free; each emits its first token."""
-        while waiting and free:
-            request, callback = waiting.popleft()
+        """Prefill waiting requests together while slots are free and `max_prefill_tokens` allows (the
+        first always goes); each emits its first token."""
+        batch: list[tuple[LanguageRequest, Callback, tuple]] = []
+        tokens = 0
+        while waiting and len(batch) < len(free):
+            request, callback = waiting[0]
+            if batch and tokens + len(request.input_ids) > self.config.max_prefill_tokens:
+                break
+            waiting.popleft()
             if self._is_aborted(request.request_id):
                 with self._lock:
                     self._aborted.discard(request.request_id)
                 callback(StepOutput([], "", "cancelled"))
                 continue
             try:
-                seq = self._prefill(request, callback, free[-1])
+                if len(request.input_ids) >= self.max_model_len:
+                    raise InvalidRequest(f"the prompt is {len(request.input_ids)} tokens; "
+                                         f"the model context is {self.max_model_len}")
+                batch.append((request, callback, self.prompt_inputs(request)))
             except RequestError as e:
                 callback(StepOutput([], "", "error", e))
                 continue
-            except Exception as e:
-                log.exception("prefill of %s failed", request.request_id)
-                callback(StepOutput([], "", "error", RequestError(f"internal error: {e}")))
-                continue
-            running.append(seq)
-            free.pop()
+            tokens += len(request.input_ids)
+        if batch:
+            self._prefill(batch, running, free)
 
-    def _prefill(self, req: LanguageRequest, callback: Callback, slot: int) -> _Sequence:
-        prompt_len = len(req.input_ids)
-        if prompt_len >= self.max_model_len:
-            raise InvalidRequest(f"the prompt is {prompt_len} tokens; the model context is {self.max_model_len}")
-        embeds, positions, delta = self.prompt_inputs(req)
-        logits = self.runner.prefill(embeds, positions, slot)
-        seq = _Sequence(req, callback, slot, prompt_len, delta, make_generator(req.sampling),
-                        IncrementalDetokenizer(self.tokenizer), StopStrings(req.sampling.stop))
-        self._emit(seq, sample(logits[0], req.sampling, seq.generator))
-        return seq
+    def _prefill(self, batch: list[tuple[LanguageRequest, Callback, tuple]], running: list[_Sequence],
+                 free: list[int]) -> None:
+        slots = free[-len(batch):][::-1]
+        try:
+            logits = self.runner.prefill(torch.cat([embeds for _, _, (embeds, _, _) in batch], dim=1),
+                                         torch.cat([positions for _, _, (_, positions, _) in batch], dim=2),
+                                         slots, [len(request.input_ids) for request, _, _ in batch])
+        except Exception as e:
+            log.exception("prefill of %s failed", ", ".join(request.request_id for request, _, _ in batch))
+            for _, callback, _ in batch:
+                callback(StepOutput([], "", "error", RequestError(f"internal error: {e}")))
+            return
+        del free[-len(batch):]
+        self.peak_prefill = max(self.peak_prefill, len(batch))
+        for (request, callback, (_, _, delta)), slot, row in zip(batch, slots, logits, strict=True):
+            seq = _Sequence(request, callback, slot, len(request.input_ids), delta, make_generator(request.sampling),
+                            IncrementalDetokenizer(self.tokenizer), StopStrings(request.sampling.stop))
+            running.append(seq)
+            self._emit(seq, sample(row, request.sampling, seq.generator))
 
     def prompt_inputs(self, req: LanguageRequest) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Token embeddings with the image embeddings spliced over the image tokens [1, S, H], M-RoPE
@@ -278,7 +295,7 @@ class LanguageEngine:
 
     def _decode(self, running: list[_Sequence]) -> None:
         """One token for every running sequence, in one batched step."""
-        active = [seq for seq in running if not seq.done]
+        active = sorted((seq for seq in running if not seq.done), key=lambda seq: seq.slot)  # slots in a row: a view
         if not active:
             return
         self.peak_batch = max(self.peak_batch, len(active))

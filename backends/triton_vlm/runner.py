@@ -22,11 +22,13 @@ class ModelRunner:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed(ids.to(self.device))
 
-    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, slot: int) -> torch.Tensor:
-        """embeds [1, S, H], positions [3, 1, S] -> logits [1, V]."""
-        self.tp.broadcast(("prefill", slot, embeds.shape[1], positions.tolist()))
-        self.tp.broadcast_tensor(embeds, None, None, None)
-        return self.model.prefill(embeds, positions.to(self.device), self.cache, slot)
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, slots: list[int],
+                lengths: list[int]) -> torch.Tensor:
+        """Prompts one after another: embeds [1, T, H], positions [3, 1, T] -> logits [len(slots), V]."""
+        if self.tp.size > 1:
+            self.tp.broadcast(("prefill", slots, lengths, positions.tolist()))
+            self.tp.broadcast_tensor(embeds, None, None, None)
+        return self.model.prefill(embeds, positions.to(self.device), self.cache, slots, lengths)
 
     def decode(self, ids: list[int], positions: list[int], slots: list[int], lengths: list[int]) -> torch.Tensor:
         """One token for each of b sequences -> logits [b, V]. positions: the M-RoPE text position (t=h=w)."""
@@ -36,7 +38,7 @@ class ModelRunner:
     def _decode(self, ids, positions, slots, lengths) -> torch.Tensor:
         d = self.device
         pos = torch.tensor(positions, device=d)[None, :, None].expand(3, -1, 1)
-        return self.model.decode(torch.tensor(ids, device=d), pos, self.cache, torch.tensor(slots, device=d),
+        return self.model.decode(torch.tensor(ids, device=d), pos, self.cache, list(slots),
                                  torch.tensor(lengths, device=d))
 
     def stop(self) -> None:
@@ -49,8 +51,8 @@ class ModelRunner:
             if command[0] == "stop":
                 return
             if command[0] == "prefill":
-                _, slot, length, positions = command
-                embeds = self.tp.broadcast_tensor(None, (1, length, self.hidden_size), self.dtype, self.device)
-                self.model.prefill(embeds, torch.tensor(positions, device=self.device), self.cache, slot)
+                _, slots, lengths, positions = command
+                embeds = self.tp.broadcast_tensor(None, (1, sum(lengths), self.hidden_size), self.dtype, self.device)
+                self.model.prefill(embeds, torch.tensor(positions, device=self.device), self.cache, slots, lengths)
             else:
                 self._decode(*command[1:])

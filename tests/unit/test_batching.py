@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import make_image
 from triton_vlm.config import EncoderConfig, LanguageConfig, PreprocessConfig
@@ -118,8 +119,26 @@ def test_two_ranks_give_the_same_logits_and_ids_as_one(parts, engine, tp2):
     logits = []
     for lm in (engine, tp2):
         embeds, positions, _ = lm.prompt_inputs(req)
-        logits.append(lm.runner.prefill(embeds, positions, 0)[0])
+        logits.append(lm.runner.prefill(embeds, positions, [0], [embeds.shape[1]])[0])
     np.testing.assert_allclose(logits[1].numpy(), logits[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_prompts_prefilled_together_equal_each_alone(parts, engine):
+    """One forward for several prompts (projections over all tokens, attention per prompt) gives each
+    prompt the logits and cache contents it gets alone."""
+    requests = [make_request(parts, i, p, n_images=i % 2) for i, p in enumerate(PROMPTS[:3])]
+    assert engine.running == 0
+    runner, inputs = engine.runner, [engine.prompt_inputs(r) for r in requests]
+    lengths = [embeds.shape[1] for embeds, _, _ in inputs]
+    alone = []
+    for slot, (embeds, positions, _) in enumerate(inputs):
+        alone.append((runner.prefill(embeds, positions, [slot], [lengths[slot]])[0],
+                      runner.cache.k[:, slot, :, :lengths[slot]].clone()))
+    together = runner.prefill(torch.cat([e for e, _, _ in inputs], 1), torch.cat([p for _, p, _ in inputs], 2),
+                              [5, 6, 7], lengths)
+    for i, (logits, keys) in enumerate(alone):
+        torch.testing.assert_close(together[i], logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(runner.cache.k[:, 5 + i, :, :lengths[i]], keys, rtol=1e-4, atol=1e-5)
 
 
 def test_a_rank_holds_only_its_shard(tp2, engine):

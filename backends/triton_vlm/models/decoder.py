@@ -5,8 +5,9 @@ checkpoint with `shard_state_dict`. Column-parallel: q/k/v (by heads), gate/up. 
 down_proj, each followed by one all-reduce. Embeddings, norms and lm_head are replicated. The rotary
 embedding, M-RoPE sections and RMSNorm are transformers' own.
 
-`prefill` runs one sequence's prompt into its cache slot; `decode` runs one new token for each of a
-batch of sequences, each attending to its own slot up to its own length.
+`prefill` runs the prompts of one or more sequences (one after another in one forward: the projections
+see all their tokens at once) into their cache slots; `decode` runs one new token for each of a batch
+of sequences, each attending to its own slot up to its own length.
 """
 
 from __future__ import annotations
@@ -58,22 +59,36 @@ class Attention(nn.Module):
         b, _, s, _ = o.shape
         return self.tp.all_reduce(self.o_proj(o.transpose(1, 2).reshape(b, s, -1)))
 
-    def prefill(self, x, cos, sin, cache: KVCache, slot: int):
+    def prefill(self, x, cos, sin, cache: KVCache, slots: list[int], lengths: list[int]):
+        """x: [1, T, hidden], the prompts of len(slots) sequences one after another (T = sum(lengths)).
+        The projections run on all T tokens at once; each prompt attends only to itself."""
         q, k, v = self._qkv(x, cos, sin)
-        s = x.shape[1]
-        cache.k[self.layer, slot, :, :s] = k[0]
-        cache.v[self.layer, slot, :, :s] = v[0]
-        return self._out(F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        outputs, start = [], 0
+        for slot, n in zip(slots, lengths, strict=True):
+            end = start + n
+            cache.k[self.layer, slot, :, :n] = k[0, :, start:end]
+            cache.v[self.layer, slot, :, :n] = v[0, :, start:end]
+            outputs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                                          is_causal=True, enable_gqa=True))
+            start = end
+        return self._out(torch.cat(outputs, dim=2))
 
-    def decode(self, x, cos, sin, cache: KVCache, slots: torch.Tensor, lengths: torch.Tensor):
-        """x: [b, 1, hidden]; slots, lengths: [b] (tokens already in each slot = this token's index)."""
+    def decode(self, x, cos, sin, cache: KVCache, slots: list[int], lengths: torch.Tensor):
+        """x: [b, 1, hidden]; slots [b]; lengths [b] (tokens already in each slot = this token's index)."""
         q, k, v = self._qkv(x, cos, sin)
         cache.k[self.layer, slots, :, lengths] = k[:, :, 0]
         cache.v[self.layer, slots, :, lengths] = v[:, :, 0]
         span = int(lengths.max()) + 1
-        keys, values = cache.k[self.layer, slots, :, :span], cache.v[self.layer, slots, :, :span]
+        rows = _rows(slots)
+        keys, values = cache.k[self.layer, rows, :, :span], cache.v[self.layer, rows, :, :span]
         mask = (torch.arange(span, device=x.device)[None, :] <= lengths[:, None])[:, None, None, :]
         return self._out(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True))
+
+
+def _rows(slots: list[int]) -> slice | list[int]:
+    """Slots in a row read as a view of the cache; others are gathered (a copy)."""
+    first = slots[0]
+    return slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else slots
 
 
 class MLP(nn.Module):
@@ -135,19 +150,27 @@ class Decoder(nn.Module):
         cos, sin = self.model.rotary_emb(x, positions)
         for layer in self.model.layers:
             x = layer(x, lambda attn, h: attend(attn, h, cos, sin))
-        return self.lm_head(self.model.norm(x[:, -1]))  # logits of each sequence's last position
+        return x
+
+    def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(last_hidden))
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: int) -> torch.Tensor:
-        """embeds [1, S, H], positions [3, 1, S] -> logits [1, V] of the last prompt token."""
-        return self._run(embeds, positions, lambda attn, h, cos, sin: attn.prefill(h, cos, sin, cache, slot))
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: list[int],
+                lengths: list[int]) -> torch.Tensor:
+        """Prompts one after another: embeds [1, T, H], positions [3, 1, T] -> logits [n, V] of each
+        prompt's last token; prompt i goes into cache slot slots[i]."""
+        x = self._run(embeds, positions, lambda attn, h, cos, sin: attn.prefill(h, cos, sin, cache, slots, lengths))
+        ends = torch.tensor(lengths, device=x.device).cumsum(0) - 1
+        return self._logits(x[0, ends])
 
     @torch.inference_mode()
-    def decode(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: torch.Tensor,
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: list[int],
                lengths: torch.Tensor) -> torch.Tensor:
         """ids [b], positions [3, b, 1], slots/lengths [b] -> logits [b, V]."""
         x = self.embed(ids[:, None])
-        return self._run(x, positions, lambda attn, h, cos, sin: attn.decode(h, cos, sin, cache, slots, lengths))
+        x = self._run(x, positions, lambda attn, h, cos, sin: attn.decode(h, cos, sin, cache, slots, lengths))
+        return self._logits(x[:, -1])
 
 
 _COLUMN = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",
