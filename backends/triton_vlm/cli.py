@@ -34,7 +34,8 @@ def _deployment(args):
         return Deployment(ensure_model(args.model), encoder_dp=args.encoder_dp, encoder_threads=args.encoder_threads,
                           gpus=_gpus(args.gpus), tensor_parallel=args.tp, mode=args.mode,
                           encoder_urls=tuple(args.encoder_urls or ()), encoder_urls_file=args.encoder_urls_file,
-                          encoder_fallback=args.encoder_fallback, local_encode_below=args.local_encode_below)
+                          encoder_fallback=args.encoder_fallback, local_encode_below=args.local_encode_below,
+                          encoder_transport=args.encoder_transport)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
 
@@ -117,6 +118,9 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                    "re-read every second: edit it to add or remove encoders while serving")
     p.add_argument("--encoder-fallback", choices=["local", "none"], default="local",
                    help="language mode: encode here when every encoder server fails (default local)")
+    p.add_argument("--encoder-transport", choices=["auto", "grpc", "shm"], default="auto",
+                   help="language mode: how embeddings come back; auto: system shared memory from encoders "
+                   "on loopback addresses, gRPC tensors from the others (default auto)")
     p.add_argument("--local-encode-below", type=int, default=0, metavar="PATCHES",
                    help="language mode: encode requests with fewer image patches here, not on the encoder "
                    "servers (default 0: send every image request out)")

@@ -25,6 +25,7 @@ class Deployment:
     encoder_urls_file: str | None = None  # language mode: a file listing them, watched (live scaling)
     encoder_fallback: str = "local"  # language mode: local | none
     local_encode_below: int = 0  # language mode: requests with fewer image patches are encoded here
+    encoder_transport: str = "auto"  # language mode: embeddings by shm on loopback (auto) | grpc | shm
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocated", "encoder", "language"):
@@ -36,6 +37,8 @@ class Deployment:
         if self.local_encode_below and (self.mode != "language" or self.encoder_fallback != "local"):
             raise ValueError("--local-encode-below needs --mode language and the local encoder "
                              "(--encoder-fallback local)")
+        if self.encoder_transport not in ("auto", "grpc", "shm"):
+            raise ValueError(f"encoder_transport must be auto, grpc or shm, got {self.encoder_transport!r}")
         if self.encoder_dp is not None and self.encoder_dp < 1:
             raise ValueError(f"encoder_dp must be >= 1, got {self.encoder_dp}")
         if self.tensor_parallel is not None and self.tensor_parallel < 1:
@@ -73,7 +76,8 @@ class Deployment:
                                         encoder_urls_file=str(Path(self.encoder_urls_file).resolve())
                                         if self.encoder_urls_file else "",
                                         encoder_fallback=self.encoder_fallback,
-                                        local_encode_below=str(self.local_encode_below))
+                                        local_encode_below=str(self.local_encode_below),
+                                        encoder_transport=self.encoder_transport)
             parameters["preprocess"]["image_processing"] = "remote"  # the files go to the encoder servers
         repo = render(dest, self.model, parameters, source, groups)
         # a colocated server keeps image_encoder: other language servers may use it as their encoder

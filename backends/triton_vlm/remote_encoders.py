@@ -1,13 +1,16 @@
 """Encoder disaggregation (E/PD), the language server's side: run encoder shards on remote encoder servers.
 
 Each encoder server runs `image_encoder` (`triton-vlm serve --mode encoder`): the image files go out
-over Triton gRPC, the server decodes, resizes, patchifies and encodes them, and the embeddings and
-grids come back as binary tensors. `split` gives each healthy encoder one shard, balanced by patch
-count on top of the patches it already has in flight; small requests (`local_below` patches) stay
-here. If a shard times out or fails, that encoder is marked down and the shard is retried on the
-next one, then on `fallback` (the local encoder) if there is one; only when every path fails does
-the request get UNAVAILABLE. A bad image is the request's fault, not the encoder's: INVALID_ARG
-goes back to the client at once. A down encoder is tried again after `retry_after_s`.
+over Triton gRPC, the server decodes, resizes, patchifies and encodes them, and the grids come back
+as binary tensors. So do the embeddings, or through system shared memory for encoders on this host
+(`transport` auto: loopback addresses; `shm_outputs.py`).
+
+`split` gives each healthy encoder one shard, balanced by patch count on top of the patches it
+already has in flight; small requests (`local_below` patches) stay here. If a shard times out or
+fails, that encoder is marked down and the shard is retried on the next one, then on `fallback`
+(the local encoder) if there is one; only when every path fails does the request get UNAVAILABLE.
+A bad image is the request's fault, not the encoder's: INVALID_ARG goes back to the client at once.
+A down encoder is tried again after `retry_after_s`.
 
 Live scaling: `set_urls` adds and removes encoders while serving (shards in flight on a removed one
 finish there); `watch` calls it whenever a file listing the encoders changes.
@@ -26,16 +29,25 @@ import torch
 from .balance import balance
 from .errors import InvalidRequest, Unavailable
 from .image_inputs import Images
+from .shm_outputs import ShmOutputs
 
 log = logging.getLogger(__name__)
 
 LOCAL = "local"  # the target of a shard encoded on this server
 MODEL = "image_encoder"
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 class RemoteEncoders:
     def __init__(self, urls: list[str], fallback: Callable[[Images], torch.Tensor] | None = None,
-                 timeout_s: float = 60.0, retry_after_s: float = 5.0, local_below: int = 0) -> None:
+                 timeout_s: float = 60.0, retry_after_s: float = 5.0, local_below: int = 0,
+                 transport: str = "grpc", embedding_bytes: Callable[[Images], int] | None = None) -> None:
+        if transport not in ("auto", "grpc", "shm"):
+            raise ValueError(f"transport must be auto, grpc or shm, got {transport!r}")
+        if transport != "grpc" and embedding_bytes is None:
+            raise ValueError("shared memory needs embedding_bytes (the size of a shard's embeddings)")
+        self.transport, self.embedding_bytes = transport, embedding_bytes
+        self.shm = ShmOutputs() if transport != "grpc" else None
         self.urls, self.fallback = list(urls), fallback
         self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
         self.local_below = local_below if fallback is not None else 0
@@ -130,18 +142,34 @@ class RemoteEncoders:
             clients[url] = grpcclient.InferenceServerClient(url)
         return clients[url]
 
+    def uses_shm(self, url: str) -> bool:
+        return self.transport == "shm" or (self.transport == "auto" and url.rsplit(":", 1)[0] in LOOPBACK)
+
     def _remote(self, url: str, images: Images) -> torch.Tensor:
         import tritonclient.grpc as grpcclient
 
+        client = self._client(url)
         files = grpcclient.InferInput("_IMAGES", [len(images.files)], "BYTES")
         files.set_data_from_numpy(np.array(images.files, dtype=np.object_))
-        result = self._client(url).infer(MODEL, [files], client_timeout=self.timeout_s, outputs=[
-            grpcclient.InferRequestedOutput("_IMAGE_EMBEDS"), grpcclient.InferRequestedOutput("_IMAGE_GRID_THW")])
+        embeds = grpcclient.InferRequestedOutput("_IMAGE_EMBEDS")
+        region = None
+        if self.uses_shm(url):
+            nbytes = self.embedding_bytes(images)
+            region = self.shm.region(client, url, nbytes)
+            embeds.set_shared_memory(region, nbytes)
+        result = client.infer(MODEL, [files], client_timeout=self.timeout_s,
+                              outputs=[embeds, grpcclient.InferRequestedOutput("_IMAGE_GRID_THW")])
         grid = result.as_numpy("_IMAGE_GRID_THW")
         if not np.array_equal(grid.reshape(-1, 3), np.asarray(images.grid_thw).reshape(-1, 3)):
             raise RuntimeError(f"it returned image_grid_thw {grid.tolist()} for {images.grid_thw.tolist()} "
                                "(a different model or image processor?)")
+        if region is not None:
+            return torch.from_numpy(self.shm.read(region, list(result.get_output("_IMAGE_EMBEDS").shape)))
         return torch.from_numpy(result.as_numpy("_IMAGE_EMBEDS").copy())
+
+    def close(self) -> None:
+        if self.shm is not None:
+            self.shm.close()
 
     def __call__(self, images: Images, target: str | None = None) -> torch.Tensor:
         """Encode one shard: on `target` first, then on the other encoders, then locally."""
@@ -161,6 +189,8 @@ class RemoteEncoders:
                     self.down_until[url] = time.monotonic() + self.retry_after_s
                 errors.append(f"{url}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
                 log.warning("encoder %s failed (%s); marked down for %.0fs", url, errors[-1], self.retry_after_s)
+                if self.shm is not None:
+                    self.shm.forget(url)
                 self._local.__dict__.get("clients", {}).pop(url, None)
                 continue
             finally:

@@ -74,10 +74,16 @@ class TritonServer:
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def shm_prefix(self) -> str:
+        """This server's python-backend shared memory regions (/dev/shm/<prefix>*)."""
+        return f"tvlm{os.getpid()}p{self.grpc_port}_"
+
     def start(self) -> TritonServer:
         args = [f"--model-repository={self.repository}", f"--http-port={self.http_port}",
                 f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}",
-                "--exit-timeout-secs=15", *self.extra_args]
+                "--exit-timeout-secs=15", f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+                *self.extra_args]
         out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115 (closed in stop)
         self._log = out
         self.process = subprocess.Popen(launcher.command(args), env=launcher.server_env(self.env),
@@ -97,6 +103,9 @@ class TritonServer:
 
     def stop(self, timeout_s: float = 60) -> None:
         stop_process_group(self.process, timeout_s)
+        if self.process is not None:  # a killed server leaves its regions behind; a clean stop, none
+            for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+                region.unlink(missing_ok=True)
         if getattr(self, "_log", None):
             self._log.close()
             self._log = None

@@ -159,11 +159,12 @@ def test_encoders_added_and_removed_while_serving(epd, tiny_model, tmp_path):
 
 @pytest.fixture(scope="module")
 def local_below(epd, tiny_model, tmp_path_factory):
-    """A language server on the two encoders that keeps requests under 500 patches to itself."""
+    """A language server on the two encoders that keeps requests under 500 patches to itself, and takes
+    embeddings back as gRPC tensors (the `epd` one, on loopback, takes them through shared memory)."""
     _, encoders = epd
     root = tmp_path_factory.mktemp("local_below")
     repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls=tuple(e.grpc_url for e in encoders),
-                      local_encode_below=500).render(root / "language")
+                      local_encode_below=500, encoder_transport="grpc").render(root / "language")
     with TritonServer(repo, log_file=root / "language.log") as language:
         yield language
 
@@ -188,3 +189,18 @@ def test_a_corrupt_image_is_the_requests_fault_not_the_encoders(local_below, epd
     before = [encoder_shards(e.grpc_url) for e in encoders]
     stream(local_below.grpc_url, prompt="What is it?", images=images(2), max_tokens=2)
     assert all(encoder_shards(e.grpc_url) > b for e, b in zip(encoders, before, strict=True))
+
+
+def shm_regions(url: str) -> set[str]:
+    with grpcclient.InferenceServerClient(url) as client:
+        return {r["name"] for r in client.get_system_shared_memory_status(as_json=True).get("regions", {}).values()}
+
+
+def test_embeddings_come_back_through_shared_memory_on_one_host(epd, local_below):
+    language, encoders = epd
+    imgs = images(4)
+    by_shm = stream(language.grpc_url, prompt="Compare the pictures.", images=imgs, max_tokens=8)
+    # the loopback language server registered its regions with both encoders, which wrote into them
+    assert all(any(name.startswith("tvlm_") for name in shm_regions(e.grpc_url)) for e in encoders)
+    by_grpc = stream(local_below.grpc_url, prompt="Compare the pictures.", images=imgs, max_tokens=8)
+    assert by_shm.output_ids == by_grpc.output_ids and by_shm.output_ids

@@ -53,3 +53,14 @@ def test_every_encoder_down_falls_back_or_is_unavailable():
     assert remote.healthy() == [] and remote.in_flight["127.0.0.1:1"] == 0
     fallback = RemoteEncoders(["127.0.0.1:1"], fallback=lambda images: torch.ones((1, 4)), timeout_s=2)
     assert fallback(images, "127.0.0.1:1").tolist() == [[1.0] * 4]
+
+
+def test_shared_memory_goes_to_encoders_on_this_host_only():
+    size = lambda images: 4 * 8 * int(images.patches.sum())  # noqa: E731
+    auto = RemoteEncoders(["127.0.0.1:1", "localhost:2", "10.0.0.7:3"], transport="auto", embedding_bytes=size)
+    assert [auto.uses_shm(u) for u in auto.urls] == [True, True, False]
+    assert not RemoteEncoders(["127.0.0.1:1"]).uses_shm("127.0.0.1:1"), "grpc: never"
+    assert RemoteEncoders(["10.0.0.7:3"], transport="shm", embedding_bytes=size).uses_shm("10.0.0.7:3")
+    with pytest.raises(ValueError, match="embedding_bytes"):
+        RemoteEncoders(["127.0.0.1:1"], transport="auto")
+    auto.close()

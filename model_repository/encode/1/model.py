@@ -46,7 +46,10 @@ class TritonPythonModel:
         if config.remote_encoders or config.encoder_urls_file:
             fallback = local if config.encoder_fallback == "local" else None
             remote = RemoteEncoders(config.remote_encoders, fallback=fallback, timeout_s=config.encoder_timeout_s,
-                                    local_below=config.local_encode_below)
+                                    local_below=config.local_encode_below, transport=config.encoder_transport,
+                                    embedding_bytes=lambda images: 4 * family.hidden_size * int(
+                                        family.tokens_per_image(images.grid_thw).sum()))
+            self.remote = remote
             elsewhere = "the other encoders or the local encoder" if fallback else "the others"
             for url, ready in remote.probe().items():
                 if not ready:
@@ -56,7 +59,7 @@ class TritonPythonModel:
                 remote.watch(config.encoder_urls_file, _log_encoders)
             run, split = remote, remote.split
         else:
-            run, split = local, even(config.data_parallel)
+            run, split, self.remote = local, even(config.data_parallel), None
         self.stage = ShardedEncode(run, split, family.tokens_per_image, family.hidden_size)
 
     def execute(self, requests):
@@ -77,6 +80,8 @@ class TritonPythonModel:
 
     def finalize(self):
         self.stage.shutdown()
+        if self.remote is not None:
+            self.remote.close()
 
 
 def _log_encoders(urls):
