@@ -141,6 +141,20 @@ def test_prompts_prefilled_together_equal_each_alone(parts, engine):
         torch.testing.assert_close(runner.cache.k[:, 5 + i, :, :lengths[i]], keys, rtol=1e-4, atol=1e-5)
 
 
+def test_decoding_scattered_slots_equals_slots_in_a_row(parts, engine):
+    """Slots in a row are read as a view of the cache, others gathered: the same logits either way."""
+    requests = [make_request(parts, i, p) for i, p in enumerate(PROMPTS[:2])]
+    assert engine.running == 0
+    runner, inputs = engine.runner, [engine.prompt_inputs(r) for r in requests]
+    lengths = [embeds.shape[1] for embeds, _, _ in inputs]
+    positions = [n + delta for n, (_, _, delta) in zip(lengths, inputs, strict=True)]
+    logits = []
+    for slots in ([3, 4], [6, 1]):
+        runner.prefill(torch.cat([e for e, _, _ in inputs], 1), torch.cat([p for _, p, _ in inputs], 2), slots, lengths)
+        logits.append(runner.decode([5, 7], positions, slots, lengths))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-6)
+
+
 def test_a_rank_holds_only_its_shard(tp2, engine):
     one = engine.runner.model.model.layers[0]
     two = tp2.runner.model.model.layers[0]

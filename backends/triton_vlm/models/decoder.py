@@ -73,22 +73,22 @@ class Attention(nn.Module):
             start = end
         return self._out(torch.cat(outputs, dim=2))
 
-    def decode(self, x, cos, sin, cache: KVCache, slots: list[int], lengths: torch.Tensor):
-        """x: [b, 1, hidden]; slots [b]; lengths [b] (tokens already in each slot = this token's index)."""
+    def decode(self, x, cos, sin, cache: KVCache, slots: torch.Tensor, rows, lengths: torch.Tensor):
+        """x: [b, 1, hidden]; slots, lengths: [b] (tokens already in each slot = this token's index);
+        rows: the slots as a slice when they are in a row (a view of the cache, no gather)."""
         q, k, v = self._qkv(x, cos, sin)
         cache.k[self.layer, slots, :, lengths] = k[:, :, 0]
         cache.v[self.layer, slots, :, lengths] = v[:, :, 0]
         span = int(lengths.max()) + 1
-        rows = _rows(slots)
         keys, values = cache.k[self.layer, rows, :, :span], cache.v[self.layer, rows, :, :span]
         mask = (torch.arange(span, device=x.device)[None, :] <= lengths[:, None])[:, None, None, :]
         return self._out(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True))
 
 
-def _rows(slots: list[int]) -> slice | list[int]:
+def _rows(slots: list[int], index: torch.Tensor) -> slice | torch.Tensor:
     """Slots in a row read as a view of the cache; others are gathered (a copy)."""
     first = slots[0]
-    return slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else slots
+    return slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else index
 
 
 class MLP(nn.Module):
@@ -169,7 +169,9 @@ class Decoder(nn.Module):
                lengths: torch.Tensor) -> torch.Tensor:
         """ids [b], positions [3, b, 1], slots/lengths [b] -> logits [b, V]."""
         x = self.embed(ids[:, None])
-        x = self._run(x, positions, lambda attn, h, cos, sin: attn.decode(h, cos, sin, cache, slots, lengths))
+        index = torch.tensor(slots, device=ids.device)
+        rows = _rows(slots, index)
+        x = self._run(x, positions, lambda attn, h, cos, sin: attn.decode(h, cos, sin, cache, index, rows, lengths))
         return self._logits(x[:, -1])
 
 
