@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from . import env
+from .errors import InvalidRequest
 from .images import ImageLimits
 from .url_fetch import FetchPolicy
 
@@ -59,6 +60,10 @@ class PreprocessConfig:
         if env.allow_private_urls():
             params = {**params, "allow_private_urls": "true"}
         return _typed(cls, params, model_path=_model_path(params))
+
+    def check_image_count(self, count: int) -> None:
+        if count > self.max_images:
+            raise InvalidRequest(f"{count} images sent; the limit is {self.max_images} per request")
 
     @property
     def image_limits(self) -> ImageLimits:

@@ -53,8 +53,7 @@ class Preprocessor:
     def __call__(self, request: GenerateRequest) -> Preprocessed:
         request.validate()
         conversation, sources = build_conversation(request)
-        if len(sources) > self.config.max_images:
-            raise InvalidRequest(f"{len(sources)} images sent; the limit is {self.config.max_images} per request")
+        self.config.check_image_count(len(sources))
         limits = self.config.image_limits
         files: tuple[bytes, ...] = ()
         if self.config.image_processing == "remote":

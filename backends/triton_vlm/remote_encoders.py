@@ -54,7 +54,6 @@ class RemoteEncoders:
         self._lock = threading.Lock()
         self.in_flight = {url: 0 for url in self.urls}  # patches being encoded there
         self.down_until = {url: 0.0 for url in self.urls}
-        self.shards_sent = {url: 0 for url in self.urls}  # per encoder, successful shards (a stat)
         self._local = threading.local()  # one gRPC client per thread and encoder
 
     def set_urls(self, urls: list[str]) -> None:
@@ -62,7 +61,6 @@ class RemoteEncoders:
             for url in urls:
                 self.in_flight.setdefault(url, 0)
                 self.down_until.setdefault(url, 0.0)
-                self.shards_sent.setdefault(url, 0)
             self.urls = list(dict.fromkeys(urls))
 
     def watch(self, path: str, on_change: Callable[[list[str]], None], interval_s: float = 1.0) -> threading.Thread:
@@ -196,8 +194,6 @@ class RemoteEncoders:
             finally:
                 with self._lock:
                     self.in_flight[url] -= patches
-            with self._lock:
-                self.shards_sent[url] += 1
             return embeds
         if self.fallback is not None:
             return self.fallback(images)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
 
+from . import interface as I
 from .errors import RequestError
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -39,6 +40,12 @@ def infer(model_name: str, inputs: list[pb_utils.Tensor], output_names: list[str
     if response.has_error():
         raise RuntimeError(f"{model_name}: {response.error().message()}")
     return {name: to_torch(pb_utils.get_output_tensor_by_name(response, name)) for name in output_names}
+
+
+def encode_on_replicas(pixel_values, grid_thw) -> torch.Tensor:
+    """Image embeddings from this server's `vision_encoder` (BLS: Triton picks a free replica)."""
+    inputs = [output(I.PIXEL_VALUES, pixel_values), output(I.IMAGE_GRID_THW, grid_thw)]
+    return infer("vision_encoder", inputs, [I.IMAGE_EMBEDS])[I.IMAGE_EMBEDS]
 
 
 def output(name: str, value) -> pb_utils.Tensor:

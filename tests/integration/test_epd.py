@@ -8,6 +8,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -204,3 +205,18 @@ def test_embeddings_come_back_through_shared_memory_on_one_host(epd, local_below
     assert all(any(name.startswith("tvlm_") for name in shm_regions(e.grpc_url)) for e in encoders)
     by_grpc = stream(local_below.grpc_url, prompt="Compare the pictures.", images=imgs, max_tokens=8)
     assert by_shm.output_ids == by_grpc.output_ids and by_shm.output_ids
+
+
+def test_an_encoder_server_refuses_too_many_images_and_keeps_serving(epd):
+    _, (encoder, _) = epd
+
+    def call(files):
+        tensor = grpcclient.InferInput("_IMAGES", [len(files)], "BYTES")
+        tensor.set_data_from_numpy(np.array(files, dtype=np.object_))
+        with grpcclient.InferenceServerClient(encoder.grpc_url) as client:
+            return client.infer("image_encoder", [tensor])
+
+    with pytest.raises(InferenceServerException, match="9 images sent; the limit is 8") as err:
+        call([make_image(32, 32)] * 9)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert call(images(2)).as_numpy("_IMAGE_GRID_THW").shape == (2, 3)

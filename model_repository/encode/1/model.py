@@ -34,8 +34,7 @@ class _LocalEncoder:
         pixels, grid = images.pixel_values, images.grid_thw
         if images.files is not None:
             pixels, grid = self.processing.decode(images.files, _CHECKED)
-        inputs = [triton_io.output(I.PIXEL_VALUES, pixels), triton_io.output(I.IMAGE_GRID_THW, grid)]
-        return triton_io.infer("vision_encoder", inputs, [I.IMAGE_EMBEDS])[I.IMAGE_EMBEDS]
+        return triton_io.encode_on_replicas(pixels, grid)
 
 
 class TritonPythonModel:

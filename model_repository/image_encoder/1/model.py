@@ -10,15 +10,12 @@ from triton_vlm import interface as I
 from triton_vlm import triton_io
 from triton_vlm.config import EncodeConfig, PreprocessConfig
 from triton_vlm.dispatch import ShardedEncode, even
-from triton_vlm.errors import InvalidRequest
 from triton_vlm.image_inputs import ImageProcessing, Images
 from triton_vlm.models import load_family
 
 
 def _run_shard(images, target=None):
-    inputs = [triton_io.output(I.PIXEL_VALUES, images.pixel_values), triton_io.output(I.IMAGE_GRID_THW,
-                                                                                      images.grid_thw)]
-    return triton_io.infer("vision_encoder", inputs, [I.IMAGE_EMBEDS])[I.IMAGE_EMBEDS]
+    return triton_io.encode_on_replicas(images.pixel_values, images.grid_thw)
 
 
 class TritonPythonModel:
@@ -37,8 +34,7 @@ class TritonPythonModel:
     def _one(self, request):
         try:
             files = [bytes(f) for f in triton_io.inputs(request, [I.IMAGES])[I.IMAGES]]
-            if len(files) > self.limits.max_images:
-                raise InvalidRequest(f"{len(files)} images sent; the limit is {self.limits.max_images} per request")
+            self.limits.check_image_count(len(files))
             pixels, grid = self.processing.decode(files, self.limits.image_limits)
             embeds = self.stage.encode(Images(grid, pixel_values=torch.from_numpy(pixels)))
         except Exception as e:
