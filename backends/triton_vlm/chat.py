@@ -24,6 +24,8 @@ def _parse_messages(text: str, images: list[bytes]) -> tuple[list[dict], list[by
         messages = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidRequest(f"'messages' is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest("'messages' is too deeply nested") from None
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty JSON list of chat messages")
     conversation, sources, unused = [], [], list(images)

@@ -35,7 +35,7 @@ def _deployment(args):
                           gpus=_gpus(args.gpus), tensor_parallel=args.tp, mode=args.mode,
                           encoder_urls=tuple(args.encoder_urls or ()), encoder_urls_file=args.encoder_urls_file,
                           encoder_fallback=args.encoder_fallback, local_encode_below=args.local_encode_below,
-                          encoder_transport=args.encoder_transport)
+                          encoder_transport=args.encoder_transport, minimal=args.minimal)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
 
@@ -126,6 +126,9 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                    "servers (default 0: send every image request out)")
     p.add_argument("--tp", type=int, help="tensor-parallel ranks of the language model (default 1); "
                    "gloo on CPU, NCCL on GPUs")
+    p.add_argument("--minimal", action="store_true", help="only the models the streaming `vlm` needs: no "
+                   "`vlm_unary` (plain infer() callers) and, colocated, no `image_encoder` (serving as another "
+                   "server's encoder); fewer processes, faster start")
     p.add_argument("--gpus", default="auto", help="GPU ids for the encoder replicas, e.g. 0,1; 'none' for CPU "
                    "(default: every visible GPU, else CPU)")
 

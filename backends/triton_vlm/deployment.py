@@ -7,6 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .launcher import MODEL_CONTROL
 from .repository import COMMITTED, render
 
 CUDA_MEMORY_POOL_MB = 256  # per GPU; in-flight embeddings between steps live here (Triton's default is 64)
@@ -26,6 +27,7 @@ class Deployment:
     encoder_fallback: str = "local"  # language mode: local | none
     local_encode_below: int = 0  # language mode: requests with fewer image patches are encoded here
     encoder_transport: str = "auto"  # language mode: embeddings by shm on loopback (auto) | grpc | shm
+    minimal: bool = False  # only what `vlm` needs: no vlm_unary, and (colocated) no image_encoder
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocated", "encoder", "language"):
@@ -84,10 +86,13 @@ class Deployment:
         drop = {"encoder": ["preprocess", "encode", "language_model", "vlm", "vlm_unary"],
                 "language": ["image_encoder", *(["vision_encoder"] if self.encoder_fallback == "none" else [])],
                 }.get(self.mode, [])
+        if self.minimal:
+            drop += [m for m in ("vlm_unary", "image_encoder") if m not in drop and (repo / m).exists()
+                     and not (m == "image_encoder" and self.mode == "encoder")]
         for model in drop:
             shutil.rmtree(repo / model)
         return repo
 
     def server_args(self) -> list[str]:
         pool = self.cuda_memory_pool_mb * 2**20
-        return [f"--cuda-memory-pool-byte-size={gpu}:{pool}" for gpu in self.gpus]
+        return [*MODEL_CONTROL, *(f"--cuda-memory-pool-byte-size={gpu}:{pool}" for gpu in self.gpus)]

@@ -69,7 +69,9 @@ class ImageProcessing:
         if not pictures:
             return np.zeros((0, self.patch_dim), np.float32), np.zeros((0, 3), np.int64)
         self.grid([picture.size for picture in pictures])  # a clear error for sizes it cannot resize
-        out = self.processor(images=list(pictures), return_tensors="np")
+        # RGB pictures are channels-last; left to guess, the processor takes a height of 1 or 3 for the
+        # channels (a 1x1 image failed with "mean must have 1 elements", a 100x3 one got a transposed grid)
+        out = self.processor(images=list(pictures), return_tensors="np", input_data_format="channels_last")
         return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
 
     def decode(self, files: Sequence[bytes], limits: ImageLimits) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,12 @@ class ImageLimits:
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
 
+def is_url(source: bytes) -> bool:
+    """An http(s) URL, to be fetched (rather than bytes or a data: URL)."""
+    head = source[:64].lstrip()[:8].lower()
+    return head.startswith((b"http://", b"https://"))
+
+
 def read_source(source: bytes, index: int, limits: ImageLimits) -> bytes:
     """The encoded image bytes behind `source`."""
     head = source[:64].lstrip()
@@ -32,11 +38,14 @@ def read_source(source: bytes, index: int, limits: ImageLimits) -> bytes:
         match = _DATA_URL.match(source.strip())
         if not match:
             raise InvalidRequest(f"image {index}: a data: URL must be base64 ('data:image/png;base64,...')")
+        if not match[1].lower().startswith(b"image/"):
+            mime = match[1].decode("ascii", "replace") or "none"
+            raise InvalidRequest(f"image {index}: the data: URL's media type is {mime!r}; it must be image/*")
         try:
             return base64.b64decode(source.strip()[match.end():], validate=True)
         except (binascii.Error, ValueError):
             raise InvalidRequest(f"image {index}: the data: URL is not valid base64") from None
-    if head[:7].lower() == b"http://" or head[:8].lower() == b"https://":
+    if is_url(source):
         try:
             url = source.strip().decode("ascii")
         except UnicodeDecodeError:

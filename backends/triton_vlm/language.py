@@ -16,8 +16,11 @@ KV cache: fixed slots (`max_num_seqs`), each as long as the context (capped by `
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import tempfile
 import threading
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -99,15 +102,16 @@ class LanguageEngine:
         init_method = ""
         if tp_size > 1:
             from . import tp_worker
-            from .server import free_port
 
-            init_method = f"tcp://127.0.0.1:{free_port()}"
+            # a file rendezvous: no port to race for (gloo's own connections bind ports the kernel picks)
+            init_method = f"file://{tempfile.gettempdir()}/triton-vlm-tp-{os.getpid()}-{uuid.uuid4().hex}"
             self._workers = tp_worker.start_workers(tp_size, init_method, config.model_path, config.device,
                                                     config.dtype, self.slots, self.max_model_len, threads)
         self._queue: queue.Queue[tuple[LanguageRequest, Callback] | None] = queue.Queue()
         self._aborted: set[str] = set()
         self._lock = threading.Lock()
         self._kv: dict[int, int] = {}  # slot -> tokens it holds, for the running sequences
+        self._free = list(range(self.slots))  # slots no sequence owns (the engine thread changes it)
         self.peak_batch = 0  # the most sequences decoded in one step so far (an engine stat)
         # The engine thread builds the model itself: torch ops run several times slower in a thread other
         # than the one whose OpenMP team first touched the weights (measured: 4.9 vs 1.7 ms a step).
@@ -146,6 +150,12 @@ class LanguageEngine:
         """Sequences in the running batch."""
         with self._lock:
             return len(self._kv)
+
+    @property
+    def free_slots(self) -> int:
+        """KV cache slots no sequence holds (an engine stat; all of them when idle)."""
+        with self._lock:
+            return len(self._free)
 
     def _slot_len_for_budget(self, tp_size: int, dtype: torch.dtype) -> int:
         text = self.family.config.text_config
@@ -192,28 +202,20 @@ class LanguageEngine:
     def _loop(self) -> None:
         waiting: deque[tuple[LanguageRequest, Callback]] = deque()
         running: list[_Sequence] = []
-        free = list(range(self.slots))
         while self._take_new(waiting, block=not (running or waiting)):
             try:
-                self._admit(waiting, running, free)
+                self._admit(waiting, running)
                 self._decode(running)
-            except Exception as e:  # a bug must end the running requests, not the engine
+            except Exception as e:  # unreachable unless a bug escapes the per-sequence guards
                 log.exception("engine step failed")
                 for seq in running:
-                    if not seq.done:
-                        seq.done = True
-                        with self._lock:
-                            self._kv.pop(seq.slot, None)
-                        seq.callback(StepOutput([], "", "error", RequestError(f"internal error: {e}")))
-            for seq in [s for s in running if s.done]:
-                running.remove(seq)
-                free.append(seq.slot)
-                with self._lock:
-                    self._aborted.discard(seq.request.request_id)
+                    self._fail(seq, RequestError(f"internal error: {e}"))
+            running[:] = [seq for seq in running if not seq.done]  # their slots are free already (`_release`)
         for _, callback in waiting:  # shutting down: every accepted request still gets an answer
-            callback(StepOutput([], "", "error", Unavailable("the language model is shutting down")))
+            _call(callback, StepOutput([], "", "error", Unavailable("the language model is shutting down")))
         for seq in running:
-            seq.callback(StepOutput([], "", "cancelled"))
+            if not seq.done:
+                _call(seq.callback, StepOutput([], "", "cancelled"))
         self.runner.stop()
 
     def _take_new(self, waiting: deque, block: bool) -> bool:
@@ -231,12 +233,12 @@ class LanguageEngine:
         with self._lock:
             return request_id in self._aborted
 
-    def _admit(self, waiting: deque, running: list[_Sequence], free: list[int]) -> None:
+    def _admit(self, waiting: deque, running: list[_Sequence]) -> None:
         """Prefill waiting requests together while slots are free and `max_prefill_tokens` allows (the
         first always goes); each emits its first token."""
         batch: list[tuple[LanguageRequest, Callback, tuple]] = []
         tokens = 0
-        while waiting and len(batch) < len(free):
+        while waiting and len(batch) < len(self._free):
             request, callback = waiting[0]
             if batch and tokens + len(request.input_ids) > self.config.max_prefill_tokens:
                 break
@@ -244,42 +246,84 @@ class LanguageEngine:
             if self._is_aborted(request.request_id):
                 with self._lock:
                     self._aborted.discard(request.request_id)
-                callback(StepOutput([], "", "cancelled"))
+                _call(callback, StepOutput([], "", "cancelled"))
                 continue
             try:
                 if len(request.input_ids) >= self.max_model_len:
                     raise InvalidRequest(f"the prompt is {len(request.input_ids)} tokens; "
                                          f"the model context is {self.max_model_len}")
                 batch.append((request, callback, self.prompt_inputs(request)))
-            except RequestError as e:
-                callback(StepOutput([], "", "error", e))
-                continue
-            except Exception as e:  # a bug in one request's inputs fails that request only
-                log.exception("inputs of %s failed", request.request_id)
-                callback(StepOutput([], "", "error", RequestError(f"internal error: {e}")))
+            except Exception as e:  # a request's bad inputs fail that request only
+                if not isinstance(e, RequestError):
+                    log.exception("inputs of %s failed", request.request_id)
+                    e = RequestError(f"internal error: {e}")
+                _call(callback, StepOutput([], "", "error", e))
                 continue
             tokens += len(request.input_ids)
         if batch:
-            self._prefill(batch, running, free)
+            self._prefill(batch, running)
 
-    def _prefill(self, batch: list[tuple[LanguageRequest, Callback, tuple]], running: list[_Sequence],
-                 free: list[int]) -> None:
-        slots = free[-len(batch):][::-1]
-        try:
-            logits = self.runner.prefill(torch.cat([embeds for _, _, (embeds, _, _) in batch], dim=1),
-                                         torch.cat([positions for _, _, (_, positions, _) in batch], dim=2),
-                                         slots, [len(request.input_ids) for request, _, _ in batch])
-        except Exception as e:
-            log.exception("prefill of %s failed", ", ".join(request.request_id for request, _, _ in batch))
-            for _, callback, _ in batch:
-                callback(StepOutput([], "", "error", RequestError(f"internal error: {e}")))
-            return
-        del free[-len(batch):]
-        for (request, callback, (_, _, delta)), slot, row in zip(batch, slots, logits, strict=True):
-            seq = _Sequence(request, callback, slot, len(request.input_ids), delta, make_generator(request.sampling),
-                            IncrementalDetokenizer(self.tokenizer), StopStrings(request.sampling.stop))
+    def _prefill(self, batch: list[tuple[LanguageRequest, Callback, tuple]], running: list[_Sequence]) -> None:
+        """The batch's sequences join `running` (owning their slots) before anything can fail, so every
+        one of them ends in `_fail` or a finish, and its slot goes back."""
+        seqs = []
+        for request, callback, (_, _, delta) in batch:
+            with self._lock:
+                slot = self._free.pop()
+            seq = _Sequence(request, callback, slot, len(request.input_ids), delta,
+                            make_generator(request.sampling), IncrementalDetokenizer(self.tokenizer),
+                            StopStrings(request.sampling.stop))
             running.append(seq)
-            self._emit(seq, sample(row, request.sampling, seq.generator))
+            seqs.append(seq)
+        inputs = {seq.slot: inputs for seq, (_, _, inputs) in zip(seqs, batch, strict=True)}
+
+        def forward(group: list[_Sequence]) -> torch.Tensor:
+            return self.runner.prefill(torch.cat([inputs[s.slot][0] for s in group], dim=1),
+                                       torch.cat([inputs[s.slot][1] for s in group], dim=2),
+                                       [s.slot for s in group], [s.prompt_len for s in group])
+
+        for seq, row in self._isolated(forward, seqs, "prefill"):
+            self._guarded(seq, lambda seq=seq, row=row: self._emit(seq, sample(row, seq.request.sampling,
+                                                                              seq.generator)))
+
+    def _isolated(self, forward: Callable[[list[_Sequence]], torch.Tensor], seqs: list[_Sequence],
+                  what: str) -> Iterator[tuple[_Sequence, torch.Tensor]]:
+        """(sequence, logits row) for `forward` over all of `seqs` at once; when that fails, each sequence
+        alone, so a failure fails only the sequences that fail on their own."""
+        try:
+            yield from zip(seqs, forward(seqs), strict=True)
+            return
+        except Exception as e:
+            if len(seqs) == 1:
+                log.exception("%s of %s failed", what, seqs[0].request.request_id)
+                self._fail(seqs[0], RequestError(f"internal error: {e}"))
+                return
+            log.warning("batched %s of %d sequences failed (%s); running each alone", what, len(seqs), e)
+        for seq in seqs:
+            yield from self._isolated(forward, [seq], what)
+
+    def _guarded(self, seq: _Sequence, step: Callable[[], None]) -> None:
+        """Run one sequence's step; an exception ends that sequence only."""
+        try:
+            step()
+        except Exception as e:
+            log.exception("sequence %s failed", seq.request.request_id)
+            self._fail(seq, RequestError(f"internal error: {e}"))
+
+    def _fail(self, seq: _Sequence, error: RequestError) -> None:
+        """End `seq` with `error` unless it already ended (its slot is returned by the loop)."""
+        if seq.done:
+            return
+        seq.done = True
+        self._release(seq)
+        _call(seq.callback, StepOutput([], "", "error", error))
+
+    def _release(self, seq: _Sequence) -> None:
+        """A finished sequence gives its slot back, before its final output: whoever sees it sees the slot free."""
+        with self._lock:
+            self._kv.pop(seq.slot, None)
+            self._free.append(seq.slot)
+            self._aborted.discard(seq.request.request_id)
 
     def prompt_inputs(self, req: LanguageRequest) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Token embeddings with the image embeddings spliced over the image tokens [1, S, H], M-RoPE
@@ -301,12 +345,17 @@ class LanguageEngine:
         if not active:
             return
         self.peak_batch = max(self.peak_batch, len(active))
-        logits = self.runner.decode([seq.generated[-1] for seq in active], [seq.cached + seq.delta for seq in active],
-                                    [seq.slot for seq in active], [seq.cached for seq in active])
-        greedy = logits.argmax(dim=-1).tolist()  # one call for the whole batch
-        for seq, row, best in zip(active, logits, greedy, strict=True):
+
+        def forward(group: list[_Sequence]) -> torch.Tensor:
+            return self.runner.decode([s.generated[-1] for s in group], [s.cached + s.delta for s in group],
+                                      [s.slot for s in group], [s.cached for s in group])
+
+        rows = list(self._isolated(forward, active, "decode"))
+        greedy = torch.stack([row for _, row in rows]).argmax(dim=-1).tolist() if rows else []  # one call for all
+        for (seq, row), best in zip(rows, greedy, strict=True):
             params = seq.request.sampling
-            self._emit(seq, best if params.greedy else sample(row, params, seq.generator))
+            self._guarded(seq, lambda seq=seq, row=row, best=best, params=params: self._emit(
+                seq, best if params.greedy else sample(row, params, seq.generator)))
 
     def _emit(self, seq: _Sequence, token: int) -> None:
         seq.generated.append(token)
@@ -315,12 +364,12 @@ class LanguageEngine:
         text, hit_stop = seq.stops.feed(text, final=finish is not None)
         finish = "stop" if hit_stop else finish
         seq.done = finish is not None
-        with self._lock:  # before the callback: whoever sees the finish sees the slot freed
-            if seq.done:
-                self._kv.pop(seq.slot, None)
-            else:
+        if seq.done:
+            self._release(seq)
+        else:
+            with self._lock:
                 self._kv[seq.slot] = seq.cached + 1
-        seq.callback(StepOutput([token], text, finish))
+        seq.callback(StepOutput([token], text, finish))  # raising here ends this sequence (`_guarded`)
 
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
         if token in self.eos_ids:
@@ -331,3 +380,11 @@ class LanguageEngine:
         if n >= seq.request.sampling.max_tokens or seq.prompt_len + n >= self.max_model_len:
             return "length"
         return None
+
+
+def _call(callback: Callback, out: StepOutput) -> None:
+    """Hand an output to its request's callback; a failing callback (its client gone) hurts no other request."""
+    try:
+        callback(out)
+    except Exception:
+        log.exception("a request's callback failed")

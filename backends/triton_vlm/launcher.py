@@ -3,7 +3,8 @@
 `tritonserver` (a console script of this package) is a drop-in for the real binary: it adds
 LD_LIBRARY_PATH for the wheel's libraries, puts this environment's `bin` first on PATH (the
 backend stub takes its Python prefix from the first python3 there), a backend directory with
-the stub for this Python, and a shared-memory prefix unique to the process.
+the stub for this Python, a shared-memory prefix unique to the process, and explicit model
+control (so a model whose stub died can be reloaded).
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ import sysconfig
 from pathlib import Path
 
 from . import env
+
+# Explicit model control, every model loaded at start: the same serving as the default mode, but a
+# model whose python-backend stub died can be reloaded (our stub supervisor does it; see supervisor.py)
+MODEL_CONTROL = ["--model-control-mode=explicit", "--load-model=*"]
 
 
 def _pytriton() -> Path:
@@ -63,6 +68,8 @@ def command(args: list[str]) -> list[str]:
     if not any("shm-region-prefix-name" in a for a in args):
         # two servers on one host must not share python-backend shared memory regions
         cmd.append(f"--backend-config=python,shm-region-prefix-name=tvlm{os.getpid()}_")
+    if not any(a.startswith("--model-control-mode") for a in args):
+        cmd += MODEL_CONTROL
     return cmd + args
 
 

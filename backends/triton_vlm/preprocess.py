@@ -1,11 +1,15 @@
 """Preprocessing engine: chat + images in, token ids with expanded image placeholders and pixels out.
 
-With `image_processing: remote` (E/PD language servers) the images are not decoded here: each file's
-header gives its size, the size gives its grid and placeholder count, and the files themselves go on
-to the encoder servers, which decode, resize and patchify them."""
+Each image's token count comes from its file header alone, so the prompt length is checked before any
+pixel is decoded (eight 8192x8192 PNGs are refused in milliseconds, not after a minute of decoding).
+With `image_processing: remote` (E/PD language servers) the images are not decoded here at all: the
+files go on to the encoder servers, which decode, resize and patchify them."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,7 +19,7 @@ from .chat import build_conversation
 from .config import PreprocessConfig
 from .errors import InvalidRequest
 from .image_inputs import ImageProcessing
-from .images import load_image, open_image, read_source
+from .images import is_url, open_image, read_source
 from .models import load_family
 from .protocol import GenerateRequest, SamplingParams
 
@@ -51,20 +55,41 @@ class Preprocessor:
         self.default_sampling = default_sampling(config.model_path)
 
     def __call__(self, request: GenerateRequest) -> Preprocessed:
+        conversation, sources = self.parse(request)
+        return self.prepare(conversation, self.read_sources(sources), request.sampling)
+
+    def parse(self, request: GenerateRequest) -> tuple[list[dict], list[bytes]]:
+        """The conversation for the chat template, and each image's source (bytes, data: URL or URL)."""
         request.validate()
         conversation, sources = build_conversation(request)
         self.config.check_image_count(len(sources))
+        return conversation, sources
+
+    def read_sources(self, sources: list[bytes]) -> list[bytes]:
+        """Each source's encoded image file (URLs fetched under the fetch policy)."""
         limits = self.config.image_limits
-        files: tuple[bytes, ...] = ()
-        if self.config.image_processing == "remote":
-            files = tuple(read_source(source, i, limits) for i, source in enumerate(sources))
-            grid_thw = self.images.grid([open_image(data, i, limits).size for i, data in enumerate(files)])
-            pixel_values = np.zeros((0, self.images.patch_dim), np.float32)
-        else:
-            pixel_values, grid_thw = self.images.pixels([load_image(s, i, limits) for i, s in enumerate(sources)])
+        return [read_source(source, i, limits) for i, source in enumerate(sources)]
+
+    def prepare(self, conversation: list[dict], files: list[bytes], sampling: SamplingParams) -> Preprocessed:
+        """Every check that needs no pixels comes first: each image's grid is computed from its header
+        alone (the processor's own resize rule), so an over-long request is refused before any decoding."""
+        limits = self.config.image_limits
+        grid_thw = self.images.grid([open_image(data, i, limits).size for i, data in enumerate(files)])
+        input_ids = self._prompt_ids(conversation, grid_thw)
+        if self.config.image_processing == "remote":  # the encoder servers decode them
+            return Preprocessed(input_ids, np.zeros((0, self.images.patch_dim), np.float32), grid_thw, sampling,
+                                tuple(files))
+        pixel_values, decoded_grid = self.images.decode(files, limits)
+        if not np.array_equal(decoded_grid, grid_thw):  # the resize rule and the processor disagree: a bug
+            raise RuntimeError(f"image grids from headers {grid_thw.tolist()} != decoded {decoded_grid.tolist()}")
+        return Preprocessed(input_ids, pixel_values, grid_thw, sampling)
+
+    def _prompt_ids(self, conversation: list[dict], grid_thw: np.ndarray) -> np.ndarray:
+        """The chat template applied, each image placeholder expanded to its token count; checked against
+        the context length."""
         prompt = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         pieces = prompt.split(self.image_pad)
-        if len(pieces) - 1 != len(sources):
+        if len(pieces) - 1 != len(grid_thw):
             raise InvalidRequest("the image placeholders in the prompt do not match the images sent")
         counts = self.family.tokens_per_image(grid_thw)
         prompt = pieces[0] + "".join(self.image_pad * int(n) + p for n, p in zip(counts, pieces[1:], strict=True))
@@ -74,4 +99,42 @@ class Preprocessor:
                 f"the prompt is {len(input_ids)} tokens ({int(counts.sum())} of them for images); "
                 f"the model context is {self.max_model_len} tokens"
             )
-        return Preprocessed(input_ids, pixel_values, grid_thw, request.sampling, files)
+        return input_ids
+
+
+class PreprocessStage:
+    """Answers each request through `done(output, error)`, exactly once. A request with image URLs waits
+    for its fetches on an I/O thread, so a slow web server holds one of those threads, never the Triton
+    instance: requests without URLs are preprocessed at once on the caller's thread."""
+
+    def __init__(self, preprocessor: Preprocessor, max_fetching: int = 64) -> None:
+        self.preprocessor = preprocessor
+        self._fetching = ThreadPoolExecutor(max_fetching, thread_name_prefix="preprocess-fetch")
+
+    def submit(self, request: GenerateRequest, done: Done) -> None:
+        try:
+            conversation, sources = self.preprocessor.parse(request)
+        except Exception as e:
+            done(None, e)
+            return
+        work = functools.partial(_answer, done, lambda: self.preprocessor.prepare(
+            conversation, self.preprocessor.read_sources(sources), request.sampling))
+        if any(is_url(source) for source in sources):
+            self._fetching.submit(work)
+        else:
+            work()
+
+    def shutdown(self) -> None:
+        self._fetching.shutdown(wait=True, cancel_futures=False)
+
+
+Done = Callable[[Preprocessed | None, Exception | None], None]
+
+
+def _answer(done: Done, work: Callable[[], Preprocessed]) -> None:
+    try:
+        out = work()
+    except Exception as e:
+        done(None, e)
+    else:
+        done(out, None)

@@ -11,12 +11,13 @@ import numpy as np
 from .errors import InvalidRequest
 
 MAX_SEED = 2**31 - 1
+SAMPLING_EPS = 1e-5  # temperatures below this sample greedily (vLLM's rule): 1/T would overflow the logits
 MAX_STOPS, MAX_STOP_CHARS = 16, 256
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling, vLLM names. `temperature == 0` means greedy."""
+    """Per-request sampling, vLLM names. `temperature` 0 (below SAMPLING_EPS) means greedy."""
 
     max_tokens: int = 128
     temperature: float = 0.0
@@ -43,7 +44,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     def with_overrides(self, **overrides) -> SamplingParams:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})

@@ -16,10 +16,13 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits: [V] float. Returns one token id."""
+    """logits: [V] float. Returns one token id. Never raises on odd values: logits that the temperature
+    makes non-finite (or that came non-finite) fall back to the greedy choice."""
     if params.greedy:
         return int(torch.argmax(logits).item())
-    logits = logits.float().cpu() / params.temperature
+    logits = torch.nan_to_num(logits.float().cpu(), nan=float("-inf")) / params.temperature
+    if not torch.isfinite(logits.max()):  # every logit -inf, or one +inf: no distribution to sample
+        return int(torch.argmax(logits).item())
     if params.top_k > 0 and params.top_k < logits.numel():
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -29,5 +32,5 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         # keep the smallest prefix whose mass reaches top_p (always keeps the first token)
         drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= params.top_p
         logits[order[drop]] = float("-inf")
-    probs = torch.softmax(logits, dim=-1)
+    probs = torch.softmax(logits, dim=-1)  # finite: the max is finite, so exp(x - max) is in [0, 1]
     return int(torch.multinomial(probs, 1, generator=generator).item())

@@ -14,9 +14,24 @@ from . import launcher
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n free loopback ports, all different: held open together while they are chosen. Another process
+    may still take one before the server binds it; `TritonServer` then starts again on new ones."""
+    sockets = []
+    try:
+        for _ in range(n):
+            sockets.append(socket.socket())
+            sockets[-1].bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+_BIND_FAILURES = ("already in use", "at the same address", "Address in use")
 
 
 def is_ready(http_url: str) -> bool:
@@ -58,9 +73,10 @@ class TritonServer:
                  metrics_port: int | None = None, log_file: str | Path | None = None,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.repository = Path(repository)
-        self.http_port = http_port or free_port()
-        self.grpc_port = grpc_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        self.auto_ports = not (http_port or grpc_port or metrics_port)
+        chosen = free_ports(3)
+        self.http_port, self.grpc_port, self.metrics_port = http_port or chosen[0], grpc_port or chosen[1], \
+            metrics_port or chosen[2]
         self.log_file = Path(log_file) if log_file else None
         self.extra_args = extra_args or []
         self.env = env
@@ -91,15 +107,26 @@ class TritonServer:
                                         start_new_session=True)
         return self
 
-    def wait_ready(self, timeout_s: float = 300) -> TritonServer:
+    def wait_ready(self, timeout_s: float = 300, attempts: int = 3) -> TritonServer:
+        """Until ready. A server on ports we chose that lost one to another process starts again on new ports."""
         try:
             wait_ready(self.process, self.http_url, timeout_s)
         except TimeoutError:
             self.stop()
             raise
         except RuntimeError as e:
+            if attempts > 1 and self.auto_ports and self._lost_a_port():
+                self.stop()
+                self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+                return self.start().wait_ready(timeout_s, attempts - 1)
             raise RuntimeError(f"{e}; log: {self.log_file}") from None
         return self
+
+    def _lost_a_port(self) -> bool:
+        if self.log_file is None or not self.log_file.exists():
+            return False
+        text = self.log_file.read_text(errors="replace")
+        return any(failure in text for failure in _BIND_FAILURES)
 
     def stop(self, timeout_s: float = 60) -> None:
         stop_process_group(self.process, timeout_s)

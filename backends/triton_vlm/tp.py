@@ -1,8 +1,8 @@
 """Tensor parallelism: the process group of the language model's ranks and its one collective.
 
 Rank 0 lives in the Triton stub; ranks 1..N-1 are worker processes it starts (`tp_worker.py`).
-NCCL on GPUs, gloo on CPU; the rendezvous is a free loopback port chosen by rank 0, so two servers
-on one host never meet.
+NCCL on GPUs, gloo on CPU; the rendezvous is a file unique to rank 0's engine, so two servers on one
+host never meet and no port is raced for.
 """
 
 from __future__ import annotations

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
 
 from . import interface as I
 from .errors import RequestError
+from .retry import retry
+
+if TYPE_CHECKING:
+    import torch
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -26,6 +31,8 @@ def inputs(request, names) -> dict[str, np.ndarray]:
 
 def to_torch(tensor: pb_utils.Tensor) -> torch.Tensor:
     """A (possibly GPU) tensor as a torch tensor without a host copy (DLPack on GPU)."""
+    import torch  # here, not at the top: stubs that only forward tensors (vlm_unary) start without torch
+
     return torch.from_numpy(tensor.as_numpy()) if tensor.is_cpu() else torch.from_dlpack(tensor.to_dlpack())
 
 
@@ -43,13 +50,28 @@ def infer(model_name: str, inputs: list[pb_utils.Tensor], output_names: list[str
 
 
 def encode_on_replicas(pixel_values, grid_thw) -> torch.Tensor:
-    """Image embeddings from this server's `vision_encoder` (BLS: Triton picks a free replica)."""
+    """Image embeddings from this server's `vision_encoder` (BLS: Triton picks a replica). A replica whose
+    stub died fails at once; the shard is tried again until a healthy (or reloaded) replica takes it."""
     inputs = [output(I.PIXEL_VALUES, pixel_values), output(I.IMAGE_GRID_THW, grid_thw)]
-    return infer("vision_encoder", inputs, [I.IMAGE_EMBEDS])[I.IMAGE_EMBEDS]
+    return retry(lambda: infer("vision_encoder", inputs, [I.IMAGE_EMBEDS])[I.IMAGE_EMBEDS], replica_down)
+
+
+def replica_down(e: Exception) -> bool:
+    """Whether a BLS error says the instance itself is gone (its stub died, or the model is reloading),
+    rather than anything about the request: the python backend's own messages are all there is."""
+    return any(s in str(e) for s in ("is not healthy", "Failed to obtain the health mutex", "is not ready"))
+
+
+def supervise():
+    """Start this stub's supervisor: dead stubs of the server get their model reloaded; orphans exit."""
+    from .supervisor import StubSupervisor
+
+    return StubSupervisor(lambda model: pb_utils.load_model(model_name=model)).start()
 
 
 def output(name: str, value) -> pb_utils.Tensor:
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # never imported here: a stub that has no tensors has no torch
+    if torch is not None and isinstance(value, torch.Tensor):
         if value.is_cuda:
             return pb_utils.Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(value.contiguous()))
         value = value.numpy()

@@ -3,15 +3,17 @@
 http(s) only; every address a host name resolves to must be public unless
 `allow_private`; the connection goes to the address that was checked (no second
 DNS lookup to rebind); redirects are followed by hand and checked the same way;
-a size cap and a whole-fetch deadline.
+a size cap and a whole-fetch deadline (name lookup, connect, TLS, headers, body).
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
@@ -27,9 +29,9 @@ class FetchPolicy:
     max_redirects: int = 3
 
 
-def _checked_address(host: str, port: int, policy: FetchPolicy) -> str:
+def _checked_address(host: str, port: int, policy: FetchPolicy, watchdog: _Watchdog) -> str:
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _resolve(host, port, watchdog)
     except socket.gaierror as e:
         raise InvalidRequest(f"cannot resolve image URL host {host!r}: {e}") from None
     addresses = [info[4][0] for info in infos]
@@ -43,35 +45,114 @@ def _checked_address(host: str, port: int, policy: FetchPolicy) -> str:
     return addresses[0]
 
 
+class _Watchdog:
+    """The whole-fetch deadline. Socket timeouts bound each read, not the fetch: a server that drips its
+    headers or body a byte at a time resets them forever. At the deadline this shuts the socket down,
+    which ends whatever read or handshake is waiting on it."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        self.fired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(timeout_s, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def remaining(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            self._fire()
+        return max(left, 0.001)
+
+    def watch(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+        if self.fired:
+            self._fire()
+
+    def _fire(self) -> None:
+        with self._lock:
+            self.fired = True
+            if self._sock is not None:
+                with contextlib.suppress(OSError):  # already closed
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+def _connect(address: str, port: int, watchdog: _Watchdog) -> socket.socket:
+    sock = socket.create_connection((address, port), watchdog.remaining())
+    watchdog.watch(sock)
+    return sock
+
+
 class _PinnedHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout)
-        self._address = address
+    def __init__(self, host: str, port: int, address: str, watchdog: _Watchdog) -> None:
+        super().__init__(host, port, timeout=watchdog.remaining())
+        self._address, self._watchdog = address, watchdog
 
     def connect(self) -> None:
-        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = _connect(self._address, self.port, self._watchdog)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
-        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
-        self._address = address
+    def __init__(self, host: str, port: int, address: str, watchdog: _Watchdog) -> None:
+        super().__init__(host, port, timeout=watchdog.remaining(), context=ssl.create_default_context())
+        self._address, self._watchdog = address, watchdog
 
     def connect(self) -> None:
-        sock = socket.create_connection((self._address, self.port), self.timeout)
-        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        sock = _connect(self._address, self.port, self._watchdog)
+        # wrapping detaches `sock`: watch the TLS socket, then shake hands under the watchdog
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host, do_handshake_on_connect=False)
+        self._watchdog.watch(self.sock)
+        self.sock.do_handshake()
+
+
+def _resolve(host: str, port: int, watchdog: _Watchdog) -> list:
+    """getaddrinfo under the deadline (it blocks in the resolver and cannot be interrupted)."""
+    result: list = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            result.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as e:
+            result.append(e)
+        done.set()
+
+    threading.Thread(target=lookup, name="url-fetch-dns", daemon=True).start()
+    if not done.wait(watchdog.remaining()):
+        raise TimeoutError
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]
 
 
 def fetch_url(url: str, policy: FetchPolicy) -> bytes:
-    deadline = time.monotonic() + policy.timeout_s
+    """The body at `url`, or InvalidRequest. Connect, TLS, headers, body and every redirect together end
+    within `policy.timeout_s` of the call."""
+    watchdog = _Watchdog(policy.timeout_s)
+    try:
+        return _fetch(url, policy, watchdog)
+    except (OSError, http.client.HTTPException) as e:
+        if watchdog.fired:
+            raise InvalidRequest(f"fetching {url[:100]!r} took longer than {policy.timeout_s}s") from None
+        raise InvalidRequest(f"cannot fetch image URL {url[:100]!r}: {e}") from None
+    finally:
+        watchdog.cancel()
+
+
+def _fetch(url: str, policy: FetchPolicy, watchdog: _Watchdog) -> bytes:
     for _ in range(policy.max_redirects + 1):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidRequest(f"unsupported image URL {url[:100]!r}: only http(s) URLs are fetched")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        address = _checked_address(parts.hostname, port, policy)
+        address = _checked_address(parts.hostname, port, policy, watchdog)
         cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
-        conn = cls(parts.hostname, port, address, timeout=policy.timeout_s)
+        conn = cls(parts.hostname, port, address, watchdog)
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
             conn.request("GET", path, headers={"User-Agent": "triton-vlm", "Accept": "image/*"})
@@ -89,11 +170,9 @@ def fetch_url(url: str, policy: FetchPolicy) -> bytes:
                 body += chunk
                 if len(body) > policy.max_bytes:
                     raise InvalidRequest(f"image at {url[:100]!r} is larger than {policy.max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise InvalidRequest(f"fetching {url[:100]!r} took longer than {policy.timeout_s}s")
+            if watchdog.fired:  # the socket was shut mid-body: what came is not the image
+                raise TimeoutError
             return bytes(body)
-        except (OSError, http.client.HTTPException) as e:
-            raise InvalidRequest(f"cannot fetch image URL {url[:100]!r}: {e}") from None
         finally:
             conn.close()
     raise InvalidRequest(f"image URL {url[:100]!r} redirected more than {policy.max_redirects} times")

@@ -34,14 +34,16 @@ def read_image(source: str) -> bytes:
 
 
 def build_inputs(module, prompt: str | None = None, images: list[bytes] | None = None,
-                 messages: list[dict] | None = None, stream: bool | None = None, stop: list[str] | None = None,
+                 messages: list[dict] | str | None = None, stream: bool | None = None, stop: list[str] | None = None,
                  **sampling) -> list:
-    """InferInputs for the `vlm` interface; `module` is tritonclient.grpc or tritonclient.http."""
+    """InferInputs for the `vlm` interface; `module` is tritonclient.grpc or tritonclient.http. `messages`:
+    chat messages, or their JSON text as it is."""
     tensors: dict[str, np.ndarray] = {}
     if prompt is not None:
         tensors["text_input"] = np.array([prompt.encode()], dtype=np.object_)
     if messages is not None:
-        tensors["messages"] = np.array([json.dumps(messages).encode()], dtype=np.object_)
+        text = messages if isinstance(messages, str) else json.dumps(messages)
+        tensors["messages"] = np.array([text.encode()], dtype=np.object_)
     if images:
         tensors["images"] = np.array(images, dtype=np.object_)
     if stream is not None:

@@ -15,31 +15,36 @@ from .client import build_inputs, infer_inputs
 PREPROCESSED = ("_INPUT_IDS", "_PIXEL_VALUES", "_IMAGE_GRID_THW", "_SAMPLING", "_IMAGES")
 
 
-def preprocess(url: str, prompt: str, images: list[bytes]) -> dict[str, np.ndarray]:
+def preprocess(url: str, prompt: str, images: list[bytes], timeout_s: float = 300) -> dict[str, np.ndarray]:
     """`preprocess`'s outputs (token ids, pixels, image_grid_thw, sampling, files), as the ensemble passes them on."""
     import tritonclient.grpc as grpcclient
 
-    with grpcclient.InferenceServerClient(url) as client:
-        result = client.infer("preprocess", build_inputs(grpcclient, prompt=prompt, images=images),
-                              outputs=[grpcclient.InferRequestedOutput(n) for n in PREPROCESSED])
+    result = _one_streamed(url, "preprocess", build_inputs(grpcclient, prompt=prompt, images=images), timeout_s)[0]
     return {name: result.as_numpy(name) for name in PREPROCESSED}
 
 
-def encode(url: str, preprocessed: dict[str, np.ndarray], timeout_s: float = 300) -> tuple[np.ndarray, float]:
-    """One call of the (decoupled) `encode` stage -> (embeddings [tokens, H], seconds it took)."""
+def _one_streamed(url: str, model: str, inputs: list, timeout_s: float):
+    """One request to a decoupled model over a gRPC stream -> (its one response, seconds it took)."""
     import tritonclient.grpc as grpcclient
 
-    inputs = infer_inputs(grpcclient, preprocessed)
     events: queue.Queue = queue.Queue()
     with grpcclient.InferenceServerClient(url) as client:
         client.start_stream(callback=lambda result, error: events.put((result, error)))
         try:
             start = time.perf_counter()
-            client.async_stream_infer("encode", inputs)
+            client.async_stream_infer(model, inputs)
             result, error = events.get(timeout=timeout_s)
             elapsed = time.perf_counter() - start
         finally:
             client.stop_stream()
     if error is not None:
         raise error
+    return result, elapsed
+
+
+def encode(url: str, preprocessed: dict[str, np.ndarray], timeout_s: float = 300) -> tuple[np.ndarray, float]:
+    """One call of the (decoupled) `encode` stage -> (embeddings [tokens, H], seconds it took)."""
+    import tritonclient.grpc as grpcclient
+
+    result, elapsed = _one_streamed(url, "encode", infer_inputs(grpcclient, preprocessed), timeout_s)
     return result.as_numpy("_IMAGE_EMBEDS"), elapsed

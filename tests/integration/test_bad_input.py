@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import json
+import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import make_image
+from triton_vlm_clients import stages
 from triton_vlm_clients.client import build_inputs, infer, stream
 
 
@@ -28,7 +34,8 @@ def _huge_png() -> bytes:
 
 BAD = {
     "huge image": (dict(images=[_huge_png()]), "9000x8000; the limit is 67108864 pixels"),
-    "messages not a list": (dict(prompt=None, messages="[{"), "must be a non-empty JSON list"),
+    "messages not JSON": (dict(prompt=None, messages="[{"), "'messages' is not valid JSON"),
+    "messages not a list": (dict(prompt=None, messages='"hello"'), "must be a non-empty JSON list"),
     "corrupt image": (dict(images=[make_image(64, 64)[:200]]), "could not be decoded"),
     "not an image": (dict(images=[b"hello, this is text"]), "could not be decoded"),
     "empty image entry": (dict(images=[make_image(64, 64), b""]), "image 1 is empty"),
@@ -44,16 +51,45 @@ BAD = {
     "loopback URL": (dict(images=[b"http://127.0.0.1:1/cat.png"]), "non-public address"),
     "bad data URL": (dict(images=[b"data:image/png;base64,@@@"]), "not valid base64"),
     "empty stop string": (dict(stop=["ok", ""]), "stop: at most 16 non-empty strings"),
+    "deeply nested messages": (dict(prompt=None, messages="[" * 100000), "'messages' is too deeply nested"),
+    "data URL not an image": (dict(images=[b"data:text/plain;base64,aGVsbG8="]), "media type is 'text/plain'"),
     "too many stop strings": (dict(stop=[str(i) for i in range(17)]), "stop: at most 16 non-empty strings"),
 }
 
 
 def test_preprocess_refuses_bad_input_with_invalid_arg(server):
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    with pytest.raises(InferenceServerException, match="image 0 could not be decoded") as err:
-        client.infer("preprocess", build_inputs(grpcclient, prompt="x", images=[b"bad"]))
-    client.close()
-    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+    body = json.dumps({"text_input": "x", "images": ["bad"]}).encode()
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/preprocess/generate", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=60)
+    assert err.value.code == 400 and "image 0 could not be decoded" in err.value.read().decode()
+
+
+def test_tiny_and_thin_images_are_served(server):
+    """1x1 failed inside the image processor ("mean must have 1 elements"); 100x3 got a transposed grid."""
+    images = [make_image(1, 1), make_image(100, 3, seed=1), make_image(3, 100, seed=2)]
+    grid = stages.preprocess(server.grpc_url, "what is it", images)["_IMAGE_GRID_THW"]
+    assert grid.tolist() == [[1, 4, 4], [1, 2, 24], [1, 24, 2]]  # t, h, w: heights 3 and 100 resized by 28s
+    answer = stream(server.grpc_url, prompt="what is it", images=images, max_tokens=3)
+    assert answer.output_ids
+
+
+@functools.cache
+def _giant_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (8192, 8192), 200).save(buf, format="PNG")  # 64 Mi pixels (the limit), a few KB
+    return buf.getvalue()
+
+
+def test_too_many_image_tokens_are_refused_before_any_decoding(server):
+    """Token counts come from the headers: eight 8192x8192 PNGs once cost over a minute of decoding before
+    this answer (the bound is generous: the answer takes milliseconds)."""
+    start = time.monotonic()
+    with pytest.raises(InferenceServerException, match="model context is 4096"):
+        stream(server.grpc_url, prompt="describe", images=[_giant_png()] * 8, max_tokens=4)
+    assert time.monotonic() - start < 10
+    _good_request_still_works(server)
 
 
 def _good_request_still_works(server):

@@ -81,7 +81,8 @@ def test_perf_analyzer_measures_the_encoder_over_system_shared_memory(server, ti
 def test_perf_analyzer_measures_preprocess(server, perf_analyzer, tmp_path):
     data = tmp_path / "inputs.json"
     data.write_text(json.dumps(input_data(entries=2, image_count=1, resolution="128x96")))
-    stdout = _perf(perf_analyzer, "-m", "preprocess", "-u", server.grpc_url, "-i", "grpc", f"--input-data={data}")
+    stdout = _perf(perf_analyzer, "-m", "preprocess", "-u", server.grpc_url, "-i", "grpc", "--async", "--streaming",
+                   f"--input-data={data}")
     assert "Throughput:" in stdout
 
 

@@ -11,14 +11,14 @@ import tritonclient.http as httpclient
 
 from tests.conftest import make_image
 from triton_vlm.repository import COMMITTED
-from triton_vlm.server import free_port, stop_process_group, wait_ready
+from triton_vlm.server import free_ports, stop_process_group, wait_ready
 from triton_vlm_clients.client import infer
 
 BIN = Path(sys.executable).parent
 
 
 def test_plain_tritonserver_serves_the_committed_repository(tiny_model, tmp_path):
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     env = {**os.environ, "TRITON_VLM_MODEL": str(tiny_model), "PATH": os.environ.get("PATH", "")}
     with open(tmp_path / "log", "wb") as log:
         process = subprocess.Popen(
@@ -35,7 +35,7 @@ def test_plain_tritonserver_serves_the_committed_repository(tiny_model, tmp_path
 
 
 def test_serve_with_encoder_replicas_and_infer_commands(tiny_model, tmp_path):
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     image = tmp_path / "cat.png"
     image.write_bytes(make_image(120, 90))
     with open(tmp_path / "log", "wb") as log:
@@ -67,6 +67,7 @@ def test_render_prints_the_tritonserver_arguments(tiny_model, tmp_path):
                           "--encoder-dp", "2", "--gpus", "0,1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [f"--model-repository={tmp_path / 'repo'}",
+                                  "--model-control-mode=explicit", "--load-model=*",
                                   "--cuda-memory-pool-byte-size=0:268435456",
                                   "--cuda-memory-pool-byte-size=1:268435456"]
     config = (tmp_path / "repo" / "vision_encoder" / "config.pbtxt").read_text()

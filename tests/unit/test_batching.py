@@ -169,3 +169,53 @@ def test_tp_workers_exit_with_the_engine(tp2):  # last: it shuts the shared TP e
     assert all(w.poll() is not None for w in workers)
     out = subprocess.run(["pgrep", "-f", "triton_vlm.tp_worker"], capture_output=True, text=True)
     assert str(workers[0].pid) not in out.stdout.split()
+
+
+def _solo_ids(engine, requests):
+    return [run_concurrently(engine, [r])[0][0] for r in requests]
+
+
+def test_a_request_whose_client_fails_ends_alone_and_returns_its_slot(parts, engine):
+    good = [make_request(parts, i, p, n_images=i % 2, max_tokens=10) for i, p in enumerate(PROMPTS[:4])]
+    alone = _solo_ids(engine, good)
+    outputs = []
+
+    def failing_client(out):  # e.g. its stream broke: raises on its second token
+        outputs.append(out)
+        if len(outputs) == 2:
+            raise ConnectionError("client gone")
+
+    bad = make_request(parts, 9, "go on and on", max_tokens=50)
+    engine.submit(bad, failing_client)
+    together = run_concurrently(engine, good)
+    assert [ids for ids, _, _ in together] == alone
+    assert outputs[-1].finished and sum(o.finished for o in outputs) == 1  # exactly one final output
+    assert engine.free_slots == engine.slots and engine.running == 0
+
+
+def test_a_failing_prefill_fails_that_request_only(parts, engine, monkeypatch):
+    good = [make_request(parts, i, p, max_tokens=8) for i, p in enumerate(PROMPTS[:3])]
+    alone = _solo_ids(engine, good)
+    bad = make_request(parts, 7, "a prompt the model cannot take, for this test " * 3, max_tokens=8)
+    real = engine.runner.prefill
+
+    def prefill(embeds, positions, slots, lengths):
+        if len(bad.input_ids) in lengths:
+            raise RuntimeError("prefill broke on this prompt")
+        return real(embeds, positions, slots, lengths)
+
+    monkeypatch.setattr(engine.runner, "prefill", prefill)
+    results = run_concurrently(engine, [good[0], bad, *good[1:]])
+    assert [ids for ids, _, _ in results[:1] + results[2:]] == alone
+    _, _, last = results[1]
+    assert last.finish_reason == "error" and "prefill broke" in str(last.error)
+    assert engine.free_slots == engine.slots and engine.running == 0
+
+
+def test_tiny_and_huge_temperatures_sample_without_failing(parts, engine):
+    greedy = make_request(parts, 0, "tell a story", max_tokens=8)
+    [(expected, _, _)] = run_concurrently(engine, [greedy])
+    odd = [make_request(parts, 0, "tell a story", max_tokens=8, temperature=t, seed=1) for t in (1e-45, 3e38)]
+    (tiny, _, tiny_last), (_, _, huge_last) = run_concurrently(engine, odd)
+    assert tiny == expected  # below SAMPLING_EPS is greedy
+    assert tiny_last.finish_reason in ("stop", "length") and huge_last.finish_reason in ("stop", "length")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 
 import pytest
 
@@ -19,6 +20,21 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", f"http://localhost:{self.server.server_port}/img")
             self.end_headers()
+            return
+        if self.path.startswith("/drip-"):  # a byte every 0.1 s: no single read ever times out
+            drip = (b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\nX-Pad: " + b"a" * 400 + b"\r\n\r\n"
+                    if self.path == "/drip-headers" else BODY)
+            if self.path == "/drip-body":
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(BODY)))
+                self.end_headers()
+            for i in range(len(drip)):
+                try:
+                    self.wfile.write(drip[i:i + 1])
+                    self.wfile.flush()
+                except OSError:
+                    return
+                threading.Event().wait(0.1)
             return
         if self.path == "/slow":
             self.send_response(200)
@@ -65,7 +81,7 @@ def test_size_cap(local_http):
 def test_http_errors_and_timeouts_are_request_errors(local_http):
     with pytest.raises(InvalidRequest, match="HTTP 404"):
         fetch_url(local_http + "/missing", FetchPolicy(allow_private=True))
-    with pytest.raises(InvalidRequest, match="cannot fetch"):
+    with pytest.raises(InvalidRequest, match="took longer than 0.5s"):
         fetch_url(local_http + "/slow", FetchPolicy(allow_private=True, timeout_s=0.5))
 
 
@@ -79,3 +95,11 @@ def test_redirects_are_checked_too(local_http):
 def test_only_http_urls(url):
     with pytest.raises(InvalidRequest, match="only http"):
         fetch_url(url, FetchPolicy())
+
+
+@pytest.mark.parametrize("path", ["/drip-headers", "/drip-body"])
+def test_the_deadline_bounds_the_whole_fetch_of_a_dripping_server(local_http, path):
+    start = time.monotonic()
+    with pytest.raises(InvalidRequest, match="took longer than 1.0s"):
+        fetch_url(local_http + path, FetchPolicy(allow_private=True, timeout_s=1.0))
+    assert time.monotonic() - start < 3, "the fetch outlived its deadline"  # 400+ s before the watchdog

@@ -39,6 +39,7 @@ class _LocalEncoder:
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
         config = EncodeConfig.from_parameters(triton_io.parameters(args))
         family = load_family(config.model_path)
         local = _LocalEncoder(config.model_path)
@@ -78,6 +79,7 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
+        self.supervisor.stop()
         self.stage.shutdown()
         if self.remote is not None:
             self.remote.close()

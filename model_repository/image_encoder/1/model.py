@@ -20,6 +20,7 @@ def _run_shard(images, target=None):
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
         params = triton_io.parameters(args)
         self.limits = PreprocessConfig.from_parameters(params)
         encode = EncodeConfig.from_parameters(params)
@@ -43,4 +44,5 @@ class TritonPythonModel:
                                            triton_io.output(I.IMAGE_GRID_THW, grid)])
 
     def finalize(self):
+        self.supervisor.stop()
         self.stage.shutdown()

@@ -96,6 +96,7 @@ class _Sender:
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
         config = LanguageConfig.from_parameters(triton_io.parameters(args), device=triton_io.device(args))
         self.engine = LanguageEngine(config)
         self.outbox = _Outbox()
@@ -117,5 +118,6 @@ class TritonPythonModel:
         return None
 
     def finalize(self):
+        self.supervisor.stop()
         self.engine.shutdown()
         self.outbox.close()

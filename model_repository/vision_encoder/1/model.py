@@ -11,6 +11,7 @@ from triton_vlm.encoder import VisionEncoder
 
 class TritonPythonModel:
     def initialize(self, args):
+        self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
         config = EncoderConfig.from_parameters(triton_io.parameters(args), device=triton_io.device(args),
                                               instances=triton_io.instance_count(args))
         self.engine = VisionEncoder(config)
@@ -25,3 +26,6 @@ class TritonPythonModel:
             except Exception as e:
                 responses.append(triton_io.error_response(e))
         return responses
+
+    def finalize(self):
+        self.supervisor.stop()

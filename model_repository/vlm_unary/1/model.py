@@ -5,9 +5,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
+from triton_vlm import triton_io
 
 
 class TritonPythonModel:
+    def initialize(self, args):
+        self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
+
     def execute(self, requests):
         # blocks this instance until the answer is complete: concurrency = instance count
         return [self._one(request) for request in requests]
@@ -28,3 +32,6 @@ class TritonPythonModel:
         if answer is None:
             return pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError("vlm sent no answer"))
         return pb_utils.InferenceResponse([pb_utils.get_output_tensor_by_name(answer, n) for n in I.PUBLIC_OUTPUTS])
+
+    def finalize(self):
+        self.supervisor.stop()

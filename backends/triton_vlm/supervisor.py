@@ -1,0 +1,146 @@
+"""Heal dead python-backend stubs, and never outlive the server.
+
+Triton 2.51 neither restarts a stub that died (SIGKILL, OOM killer, a crash in native code) nor stops
+reporting ready: every request routed to that instance fails with "Stub process ... is not healthy"
+for as long as the server runs. What it does allow, in `--model-control-mode=explicit` (our launcher's
+default), is reloading the model: fresh instances replace the broken ones while the old ones drain.
+
+Every stub of ours runs a `StubSupervisor` thread. One of them at a time (whoever binds the server's
+abstract socket name; the kernel frees it when that stub dies, and the next one takes over) watches
+the server's stub processes: a stub that became a zombie (killed, not unloaded: Triton reaps the stubs
+it stops) gets its model reloaded, once, and its shared-memory region unlinked (Triton never unloads
+the broken instance, so nothing else would). Every supervisor also watches its own parent: a stub
+whose server died unlinks its region and exits, instead of running on as an orphan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SHM = Path("/dev/shm")
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
+    return fields[0], int(fields[1])
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def stub_model(cmdline: list[str]) -> str | None:
+    """The model a python-backend stub serves, from its command line (<repository>/<model>/<version>/model.py)."""
+    if len(cmdline) < 3 or not cmdline[0].endswith("triton_python_backend_stub"):
+        return None
+    parts = Path(cmdline[1]).parts
+    return parts[-3] if len(parts) >= 3 else None
+
+
+class StubSupervisor:
+    def __init__(self, reload: Callable[[str], None], interval_s: float = 1.0, pid: int | None = None) -> None:
+        self.reload, self.interval_s = reload, interval_s
+        self.pid = pid or os.getpid()
+        self.server_pid = _stat(self.pid)[1]
+        own = _cmdline(self.pid)
+        self.region = own[2] if stub_model(own) else None
+        self.leader = False
+        self._leader_socket: socket.socket | None = None
+        self._stubs: dict[int, tuple[str, str]] = {}  # stub pid -> (model, region), learned while it lived
+        self._zombies: set[int] = set()  # stubs seen dead once: Triton reaps the ones it stops at once
+        self._healed: set[int] = set()  # dead stubs whose model was reloaded already
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stub-supervisor", daemon=True)
+
+    def start(self) -> StubSupervisor:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        if self._leader_socket is not None:
+            self._leader_socket.close()  # hands the lead on
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check()
+            except Exception:  # the supervisor must never take its stub down
+                log.exception("stub supervisor check failed")
+
+    def check(self) -> list[str]:
+        """One round: exit if orphaned; as the leader, reload the models of dead stubs. -> models reloaded."""
+        if os.getppid() != self.server_pid:
+            self._orphaned()
+        if not self.leader and not self._try_lead():
+            return []
+        reloaded = []
+        for pid, (model, region) in self._dead_stubs().items():
+            (SHM / region).unlink(missing_ok=True)
+            if model in reloaded:
+                continue
+            log.warning("the stub of model %s (pid %d) died; reloading the model", model, pid)
+            try:
+                self.reload(model)
+                reloaded.append(model)
+            except Exception as e:
+                log.error("reloading %s failed: %s", model, e)
+        return reloaded
+
+    def _try_lead(self) -> bool:
+        """Lead if no other stub of this server does: one process at a time can bind the abstract name
+        (no file to leave behind), and it is free again the moment its holder dies."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(f"\0triton-vlm-supervisor-{self.server_pid}")
+        except OSError:
+            sock.close()
+            return False
+        self._leader_socket, self.leader = sock, True
+        return True
+
+    def _dead_stubs(self) -> dict[int, tuple[str, str]]:
+        """Stubs of this server that died and stayed unreaped for a whole round: pid -> (model, region)."""
+        dead, zombies = {}, set()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            stat = _stat(pid)
+            if stat is None or stat[1] != self.server_pid:
+                continue
+            if stat[0] != "Z":
+                if pid not in self._stubs:
+                    cmdline = _cmdline(pid)
+                    model = stub_model(cmdline)
+                    if model:
+                        self._stubs[pid] = (model, cmdline[2])
+            elif pid in self._stubs and pid not in self._healed:
+                zombies.add(pid)
+                if pid in self._zombies:
+                    self._healed.add(pid)
+                    dead[pid] = self._stubs[pid]
+        self._zombies = zombies
+        return dead
+
+    def _orphaned(self) -> None:
+        """The server is gone: free this stub's shared memory and exit now."""
+        if self.region:
+            (SHM / self.region).unlink(missing_ok=True)
+        os._exit(1)

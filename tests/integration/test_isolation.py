@@ -1,0 +1,160 @@
+"""No request can hurt another through the real server: odd sampling values, slow image URLs and dead
+stubs each end (at most) their own request, and the next good request succeeds."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import make_image
+from triton_vlm.deployment import Deployment
+from triton_vlm.server import TritonServer
+from triton_vlm_clients.client import stream
+
+INNOCENT = [("describe the picture", [(160, 120)]), ("hello there", []), ("what color is it", [(200, 150)]),
+            ("count to ten", []), ("compare them", [(120, 90), (90, 120)]), ("why", [])]
+# Values validation accepts but sampling once could not do: 1/T overflowed the logits and the engine
+# thread failed every running sequence with it.
+ODD = [dict(temperature=1e-45), dict(temperature=1e-45, top_p=1e-45), dict(temperature=3e38, top_k=2**30)]
+
+
+def _innocent(server, i):
+    prompt, sizes = INNOCENT[i]
+    images = [make_image(w, h, seed=10 * i + j) for j, (w, h) in enumerate(sizes)]
+    return stream(server.grpc_url, prompt=prompt, images=images, max_tokens=12)
+
+
+def test_odd_sampling_values_hurt_no_concurrent_stream(server):
+    solo = [_innocent(server, i).output_ids for i in range(len(INNOCENT))]
+    with ThreadPoolExecutor(len(INNOCENT) + 2 * len(ODD)) as pool:
+        odd = [pool.submit(stream, server.grpc_url, prompt="tell a story", max_tokens=20, **v) for v in ODD * 2]
+        innocent = [pool.submit(_innocent, server, i) for i in range(len(INNOCENT))]
+        assert [f.result().output_ids for f in innocent] == solo
+        assert all(f.result().finish_reason in ("stop", "length") for f in odd)
+    assert _innocent(server, 0).output_ids == solo[0]
+
+
+def _stubs(server, model: str) -> set[int]:
+    """Live stub processes of `model` on `server`."""
+    out = subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", f"/{model}/1/model.py"],
+                         capture_output=True, text=True).stdout.split()
+    return {int(p) for p in out if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
+
+
+def _wait_for(condition, timeout_s: float = 180, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def own_server(tiny_model, tmp_path_factory):
+    """A server of its own: the tests below kill its processes, the last one the server itself."""
+    root = tmp_path_factory.mktemp("victim")
+    repo = Deployment(tiny_model, encoder_dp=2, encoder_threads=1, minimal=True).render(root / "repository")
+    triton = TritonServer(repo, log_file=root / "tritonserver.log",
+                          env={**os.environ, "TRITON_VLM_ALLOW_PRIVATE_URLS": "1"})  # for the dripping server
+    try:
+        yield triton.start().wait_ready(timeout_s=300)
+    finally:
+        triton.stop()
+
+
+class _Drip(http.server.BaseHTTPRequestHandler):
+    """An image server that sends its headers a byte every 0.2 s: no single read ever times out."""
+
+    def do_GET(self):
+        for byte in b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nX-Pad: " + b"a" * 1000:
+            try:
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+            except OSError:
+                return
+            time.sleep(0.2)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_dripping_image_urls_end_at_the_deadline_and_starve_no_one(own_server):
+    drip = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
+    threading.Thread(target=drip.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{drip.server_port}/cat.png".encode()
+    finished: list[str] = []
+
+    def slow(i):
+        start = time.monotonic()
+        with pytest.raises(InferenceServerException, match="took longer than 10.0s"):
+            stream(own_server.grpc_url, prompt="what is it", images=[url], max_tokens=2)
+        finished.append("slow")
+        return time.monotonic() - start
+
+    def quick(i):
+        stream(own_server.grpc_url, prompt="hi", images=[make_image(64, 64, seed=i)] if i % 2 else [], max_tokens=2)
+        finished.append("quick")
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            slow_calls = [pool.submit(slow, i) for i in range(4)]  # more than the 2 preprocess instances
+            time.sleep(1)
+            quick_calls = [pool.submit(quick, i) for i in range(4)]
+            for f in quick_calls:
+                f.result()
+            waited = [f.result() for f in slow_calls]
+    finally:
+        drip.shutdown()
+    assert finished[:4] == ["quick"] * 4, "requests without URLs waited for the slow fetches"
+    assert max(waited) < 30, f"a fetch outlived its 10 s deadline: {waited}"  # it dripped for 200 s before
+
+
+def test_a_killed_encoder_replica_loses_no_request_and_its_model_is_reloaded(own_server):
+    images = [make_image(160, 120, seed=1), make_image(120, 160, seed=2), make_image(200, 100, seed=3)]
+    expected = stream(own_server.grpc_url, prompt="compare them", images=images, max_tokens=6).output_ids
+    replicas = _stubs(own_server, "vision_encoder")
+    assert len(replicas) == 2
+    victim = min(replicas)
+    os.kill(victim, signal.SIGKILL)
+    # every multi-image request needs both replicas: each shard that meets the dead one is tried again
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: stream(own_server.grpc_url, prompt="compare them", images=images,
+                                                 max_tokens=6), range(8)))
+    assert all(a.output_ids == expected for a in answers)
+    _wait_for(lambda: len(_stubs(own_server, "vision_encoder") - {victim}) >= 2, what="a reloaded vision_encoder")
+    assert stream(own_server.grpc_url, prompt="compare them", images=images, max_tokens=6).output_ids == expected
+
+
+def test_a_killed_stage_is_reloaded_and_serves_again(own_server):
+    before = stream(own_server.grpc_url, prompt="hello", images=[make_image(64, 64)], max_tokens=4).output_ids
+    [victim] = _stubs(own_server, "encode")
+    os.kill(victim, signal.SIGKILL)
+    _wait_for(lambda: _stubs(own_server, "encode") - {victim}, what="a reloaded encode stage")
+    _wait_for(lambda: _serves(own_server), what="the reloaded stage to answer")
+    assert stream(own_server.grpc_url, prompt="hello", images=[make_image(64, 64)], max_tokens=4).output_ids == before
+
+
+def _serves(server) -> bool:
+    try:
+        stream(server.grpc_url, prompt="hello", images=[make_image(64, 64)], max_tokens=2)
+        return True
+    except InferenceServerException:
+        return False
+
+
+def test_no_stub_or_region_outlives_a_killed_server(own_server):
+    stubs = [int(p) for p in subprocess.run(["pgrep", "-P", str(own_server.process.pid)], capture_output=True,
+                                            text=True).stdout.split()]
+    assert len(stubs) >= 6
+    own_server.process.kill()  # the server alone, as the OOM killer would: not its process group
+    own_server.process.wait()
+    _wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in stubs), timeout_s=30, what="the stubs to exit")
+    assert not list(Path("/dev/shm").glob(f"{own_server.shm_prefix}*"))
