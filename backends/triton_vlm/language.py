@@ -209,7 +209,7 @@ class LanguageEngine:
             except Exception as e:  # unreachable unless a bug escapes the per-sequence guards
                 log.exception("engine step failed")
                 for seq in running:
-                    self._fail(seq, RequestError(f"internal error: {e}"))
+                    self._fail(seq, RequestError(str(e)))
             running[:] = [seq for seq in running if not seq.done]  # their slots are free already (`_release`)
         for _, callback in waiting:  # shutting down: every accepted request still gets an answer
             _call(callback, StepOutput([], "", "error", Unavailable("the language model is shutting down")))
@@ -256,7 +256,7 @@ class LanguageEngine:
             except Exception as e:  # a request's bad inputs fail that request only
                 if not isinstance(e, RequestError):
                     log.exception("inputs of %s failed", request.request_id)
-                    e = RequestError(f"internal error: {e}")
+                    e = RequestError(str(e))
                 _call(callback, StepOutput([], "", "error", e))
                 continue
             tokens += len(request.input_ids)
@@ -296,7 +296,7 @@ class LanguageEngine:
         except Exception as e:
             if len(seqs) == 1:
                 log.exception("%s of %s failed", what, seqs[0].request.request_id)
-                self._fail(seqs[0], RequestError(f"internal error: {e}"))
+                self._fail(seqs[0], RequestError(str(e)))
                 return
             log.warning("batched %s of %d sequences failed (%s); running each alone", what, len(seqs), e)
         for seq in seqs:
@@ -308,7 +308,7 @@ class LanguageEngine:
             step()
         except Exception as e:
             log.exception("sequence %s failed", seq.request.request_id)
-            self._fail(seq, RequestError(f"internal error: {e}"))
+            self._fail(seq, RequestError(str(e)))
 
     def _fail(self, seq: _Sequence, error: RequestError) -> None:
         """End `seq` with `error` unless it already ended (its slot is returned by the loop)."""

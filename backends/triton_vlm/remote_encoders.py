@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .balance import balance
-from .errors import InvalidRequest, Unavailable
+from .errors import InvalidRequest, Unavailable, strip_label
 from .image_inputs import Images
 from .shm_outputs import ShmOutputs
 
@@ -182,7 +182,7 @@ class RemoteEncoders:
                 embeds = self._remote(url, images)
             except Exception as e:
                 if _status(e) == "StatusCode.INVALID_ARGUMENT":  # the images are bad, not the encoder
-                    raise InvalidRequest(e.message()) from None
+                    raise InvalidRequest(strip_label(e.message())) from None
                 with self._lock:
                     self.down_until[url] = time.monotonic() + self.retry_after_s
                 errors.append(f"{url}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")

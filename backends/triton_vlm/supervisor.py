@@ -25,6 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SHM = Path("/dev/shm")
+LEARN_EVERY = 5  # rounds between the scans of a stub that does not lead
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
@@ -64,6 +65,7 @@ class StubSupervisor:
         self._stubs: dict[int, tuple[str, str]] = {}  # stub pid -> (model, region), learned while it lived
         self._zombies: set[int] = set()  # stubs seen dead once: Triton reaps the ones it stops at once
         self._healed: set[int] = set()  # dead stubs whose model was reloaded already
+        self._rounds = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stub-supervisor", daemon=True)
 
@@ -88,7 +90,10 @@ class StubSupervisor:
         """One round: exit if orphaned; as the leader, reload the models of dead stubs. -> models reloaded."""
         if os.getppid() != self.server_pid:
             self._orphaned()
+        self._rounds += 1
         if not self.leader and not self._try_lead():
+            if self._rounds % LEARN_EVERY == 1:  # so that whoever leads next knows the model of a dead leader
+                self._scan()
             return []
         reloaded = []
         for pid, (model, region) in self._dead_stubs().items():
@@ -115,9 +120,9 @@ class StubSupervisor:
         self._leader_socket, self.leader = sock, True
         return True
 
-    def _dead_stubs(self) -> dict[int, tuple[str, str]]:
-        """Stubs of this server that died and stayed unreaped for a whole round: pid -> (model, region)."""
-        dead, zombies = {}, set()
+    def _scan(self) -> set[int]:
+        """Learn the model and region of every live stub of this server; -> the known stubs now zombies."""
+        zombies = set()
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -125,17 +130,21 @@ class StubSupervisor:
             stat = _stat(pid)
             if stat is None or stat[1] != self.server_pid:
                 continue
-            if stat[0] != "Z":
-                if pid not in self._stubs:
-                    cmdline = _cmdline(pid)
-                    model = stub_model(cmdline)
-                    if model:
-                        self._stubs[pid] = (model, cmdline[2])
-            elif pid in self._stubs and pid not in self._healed:
-                zombies.add(pid)
-                if pid in self._zombies:
-                    self._healed.add(pid)
-                    dead[pid] = self._stubs[pid]
+            if stat[0] == "Z":
+                if pid in self._stubs:
+                    zombies.add(pid)
+            elif pid not in self._stubs:
+                cmdline = _cmdline(pid)
+                model = stub_model(cmdline)
+                if model:
+                    self._stubs[pid] = (model, cmdline[2])
+        return zombies
+
+    def _dead_stubs(self) -> dict[int, tuple[str, str]]:
+        """Stubs of this server that died and stayed unreaped for a whole round: pid -> (model, region)."""
+        zombies = self._scan() - self._healed
+        dead = {pid: self._stubs[pid] for pid in zombies & self._zombies}
+        self._healed |= dead.keys()
         self._zombies = zombies
         return dead
 

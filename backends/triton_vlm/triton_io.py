@@ -10,7 +10,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from . import interface as I
-from .errors import RequestError
+from .errors import RequestError, code_of
 from .retry import retry
 
 if TYPE_CHECKING:
@@ -90,8 +90,15 @@ def bytes_tensor(name: str, items) -> pb_utils.Tensor:
 
 
 def error(e: Exception) -> pb_utils.TritonError:
-    code = e.code if isinstance(e, RequestError) else "INTERNAL"
-    return pb_utils.TritonError(str(e), getattr(pb_utils.TritonError, code, pb_utils.TritonError.INTERNAL))
+    """A request error as Triton's error: its code, and its message with the label that names the code."""
+    if not isinstance(e, RequestError):
+        e = RequestError(str(e))
+    return pb_utils.TritonError(e.wire_message, getattr(pb_utils.TritonError, e.code, pb_utils.TritonError.INTERNAL))
+
+
+def error_from_bls(e: pb_utils.TritonError) -> pb_utils.TritonError:
+    """A step's error as BLS handed it over (code INTERNAL in Triton 2.51), with its code read back."""
+    return pb_utils.TritonError(e.message(), getattr(pb_utils.TritonError, code_of(e.message())))
 
 
 def error_response(e: Exception) -> pb_utils.InferenceResponse:

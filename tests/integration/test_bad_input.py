@@ -106,11 +106,12 @@ def test_bad_input_is_refused_on_the_stream_and_server_keeps_serving(server, cas
     _good_request_still_works(server)
 
 
-@pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_unary_caller_gets_the_reason(server, protocol):
+@pytest.mark.parametrize(("protocol", "status"), [("grpc", "StatusCode.INVALID_ARGUMENT"), ("http", "400")])
+def test_unary_caller_gets_the_reason_and_its_code(server, protocol, status):
     url = server.grpc_url if protocol == "grpc" else server.http_url
-    with pytest.raises(InferenceServerException, match="image 0 could not be decoded"):
+    with pytest.raises(InferenceServerException, match="invalid request: image 0 could not be decoded") as err:
         infer(url, protocol=protocol, prompt="describe", images=[b"\x89PNG broken"], max_tokens=4)
+    assert err.value.status() == status  # not INTERNAL / 500: the request's own fault
     _good_request_still_works(server)
 
 

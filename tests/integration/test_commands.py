@@ -42,7 +42,7 @@ def test_serve_with_encoder_replicas_and_infer_commands(tiny_model, tmp_path):
         process = subprocess.Popen(
             [str(BIN / "triton-vlm"), "serve", "--model", str(tiny_model), "--http-port", str(http),
              "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--encoder-dp", "3",
-             "--encoder-threads", "1", "--gpus", "none"],
+             "--encoder-threads", "1", "--gpus", "none", "--minimal"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_ready(process, f"127.0.0.1:{http}")

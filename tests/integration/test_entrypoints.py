@@ -43,7 +43,7 @@ def test_messages_input_with_a_data_url_image(server):
 
 
 def test_http_generate_stream_sends_server_sent_events(server):
-    body = json.dumps({"text_input": PROMPT, "max_tokens": 6, "stream": True}).encode()
+    body = json.dumps({"text_input": PROMPT, "max_tokens": 24, "stream": True}).encode()
     req = urllib.request.Request(f"http://{server.http_url}/v2/models/vlm/generate_stream", data=body,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as resp:
@@ -51,4 +51,4 @@ def test_http_generate_stream_sends_server_sent_events(server):
     assert len(events) > 1
     assert events[-1]["finish_reason"] in ("stop", "length")
     text = "".join(e["text_output"] for e in events)
-    assert text == infer(server.http_url, protocol="http", prompt=PROMPT, max_tokens=6).text
+    assert text == infer(server.http_url, protocol="http", prompt=PROMPT, max_tokens=24).text

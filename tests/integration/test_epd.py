@@ -46,7 +46,7 @@ def epd(tiny_model, tmp_path_factory):
             started.append(encoders[-1])
         for e in encoders:
             e.wait_ready(300)
-        repo = Deployment(tiny_model, mode="language", encoder_dp=1,
+        repo = Deployment(tiny_model, mode="language", encoder_dp=1, minimal=True,
                           encoder_urls=tuple(e.grpc_url for e in encoders)).render(root / "language")
         language = TritonServer(repo, log_file=root / "language.log").start()
         started.append(language)
@@ -75,48 +75,10 @@ def test_disaggregated_ids_equal_colocated(server, epd, n_images):
     assert sum(sent) == min(n_images, 2) and all(sent) == (n_images > 1)  # a shard per server, none local
 
 
-def test_killing_an_encoder_under_load_loses_no_request(tiny_model, tmp_path):
-    encoders = [TritonServer(Deployment(tiny_model, mode="encoder", encoder_dp=1).render(tmp_path / f"e{i}"),
-                             log_file=tmp_path / f"e{i}.log").start() for i in range(2)]
-    language = None
-    try:
-        for e in encoders:
-            e.wait_ready(300)
-        repo = Deployment(tiny_model, mode="language", encoder_dp=1,
-                          encoder_urls=tuple(e.grpc_url for e in encoders)).render(tmp_path / "language")
-        language = TritonServer(repo, log_file=tmp_path / "language.log").start().wait_ready(300)
-        requests = [(f"Set {i}: what is here?", images(2 + i % 3, seed=7 * i)) for i in range(60)]
-        expected = [reference_generate(tiny_model, p, imgs, max_new_tokens=6) for p, imgs in requests]
-        done = []
-
-        def one(r):
-            answer = stream(language.grpc_url, prompt=r[0], images=r[1], max_tokens=6)
-            done.append(1)
-            return answer
-
-        def killer():  # a crash, not a graceful stop: SIGKILL to the server and its stubs
-            while len(done) < 10:
-                time.sleep(0.05)
-            os.killpg(encoders[0].process.pid, signal.SIGKILL)
-            encoders[0].process.wait()
-
-        kill = threading.Thread(target=killer)
-        kill.start()
-        with ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(one, requests))
-        kill.join()
-        assert encoders[0].process.poll() is not None, "the encoder was not killed during the run"
-        assert [a.output_ids for a in answers] == expected
-        assert encoder_shards(encoders[1].grpc_url) > 0
-    finally:
-        for s in [*encoders, language]:
-            if s is not None:
-                s.stop()
-
-
 def test_unreachable_encoder_at_start_falls_back_to_local_and_says_so(tiny_model, tmp_path):
     dead = f"127.0.0.1:{free_port()}"
-    repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls=(dead,)).render(tmp_path / "repo")
+    repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls=(dead,), minimal=True).render(
+        tmp_path / "repo")
     with TritonServer(repo, log_file=tmp_path / "language.log") as language:
         answer = stream(language.grpc_url, prompt="hi", images=images(2), max_tokens=4)
         assert answer.output_ids == reference_generate(tiny_model, "hi", images(2), max_new_tokens=4)
@@ -128,7 +90,8 @@ def test_encoders_added_and_removed_while_serving(epd, tiny_model, tmp_path):
     _, (a, b) = epd
     urls = tmp_path / "encoders.txt"
     urls.write_text(f"{a.grpc_url}\n")
-    repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls_file=str(urls)).render(tmp_path / "r")
+    repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls_file=str(urls), minimal=True).render(
+        tmp_path / "r")
 
     def send(n_requests):
         for i in range(n_requests):
@@ -165,7 +128,7 @@ def local_below(epd, tiny_model, tmp_path_factory):
     _, encoders = epd
     root = tmp_path_factory.mktemp("local_below")
     repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls=tuple(e.grpc_url for e in encoders),
-                      local_encode_below=500, encoder_transport="grpc").render(root / "language")
+                      local_encode_below=500, encoder_transport="grpc", minimal=True).render(root / "language")
     with TritonServer(repo, log_file=root / "language.log") as language:
         yield language
 
@@ -220,3 +183,31 @@ def test_an_encoder_server_refuses_too_many_images_and_keeps_serving(epd):
         call([make_image(32, 32)] * 9)
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert call(images(2)).as_numpy("_IMAGE_GRID_THW").shape == (2, 3)
+
+
+def test_killing_an_encoder_under_load_loses_no_request(epd, tiny_model):  # last: it kills an `epd` encoder
+    language, encoders = epd
+    requests = [(f"Set {i}: what is here?", images(2 + i % 3, seed=7 * i)) for i in range(60)]
+    expected = [reference_generate(tiny_model, p, imgs, max_new_tokens=6) for p, imgs in requests]
+    done = []
+
+    def one(r):
+        answer = stream(language.grpc_url, prompt=r[0], images=r[1], max_tokens=6)
+        done.append(1)
+        return answer
+
+    def killer():  # a crash, not a graceful stop: SIGKILL to the server and its stubs
+        while len(done) < 10:
+            time.sleep(0.05)
+        os.killpg(encoders[0].process.pid, signal.SIGKILL)
+        encoders[0].process.wait()
+
+    kill = threading.Thread(target=killer)
+    kill.start()
+    before = encoder_shards(encoders[1].grpc_url)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(one, requests))
+    kill.join()
+    assert encoders[0].process.poll() is not None, "the encoder was not killed during the run"
+    assert [a.output_ids for a in answers] == expected
+    assert encoder_shards(encoders[1].grpc_url) > before

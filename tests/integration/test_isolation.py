@@ -3,6 +3,7 @@ stubs each end (at most) their own request, and the next good request succeeds."
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import signal
@@ -133,12 +134,31 @@ def test_a_killed_encoder_replica_loses_no_request_and_its_model_is_reloaded(own
     assert stream(own_server.grpc_url, prompt="compare them", images=images, max_tokens=6).output_ids == expected
 
 
-def test_a_killed_stage_is_reloaded_and_serves_again(own_server):
+def _leader(server) -> int:
+    """The stub whose supervisor leads: it holds the server's abstract socket name."""
+    inode = next(line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+                 if line.endswith(f"@triton-vlm-supervisor-{server.process.pid}"))
+    for pid in subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True,
+                              text=True).stdout.split():
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) == f"socket:[{inode}]" for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                return int(pid)
+    raise AssertionError("no stub leads")
+
+
+def test_a_killed_stage_and_the_leading_supervisor_are_reloaded(own_server):
     before = stream(own_server.grpc_url, prompt="hello", images=[make_image(64, 64)], max_tokens=4).output_ids
     [victim] = _stubs(own_server, "encode")
-    os.kill(victim, signal.SIGKILL)
+    leader = _leader(own_server)
+    stubs = {m: _stubs(own_server, m) for m in ("preprocess", "encode", "vision_encoder", "language_model")}
+    leader_model = next(m for m, pids in stubs.items() if leader in pids)
+    for pid in {victim, leader}:  # whoever leads next must heal the leader's model too
+        os.kill(pid, signal.SIGKILL)
     _wait_for(lambda: _stubs(own_server, "encode") - {victim}, what="a reloaded encode stage")
+    _wait_for(lambda: len(_stubs(own_server, leader_model) - stubs[leader_model]) >= len(stubs[leader_model]),
+              what=f"a reloaded {leader_model} (the leader's model)")
     _wait_for(lambda: _serves(own_server), what="the reloaded stage to answer")
+    assert _leader(own_server) != leader
     assert stream(own_server.grpc_url, prompt="hello", images=[make_image(64, 64)], max_tokens=4).output_ids == before
 
 

@@ -30,7 +30,7 @@ def _tp_workers() -> set[int]:
 @pytest.fixture(scope="module")
 def tp2_server(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("tp2")
-    repo = Deployment(tiny_model, tensor_parallel=2).render(root / "repository")
+    repo = Deployment(tiny_model, tensor_parallel=2, minimal=True).render(root / "repository")
     triton = TritonServer(repo, log_file=root / "tritonserver.log")
     try:
         yield triton.start().wait_ready(timeout_s=300)
@@ -81,25 +81,51 @@ def test_cancelled_stream_stops_and_the_next_request_succeeds(server):
     assert time.monotonic() - start < 60, "the cancelled request kept the engine busy"
 
 
-def test_ranks_exit_with_the_server_and_with_a_crashed_rank_zero(tiny_model, tmp_path):
-    before = _tp_workers()
-    repo = Deployment(tiny_model, tensor_parallel=2).render(tmp_path / "repository")
-    with TritonServer(repo, log_file=tmp_path / "tritonserver.log") as triton:
-        workers = _tp_workers() - before
-        assert len(workers) == 1
-        stub = subprocess.run(["pgrep", "-f", "-P", str(triton.process.pid), "triton_python_backend_stub"],
-                              capture_output=True, text=True).stdout.split()
-        rank0 = [int(p) for p in stub if workers & {int(c) for c in subprocess.run(
-            ["pgrep", "-P", p], capture_output=True, text=True).stdout.split()}]
-        assert len(rank0) == 1
-        os.kill(rank0[0], signal.SIGKILL)  # rank 0 crashes
-        deadline = time.monotonic() + 30
-        while _tp_workers() & workers and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not _tp_workers() & workers, "a rank outlived rank 0"
-    # and a plain server stop leaves none either
-    with TritonServer(repo, log_file=tmp_path / "tritonserver2.log"):
-        workers = _tp_workers() - before
-        assert len(workers) == 1
-    time.sleep(1)
-    assert not _tp_workers() & workers
+def _rank_zero(server, workers: set[int]) -> int:
+    """The language_model stub whose children are `workers`."""
+    stubs = subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "/language_model/"], capture_output=True,
+                           text=True).stdout.split()
+    [rank0] = [int(p) for p in stubs if workers & {int(c) for c in subprocess.run(
+        ["pgrep", "-P", p], capture_output=True, text=True).stdout.split()}]
+    return rank0
+
+
+def _wait_gone(workers: set[int], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _tp_workers() & workers and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _tp_workers() & workers, "a rank outlived rank 0"
+
+
+def test_ranks_exit_with_a_crashed_rank_zero_and_with_the_server(tp2_server):  # last: it ends tp2_server
+    workers = _tp_workers() & {int(p) for p in subprocess.run(
+        ["pgrep", "-g", str(tp2_server.process.pid)], capture_output=True, text=True).stdout.split()}
+    assert len(workers) == 1
+    os.kill(_rank_zero(tp2_server, workers), signal.SIGKILL)  # rank 0 crashes
+    _wait_gone(workers)
+    # the supervisor reloads the language model: new ranks, and the server answers again
+    deadline = time.monotonic() + 180
+    while not (_tp_workers() - workers) & _group(tp2_server) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    workers = _tp_workers() & _group(tp2_server)
+    assert len(workers) == 1, "the language model was not reloaded with its ranks"
+    _wait_serving(tp2_server)
+    tp2_server.stop()  # and a plain server stop leaves none either
+    _wait_gone(workers, timeout_s=10)
+
+
+def _group(server) -> set[int]:
+    return {int(p) for p in subprocess.run(["pgrep", "-g", str(server.process.pid)], capture_output=True,
+                                           text=True).stdout.split()}
+
+
+def _wait_serving(server, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            assert stream(server.grpc_url, prompt="hi", max_tokens=2).output_ids
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)

@@ -24,9 +24,8 @@ class TritonPythonModel:
                                         requested_output_names=list(I.PUBLIC_OUTPUTS))
         answer = None
         for response in bls.exec(decoupled=True):
-            if response.has_error():
-                # python backend 2.51 BLS reports every step error as INTERNAL; the message names it
-                return pb_utils.InferenceResponse(output_tensors=[], error=response.error())
+            if response.has_error():  # BLS (2.51) reports every step error as INTERNAL: read the code back
+                return pb_utils.InferenceResponse(output_tensors=[], error=triton_io.error_from_bls(response.error()))
             if response.output_tensors():
                 answer = response
         if answer is None:
