@@ -54,14 +54,19 @@ def wait_ready(process: subprocess.Popen, http_url: str, timeout_s: float = 300)
     raise TimeoutError(f"tritonserver not ready after {timeout_s}s")
 
 
-def stop_process_group(process: subprocess.Popen | None, timeout_s: float = 60) -> None:
-    """SIGTERM the whole process group (server and its stubs), SIGKILL if it lingers."""
+def stop_process_group(process: subprocess.Popen | None, timeout_s: float = 60, graceful: bool = True) -> None:
+    """SIGTERM the whole process group (server and its stubs), SIGKILL if it lingers; SIGKILL at once
+    unless `graceful`."""
     if process is None or process.poll() is not None:
         return
     try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+        if graceful:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+                return
+            except subprocess.TimeoutExpired:
+                pass
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
     except ProcessLookupError:
@@ -71,7 +76,8 @@ def stop_process_group(process: subprocess.Popen | None, timeout_s: float = 60) 
 class TritonServer:
     def __init__(self, repository: str | Path, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, log_file: str | Path | None = None,
-                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None,
+                 graceful_stop: bool = True) -> None:
         self.repository = Path(repository)
         self.auto_ports = not (http_port or grpc_port or metrics_port)
         chosen = free_ports(3)
@@ -80,6 +86,7 @@ class TritonServer:
         self.log_file = Path(log_file) if log_file else None
         self.extra_args = extra_args or []
         self.env = env
+        self.graceful_stop = graceful_stop  # False: stop kills at once (tests, benchmarks: nothing to finish)
         self.process: subprocess.Popen | None = None
 
     @property
@@ -128,8 +135,11 @@ class TritonServer:
         text = self.log_file.read_text(errors="replace")
         return any(failure in text for failure in _BIND_FAILURES)
 
-    def stop(self, timeout_s: float = 60) -> None:
-        stop_process_group(self.process, timeout_s)
+    def stop(self, timeout_s: float = 60, graceful: bool | None = None) -> None:
+        """SIGTERM (Triton finishes in-flight requests and finalizes every model, several seconds), or with
+        `graceful` False SIGKILL to the whole process group; either way its shared memory goes too."""
+        graceful = self.graceful_stop if graceful is None else graceful
+        stop_process_group(self.process, timeout_s, graceful)
         if self.process is not None:  # a killed server leaves its regions behind; a clean stop, none
             for region in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
                 region.unlink(missing_ok=True)

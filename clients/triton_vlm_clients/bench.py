@@ -153,7 +153,7 @@ def _run_deployment(name: str, serve_args: str, requests: list[BenchRequest], ar
         def start(role: str, argv: list[str]) -> TritonServer:
             deployment = deployment_from_args([*argv, *model])
             repo = deployment.render(Path(tmp) / role / "repository")
-            server = TritonServer(repo, log_file=Path(tmp) / role / "tritonserver.log",
+            server = TritonServer(repo, log_file=Path(tmp) / role / "tritonserver.log", graceful_stop=False,
                                   extra_args=deployment.server_args())
             return stack.enter_context(server)
 

@@ -11,7 +11,7 @@ def server(tiny_model, tmp_path_factory):
     """The committed repository rendered for the tiny model, on free ports; always stopped."""
     root = tmp_path_factory.mktemp("server")
     repo = render(root / "repository", tiny_model)
-    triton = TritonServer(repo, log_file=root / "tritonserver.log")
+    triton = TritonServer(repo, graceful_stop=False, log_file=root / "tritonserver.log")
     try:
         yield triton.start().wait_ready(timeout_s=300)
     finally:

@@ -42,13 +42,13 @@ def epd(tiny_model, tmp_path_factory):
         encoders = []
         for i in range(2):
             repo = Deployment(tiny_model, mode="encoder", encoder_dp=1).render(root / f"encoder{i}")
-            encoders.append(TritonServer(repo, log_file=root / f"encoder{i}.log").start())
+            encoders.append(TritonServer(repo, graceful_stop=False, log_file=root / f"encoder{i}.log").start())
             started.append(encoders[-1])
         for e in encoders:
             e.wait_ready(300)
         repo = Deployment(tiny_model, mode="language", encoder_dp=1, minimal=True,
                           encoder_urls=tuple(e.grpc_url for e in encoders)).render(root / "language")
-        language = TritonServer(repo, log_file=root / "language.log").start()
+        language = TritonServer(repo, graceful_stop=False, log_file=root / "language.log").start()
         started.append(language)
         yield language.wait_ready(300), encoders
     finally:
@@ -79,7 +79,7 @@ def test_unreachable_encoder_at_start_falls_back_to_local_and_says_so(tiny_model
     dead = f"127.0.0.1:{free_port()}"
     repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls=(dead,), minimal=True).render(
         tmp_path / "repo")
-    with TritonServer(repo, log_file=tmp_path / "language.log") as language:
+    with TritonServer(repo, graceful_stop=False, log_file=tmp_path / "language.log") as language:
         answer = stream(language.grpc_url, prompt="hi", images=images(2), max_tokens=4)
         assert answer.output_ids == reference_generate(tiny_model, "hi", images(2), max_new_tokens=4)
     log = (tmp_path / "language.log").read_text()
@@ -105,7 +105,7 @@ def test_encoders_added_and_removed_while_serving(epd, tiny_model, tmp_path):
             assert time.monotonic() < deadline, f"the server never switched to: {line}"
             time.sleep(0.2)
 
-    with TritonServer(repo, log_file=tmp_path / "language.log") as language:
+    with TritonServer(repo, graceful_stop=False, log_file=tmp_path / "language.log") as language:
         wait_for(a)
         before_b = encoder_shards(b.grpc_url)
         send(2)
@@ -129,7 +129,7 @@ def local_below(epd, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("local_below")
     repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls=tuple(e.grpc_url for e in encoders),
                       local_encode_below=500, encoder_transport="grpc", minimal=True).render(root / "language")
-    with TritonServer(repo, log_file=root / "language.log") as language:
+    with TritonServer(repo, graceful_stop=False, log_file=root / "language.log") as language:
         yield language
 
 

@@ -31,7 +31,7 @@ def _tp_workers() -> set[int]:
 def tp2_server(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("tp2")
     repo = Deployment(tiny_model, tensor_parallel=2, minimal=True).render(root / "repository")
-    triton = TritonServer(repo, log_file=root / "tritonserver.log")
+    triton = TritonServer(repo, graceful_stop=False, log_file=root / "tritonserver.log")
     try:
         yield triton.start().wait_ready(timeout_s=300)
     finally:
@@ -110,7 +110,7 @@ def test_ranks_exit_with_a_crashed_rank_zero_and_with_the_server(tp2_server):  #
     workers = _tp_workers() & _group(tp2_server)
     assert len(workers) == 1, "the language model was not reloaded with its ranks"
     _wait_serving(tp2_server)
-    tp2_server.stop()  # and a plain server stop leaves none either
+    tp2_server.stop(graceful=True)  # and a plain server stop leaves none either
     _wait_gone(workers, timeout_s=10)
 
 
