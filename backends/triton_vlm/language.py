@@ -283,8 +283,7 @@ class LanguageEngine:
                                        [s.slot for s in group], [s.prompt_len for s in group])
 
         for seq, row in self._isolated(forward, seqs, "prefill"):
-            self._guarded(seq, lambda seq=seq, row=row: self._emit(seq, sample(row, seq.request.sampling,
-                                                                              seq.generator)))
+            self._guarded(seq, self._sample_and_emit, row, None)
 
     def _isolated(self, forward: Callable[[list[_Sequence]], torch.Tensor], seqs: list[_Sequence],
                   what: str) -> Iterator[tuple[_Sequence, torch.Tensor]]:
@@ -302,16 +301,16 @@ class LanguageEngine:
         for seq in seqs:
             yield from self._isolated(forward, [seq], what)
 
-    def _guarded(self, seq: _Sequence, step: Callable[[], None]) -> None:
-        """Run one sequence's step; an exception ends that sequence only."""
+    def _guarded(self, seq: _Sequence, step: Callable[..., None], *args) -> None:
+        """`step(seq, *args)`; an exception ends that sequence only."""
         try:
-            step()
+            step(seq, *args)
         except Exception as e:
             log.exception("sequence %s failed", seq.request.request_id)
             self._fail(seq, RequestError(str(e)))
 
     def _fail(self, seq: _Sequence, error: RequestError) -> None:
-        """End `seq` with `error` unless it already ended (its slot is returned by the loop)."""
+        """End `seq` with `error` unless it already ended; its slot goes back at once."""
         if seq.done:
             return
         seq.done = True
@@ -353,9 +352,12 @@ class LanguageEngine:
         rows = list(self._isolated(forward, active, "decode"))
         greedy = torch.stack([row for _, row in rows]).argmax(dim=-1).tolist() if rows else []  # one call for all
         for (seq, row), best in zip(rows, greedy, strict=True):
-            params = seq.request.sampling
-            self._guarded(seq, lambda seq=seq, row=row, best=best, params=params: self._emit(
-                seq, best if params.greedy else sample(row, params, seq.generator)))
+            self._guarded(seq, self._sample_and_emit, row, best)
+
+    def _sample_and_emit(self, seq: _Sequence, logits: torch.Tensor, greedy: int | None) -> None:
+        """logits: [V]; `greedy`: their argmax when the batch computed it already."""
+        params = seq.request.sampling
+        self._emit(seq, greedy if greedy is not None and params.greedy else sample(logits, params, seq.generator))
 
     def _emit(self, seq: _Sequence, token: int) -> None:
         seq.generated.append(token)

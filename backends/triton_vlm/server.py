@@ -77,7 +77,7 @@ class TritonServer:
     def __init__(self, repository: str | Path, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, log_file: str | Path | None = None,
                  extra_args: list[str] | None = None, env: dict[str, str] | None = None,
-                 graceful_stop: bool = True) -> None:
+                 graceful_stop: bool = True, executable: str | None = None) -> None:
         self.repository = Path(repository)
         self.auto_ports = not (http_port or grpc_port or metrics_port)
         chosen = free_ports(3)
@@ -87,6 +87,7 @@ class TritonServer:
         self.extra_args = extra_args or []
         self.env = env
         self.graceful_stop = graceful_stop  # False: stop kills at once (tests, benchmarks: nothing to finish)
+        self.executable = executable  # e.g. the `tritonserver` console script, run as a user would; None: the binary
         self.process: subprocess.Popen | None = None
 
     @property
@@ -109,7 +110,9 @@ class TritonServer:
                 *self.extra_args]
         out = open(self.log_file, "ab") if self.log_file else None  # noqa: SIM115 (closed in stop)
         self._log = out
-        self.process = subprocess.Popen(launcher.command(args), env=launcher.server_env(self.env),
+        command = [self.executable, *args] if self.executable else launcher.command(args)
+        env = (self.env or dict(os.environ)) if self.executable else launcher.server_env(self.env)
+        self.process = subprocess.Popen(command, env=env,
                                         stdout=out, stderr=subprocess.STDOUT if out else None,
                                         start_new_session=True)
         return self

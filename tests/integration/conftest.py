@@ -1,17 +1,23 @@
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 
-from triton_vlm.repository import render
+from triton_vlm.repository import COMMITTED
 from triton_vlm.server import TritonServer
 
 
 @pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory):
-    """The committed repository rendered for the tiny model, on free ports; always stopped."""
+    """The committed repository, unchanged, served the way the README says (`tritonserver
+    --model-repository model_repository` with $TRITON_VLM_MODEL), on free ports; always stopped."""
     root = tmp_path_factory.mktemp("server")
-    repo = render(root / "repository", tiny_model)
-    triton = TritonServer(repo, graceful_stop=False, log_file=root / "tritonserver.log")
+    triton = TritonServer(COMMITTED, log_file=root / "tritonserver.log", graceful_stop=False,
+                          executable=str(Path(sys.executable).parent / "tritonserver"),
+                          env={**os.environ, "TRITON_VLM_MODEL": str(tiny_model)})
     try:
         yield triton.start().wait_ready(timeout_s=300)
     finally:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,21 +16,11 @@ from triton_vlm_clients.client import infer
 BIN = Path(sys.executable).parent
 
 
-def test_plain_tritonserver_serves_the_committed_repository(tiny_model, tmp_path):
-    http, grpc, metrics = free_ports(3)
-    env = {**os.environ, "TRITON_VLM_MODEL": str(tiny_model), "PATH": os.environ.get("PATH", "")}
-    with open(tmp_path / "log", "wb") as log:
-        process = subprocess.Popen(
-            [str(BIN / "tritonserver"), f"--model-repository={COMMITTED}", f"--http-port={http}",
-             f"--grpc-port={grpc}", f"--metrics-port={metrics}"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_ready(process, f"127.0.0.1:{http}")
-            answer = infer(f"127.0.0.1:{http}", protocol="http", prompt="hi", images=[make_image(64, 64)],
-                           max_tokens=3)
-            assert len(answer.output_ids) >= 1
-        finally:
-            stop_process_group(process)
+def test_plain_tritonserver_serves_the_committed_repository(server):
+    """The session's server is `tritonserver --model-repository model_repository` (conftest.py)."""
+    assert server.repository == COMMITTED and server.executable == str(BIN / "tritonserver")
+    answer = infer(server.http_url, protocol="http", prompt="hi", images=[make_image(64, 64)], max_tokens=3)
+    assert len(answer.output_ids) >= 1
 
 
 def test_serve_with_encoder_replicas_and_infer_commands(tiny_model, tmp_path):
