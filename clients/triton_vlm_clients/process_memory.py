@@ -6,11 +6,10 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def _rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0  # a zombie
+def _rss_kb(pid: int) -> tuple[int, int]:
+    """(resident, of it private: RssAnon) in kB; 0s for a zombie."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return tuple(int(fields.get(key, "0 kB").split()[0]) for key in ("VmRSS", "RssAnon"))
 
 
 def _children(pid: int) -> list[int]:
@@ -25,10 +24,11 @@ def _children(pid: int) -> list[int]:
     return children
 
 
-def server_rss_mb(server_pid: int) -> dict[str, float]:
-    """{"tritonserver": MB, "<model> x<instances>": MB summed over that model's stubs, ...}. Shared memory
-    that a stub and the server both map counts in both, as `ps` shows it."""
-    by_model: dict[str, list[int]] = defaultdict(list)
+def server_rss_mb(server_pid: int) -> dict[str, list[float]]:
+    """{"tritonserver": [RSS MB, private MB], "<model> x<instances>": the same summed over that model's stubs}.
+    RSS counts the python backend's shared memory in the server and in the stub that share it, as `ps`
+    shows it; private (RssAnon) is what the process holds for itself."""
+    by_model: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for pid in _children(server_pid):
         try:
             args = (Path(f"/proc/{pid}") / "cmdline").read_bytes().split(b"\0")
@@ -36,7 +36,7 @@ def server_rss_mb(server_pid: int) -> dict[str, float]:
                 by_model[Path(args[1].decode()).parts[-3]].append(_rss_kb(pid))
         except OSError:
             continue
-    out = {"tritonserver": _rss_kb(server_pid) / 1024}
+    out = {"tritonserver": [kb / 1024 for kb in _rss_kb(server_pid)]}
     for model, sizes in sorted(by_model.items()):
-        out[f"{model} x{len(sizes)}"] = sum(sizes) / 1024
+        out[f"{model} x{len(sizes)}"] = [sum(kb) / 1024 for kb in zip(*sizes, strict=True)]
     return out

@@ -124,10 +124,12 @@ class Soak:
 def print_report(report: dict) -> None:
     marks = report["rss_marks"]
     names = sorted({n for s in marks for n in s["rss_mb"]})
-    print("| process | " + " | ".join(f"{s['t'] / 60:.0f} min" for s in marks) + " |")
+    print("RSS MB (private MB) per process; the rest of RSS is the python backend's shared memory")
+    print("| process | " + " | ".join(f"{s['t'] / 60:.1f} min" for s in marks) + " |")
     print("|---|" + "---|" * len(marks))
     for n in names:
-        print(f"| {n} | " + " | ".join(f"{s['rss_mb'].get(n, 0):.0f}" for s in marks) + " |")
+        cells = (s["rss_mb"].get(n, [0, 0]) for s in marks)
+        print(f"| {n} | " + " | ".join(f"{rss:.0f} ({anon:.0f})" for rss, anon in cells) + " |")
     print()
     print("| window | requests | good failed | bad accepted | p99 TTFT (ms) |\n|---|---|---|---|---|")
     for r in report["windows"]:
