@@ -54,11 +54,10 @@ def stub_model(cmdline: list[str]) -> str | None:
 
 
 class StubSupervisor:
-    def __init__(self, reload: Callable[[str], None], interval_s: float = 1.0, pid: int | None = None) -> None:
+    def __init__(self, reload: Callable[[str], None], interval_s: float = 1.0) -> None:
         self.reload, self.interval_s = reload, interval_s
-        self.pid = pid or os.getpid()
-        self.server_pid = _stat(self.pid)[1]
-        own = _cmdline(self.pid)
+        self.server_pid = os.getppid()
+        own = _cmdline(os.getpid())
         self.region = own[2] if stub_model(own) else None
         self.leader = False
         self._leader_socket: socket.socket | None = None

@@ -157,3 +157,12 @@ def test_epd_modes_render_their_servers(tmp_path):
     with pytest.raises(ValueError, match="local-encode-below"):
         Deployment(tmp_path / "model", mode="language", encoder_urls=("h1:1",), encoder_fallback="none",
                    local_encode_below=10)
+
+
+def test_the_docker_image_sets_the_launchers_malloc_knobs():
+    """The image runs NGC's own tritonserver, not our launcher: it must set the same glibc knobs."""
+    from triton_vlm.launcher import MALLOC
+
+    dockerfile = (COMMITTED.parent / "docker" / "Dockerfile").read_text()
+    line = next(x for x in dockerfile.splitlines() if x.startswith("ENV MALLOC_"))
+    assert dict(kv.split("=") for kv in line.split()[1:]) == MALLOC
