@@ -4,7 +4,8 @@ memory that the language server registered with them, instead of sending them in
 One region per (thread, encoder server): a thread runs one shard at a time, so its region is free
 whenever it asks. A region grows (re-created and re-registered) when a shard needs more. Regions
 are POSIX shared memory (`multiprocessing.shared_memory`, the `/name` key Triton opens); they are
-unlinked when the encoder fails or on `close`, and by Python's resource tracker if this process dies.
+unlinked when the encoder fails or on `close`. Their names start with the server's python-backend prefix,
+so that if this process dies they go with the server's own regions (`supervisor.py`, `TritonServer.stop`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
+from .supervisor import shm_prefix
+
 _MIN_BYTES = 1 << 20
 _ids = itertools.count()
 
@@ -25,6 +28,7 @@ class ShmOutputs:
     def __init__(self) -> None:
         self._local = threading.local()
         self._lock = threading.Lock()
+        self.prefix = shm_prefix()  # the server's: a server killed outright gets these cleaned up with its own
         self._all: dict[str, tuple[shared_memory.SharedMemory, object]] = {}  # region name -> (memory, client)
 
     def region(self, client, url: str, nbytes: int) -> str:
@@ -36,7 +40,7 @@ class ShmOutputs:
         if name is not None:
             self._drop(name, unregister=True)
         size = max(_MIN_BYTES, 1 << (nbytes - 1).bit_length())
-        name = f"tvlm_{os.getpid()}_{next(_ids)}"
+        name = f"{self.prefix}out{os.getpid()}_{next(_ids)}"
         memory = shared_memory.SharedMemory(name=name, create=True, size=size)
         with self._lock:
             self._all[name] = (memory, client)

@@ -25,6 +25,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 SHM = Path("/dev/shm")
+UUID_CHARS = 36
 LEARN_EVERY = 5  # rounds between the scans of a stub that does not lead
 
 
@@ -53,12 +54,25 @@ def stub_model(cmdline: list[str]) -> str | None:
     return parts[-3] if len(parts) >= 3 else None
 
 
+def shm_prefix() -> str:
+    """The shared-memory prefix of this stub's server (its own region is the prefix + a uuid4), so that
+    regions we make ourselves go wherever the server's go; "tvlm_" outside a stub."""
+    own = _cmdline(os.getpid())
+    return own[2][:-UUID_CHARS] if stub_model(own) and len(own[2]) > UUID_CHARS else "tvlm_"
+
+
+def own_regions(prefix: str, pid: int) -> list[Path]:
+    """Regions a stub made itself (`shm_outputs.py`): they die with it, so whoever sees it dead unlinks them."""
+    return list(SHM.glob(f"{prefix}out{pid}_*"))
+
+
 class StubSupervisor:
     def __init__(self, reload: Callable[[str], None], interval_s: float = 1.0) -> None:
         self.reload, self.interval_s = reload, interval_s
         self.server_pid = os.getppid()
         own = _cmdline(os.getpid())
         self.region = own[2] if stub_model(own) else None
+        self.prefix = shm_prefix()
         self.leader = False
         self._leader_socket: socket.socket | None = None
         self._stubs: dict[int, tuple[str, str]] = {}  # stub pid -> (model, region), learned while it lived
@@ -96,7 +110,8 @@ class StubSupervisor:
             return []
         reloaded = []
         for pid, (model, region) in self._dead_stubs().items():
-            (SHM / region).unlink(missing_ok=True)
+            for path in [SHM / region, *own_regions(self.prefix, pid)]:
+                path.unlink(missing_ok=True)
             if model in reloaded:
                 continue
             log.warning("the stub of model %s (pid %d) died; reloading the model", model, pid)
@@ -149,6 +164,6 @@ class StubSupervisor:
 
     def _orphaned(self) -> None:
         """The server is gone: free this stub's shared memory and exit now."""
-        if self.region:
-            (SHM / self.region).unlink(missing_ok=True)
+        for path in [*([SHM / self.region] if self.region else []), *own_regions(self.prefix, os.getpid())]:
+            path.unlink(missing_ok=True)
         os._exit(1)

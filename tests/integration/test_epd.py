@@ -165,7 +165,8 @@ def test_embeddings_come_back_through_shared_memory_on_one_host(epd, local_below
     imgs = images(4)
     by_shm = stream(language.grpc_url, prompt="Compare the pictures.", images=imgs, max_tokens=8)
     # the loopback language server registered its regions with both encoders, which wrote into them
-    assert all(any(name.startswith("tvlm_") for name in shm_regions(e.grpc_url)) for e in encoders)
+    assert all(any(name.startswith(f"{language.shm_prefix}out") for name in shm_regions(e.grpc_url))
+               for e in encoders)
     by_grpc = stream(local_below.grpc_url, prompt="Compare the pictures.", images=imgs, max_tokens=8)
     assert by_shm.output_ids == by_grpc.output_ids and by_shm.output_ids
 
