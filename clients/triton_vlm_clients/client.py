@@ -86,11 +86,13 @@ def stream(url: str, timeout_s: float = 300, on_delta=None, **request) -> Answer
     client = grpcclient.InferenceServerClient(url)
     start = time.perf_counter()
     client.start_stream(callback=lambda result, error: events.put((result, error)))
+    ended = False  # the server ended the request (an answer or an error): close the stream, cancel nothing
     try:
         client.async_stream_infer(STREAM_MODEL, build_inputs(grpcclient, stream=True, **request))
         while True:
             result, error = events.get(timeout=timeout_s)
             if error is not None:
+                ended = True
                 raise error
             text, ids, finish = _decode(result)
             answer.responses += 1
@@ -106,7 +108,7 @@ def stream(url: str, timeout_s: float = 300, on_delta=None, **request) -> Answer
                 answer.finish_reason = finish
                 break
     finally:
-        client.stop_stream(cancel_requests=answer.finish_reason == "")
+        client.stop_stream(cancel_requests=not (ended or answer.finish_reason))
         client.close()
     answer.total_s = time.perf_counter() - start
     return answer
