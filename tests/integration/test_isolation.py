@@ -179,7 +179,9 @@ def test_a_killed_stage_and_the_leading_supervisor_are_reloaded(own_server):
     for pid in {victim, leader}:  # whoever leads next must heal the leader's model too
         os.kill(pid, signal.SIGKILL)
     _wait_for(lambda: _stubs(own_server, "encode") - {victim}, what="a reloaded encode stage")
-    _wait_for(lambda: len(_stubs(own_server, leader_model) - stubs[leader_model]) >= len(stubs[leader_model]),
+    # new instances of the leader's model (a reloaded model's old healthy instances may linger: Triton 2.51
+    # never unloads the version that had the dead stub)
+    _wait_for(lambda: _stubs(own_server, leader_model) - stubs[leader_model],
               what=f"a reloaded {leader_model} (the leader's model)")
     _wait_for(lambda: _serves(own_server), what="the reloaded stage to answer")
     assert _leader(own_server) != leader
