@@ -3,7 +3,8 @@
 Triton 2.51 neither restarts a stub that died (SIGKILL, OOM killer, a crash in native code) nor stops
 reporting ready: every request routed to that instance fails with "Stub process ... is not healthy"
 for as long as the server runs. What it does allow, in `--model-control-mode=explicit` (our launcher's
-default), is reloading the model: fresh instances replace the broken ones while the old ones drain.
+default), is reloading the model: fresh instances take the traffic (the old version, zombie included,
+is never unloaded in 2.51; it holds its memory until the server stops).
 
 Every stub of ours runs a `StubSupervisor` thread. One of them at a time (whoever binds the server's
 abstract socket name; the kernel frees it when that stub dies, and the next one takes over) watches
