@@ -10,8 +10,9 @@ Every stub of ours runs a `StubSupervisor` thread. One of them at a time (whoeve
 abstract socket name; the kernel frees it when that stub dies, and the next one takes over) watches
 the server's stub processes: a stub that became a zombie (killed, not unloaded: Triton reaps the stubs
 it stops) gets its model reloaded, once, and its shared-memory region unlinked (Triton never unloads
-the broken instance, so nothing else would). Every supervisor also watches its own parent: a stub
-whose server died unlinks its region and exits, instead of running on as an orphan.
+the broken instance, so nothing else would). Every supervisor also watches its own parent, on a thread
+of its own (a reload in flight when the server dies never returns): a stub whose server died unlinks its
+region and exits, instead of running on as an orphan.
 """
 
 from __future__ import annotations
@@ -82,13 +83,16 @@ class StubSupervisor:
         self._rounds = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="stub-supervisor", daemon=True)
+        self._parent_watch = threading.Thread(target=self._watch_parent, name="stub-parent-watch", daemon=True)
 
     def start(self) -> StubSupervisor:
         self._thread.start()
+        self._parent_watch.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        self._parent_watch.join(timeout=10)
         self._thread.join(timeout=10)
         if self._leader_socket is not None:
             self._leader_socket.close()  # hands the lead on
@@ -100,10 +104,13 @@ class StubSupervisor:
             except Exception:  # the supervisor must never take its stub down
                 log.exception("stub supervisor check failed")
 
+    def _watch_parent(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            if os.getppid() != self.server_pid:
+                self._orphaned()
+
     def check(self) -> list[str]:
-        """One round: exit if orphaned; as the leader, reload the models of dead stubs. -> models reloaded."""
-        if os.getppid() != self.server_pid:
-            self._orphaned()
+        """One round: as the leader, reload the models of dead stubs. -> models reloaded."""
         self._rounds += 1
         if not self.leader and not self._try_lead():
             if self._rounds % LEARN_EVERY == 1:  # so that whoever leads next knows the model of a dead leader
@@ -119,6 +126,7 @@ class StubSupervisor:
             try:
                 self.reload(model)
                 reloaded.append(model)
+                log.warning("reloaded model %s", model)
             except Exception as e:
                 log.error("reloading %s failed: %s", model, e)
         return reloaded
