@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import re
+import time
+import urllib.request
+
 import pytest
 
 from triton_vlm_clients.images import synthetic_image
@@ -18,3 +22,18 @@ def tiny_model(tmp_path_factory):
 
 
 make_image = synthetic_image
+
+
+def server_metric(server, name: str, labels: str = "") -> float:
+    """One series of the server's Prometheus metrics (0 before it first appears)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    match = re.search(rf"^{name}(?:\{{{labels}\}})? (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)

@@ -61,8 +61,11 @@ def _parse_messages(text: str, images: list[bytes]) -> tuple[list[dict], list[by
     return conversation, sources
 
 
-def build_conversation(request: GenerateRequest) -> tuple[list[dict], list[bytes]]:
-    """With `text_input`, the images go first in one user turn, then the text (Qwen's habit)."""
+def build_conversation(request: GenerateRequest) -> tuple[list[dict] | str, list[bytes]]:
+    """With `text_input`, the images go first in one user turn, then the text (Qwen's habit). Without the
+    chat template, the prompt is `text_input` as it is (its own image placeholders, if any, take the images)."""
+    if not request.chat_template:
+        return request.text_input, list(request.images)
     if request.messages is not None:
         return _parse_messages(request.messages, request.images)
     parts = [{"type": "image"} for _ in request.images]

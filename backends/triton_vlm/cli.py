@@ -1,9 +1,10 @@
-"""`triton-vlm`: make-tiny-model, serve, render, bench, infer."""
+"""`triton-vlm`: make-tiny-model, serve, render, openai, bench, infer."""
 
 from __future__ import annotations
 
 import argparse
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -61,7 +62,7 @@ def _render(args) -> int:
 
 
 def _serve(args) -> int:
-    from .server import TritonServer
+    from .server import TritonServer, stop_process_group
 
     deployment = _deployment(args)
     model = deployment.model
@@ -69,16 +70,31 @@ def _serve(args) -> int:
         repo = deployment.render(Path(tmp) / "repository", source=_source(args))
         server = TritonServer(repo, args.http_port, args.grpc_port, args.metrics_port,
                               extra_args=deployment.server_args()).start()
+        frontend = None
+        if args.openai_port is not None:  # its own process: its event loop never waits on ours
+            frontend = subprocess.Popen(
+                [sys.executable, "-m", "triton_vlm.cli", "openai", "--triton-url", server.grpc_url, "--port",
+                 str(args.openai_port), "--host", args.openai_host, "--served-model-name", str(model)],
+                start_new_session=True)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         try:
             server.wait_ready(args.ready_timeout)
+            openai = f"; OpenAI API http://{args.openai_host}:{args.openai_port}/v1" if frontend else ""
             print(f"triton-vlm ready: model {model}; gRPC {server.grpc_url}, HTTP {server.http_url} "
-                  "(models: vlm = streaming, vlm_unary = infer)", flush=True)
+                  f"(models: vlm = streaming, vlm_unary = infer){openai}", flush=True)
             return server.process.wait()
         except KeyboardInterrupt:
             return 0
         finally:
+            stop_process_group(frontend, timeout_s=10)
             server.stop()
+
+
+def _openai(args) -> int:
+    from .openai_api.app import run
+
+    run(args.triton_url, args.host, args.port, args.served_model_name, args.max_body_mb)
+    return 0
 
 
 def _bench(argv: list[str]) -> int:
@@ -152,7 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
     p.add_argument("--ready-timeout", type=float, default=600)
+    p.add_argument("--openai-port", type=int, help="also serve the OpenAI API (/v1/chat/completions) on this port")
+    p.add_argument("--openai-host", default="0.0.0.0", help="address of the OpenAI API (default 0.0.0.0)")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("openai", help="OpenAI-compatible API in front of a server that has the `vlm` ensemble")
+    p.add_argument("--triton-url", default="127.0.0.1:8001", help="the server's gRPC address (default %(default)s)")
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--served-model-name", help="the model id /v1/models lists (default: the served model's "
+                   "folder, from the language model's config; any `model` value is accepted either way)")
+    p.add_argument("--max-body-mb", type=int, default=256, help="largest request body (default %(default)s MiB)")
+    p.set_defaults(func=_openai)
 
     p = sub.add_parser("render", help="write the model repository of a deployment; print tritonserver's arguments")
     p.add_argument("out")

@@ -14,12 +14,22 @@ PUBLIC_INPUTS = {
     "seed": ("TYPE_INT32", [1]),
     "stream": ("TYPE_BOOL", [1]),
     "stop": ("TYPE_STRING", [-1]),
+    "min_tokens": ("TYPE_INT32", [1]),
+    "ignore_eos": ("TYPE_BOOL", [1]),
+    "chat_template": ("TYPE_BOOL", [1]),
 }
 PUBLIC_OUTPUTS = {
     "text_output": ("TYPE_STRING", [1]),
     "output_ids": ("TYPE_INT64", [-1]),
     "finish_reason": ("TYPE_STRING", [1]),
+    "num_input_tokens": ("TYPE_INT32", [1]),  # the prompt's tokens, image tokens included
+    "num_output_tokens": ("TYPE_INT32", [1]),  # the tokens generated so far (all of them, in the last response)
 }
+
+# a control request to `language_model` (alone, no other input): end the request with this id. In Triton
+# 2.51 a client's cancel does not reach an ensemble step that already runs, so cancelling a `vlm` stream
+# does not stop its generation; clients send this as well.
+CANCEL = "cancel_request_id"
 
 # internal tensors between ensemble steps
 INPUT_IDS = "_INPUT_IDS"  # INT64 [S]
@@ -30,6 +40,7 @@ SAMPLING = "_SAMPLING"  # BYTES [1]: SamplingParams JSON
 IMAGES = "_IMAGES"  # BYTES [N]: the encoded image files, when encoder servers preprocess them (else [0])
 
 INTERNAL = {
+    CANCEL: ("TYPE_STRING", [1]),
     INPUT_IDS: ("TYPE_INT64", [-1]),
     PIXEL_VALUES: ("TYPE_FP32", [-1, -1]),
     IMAGE_GRID_THW: ("TYPE_INT64", [-1, 3]),
@@ -46,7 +57,7 @@ MODELS = {
     "vision_encoder": ([PIXEL_VALUES, IMAGE_GRID_THW], [IMAGE_EMBEDS]),
     # E/PD encoder servers: image files in, embeddings and grids out (decode, resize, patchify, encode)
     "image_encoder": ([IMAGES], [IMAGE_EMBEDS, IMAGE_GRID_THW]),
-    "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING], list(PUBLIC_OUTPUTS)),
+    "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING, CANCEL], list(PUBLIC_OUTPUTS)),
     "vlm": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
     "vlm_unary": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
 }

@@ -21,7 +21,7 @@ import queue
 import tempfile
 import threading
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -109,6 +109,7 @@ class LanguageEngine:
                                                     config.dtype, self.slots, self.max_model_len, threads)
         self._queue: queue.Queue[tuple[LanguageRequest, Callback] | None] = queue.Queue()
         self._aborted: set[str] = set()
+        self._live: Counter[str] = Counter()  # request id -> its unfinished requests
         self._lock = threading.Lock()
         self._kv: dict[int, int] = {}  # slot -> tokens it holds, for the running sequences
         self._free = list(range(self.slots))  # slots no sequence owns (the engine thread changes it)
@@ -174,11 +175,29 @@ class LanguageEngine:
 
     # --- public API ---------------------------------------------------------
     def submit(self, request: LanguageRequest, callback: Callback) -> None:
-        self._queue.put((request, callback))
-
-    def abort(self, request_id: str) -> None:
+        request_id = request.request_id
         with self._lock:
-            self._aborted.add(request_id)
+            self._live[request_id] += 1
+
+        def tracked(out: StepOutput) -> None:  # every request ends with exactly one finished output
+            if out.finished:
+                with self._lock:
+                    self._live[request_id] -= 1
+                    if self._live[request_id] <= 0:
+                        del self._live[request_id]
+                        self._aborted.discard(request_id)
+            callback(out)
+
+        self._queue.put((request, tracked))
+
+    def abort(self, request_id: str) -> bool:
+        """End the request(s) with this id ("cancelled") at their next step. -> False if none is unfinished
+        (an id that finished, or never came, must not cancel a later request that reuses it)."""
+        with self._lock:
+            if request_id in self._live:
+                self._aborted.add(request_id)
+                return True
+            return False
 
     def generate(self, request: LanguageRequest) -> Iterator[StepOutput]:
         """Blocking iterator over a request's outputs (tests and in-process callers)."""
@@ -357,13 +376,18 @@ class LanguageEngine:
     def _sample_and_emit(self, seq: _Sequence, logits: torch.Tensor, greedy: int | None) -> None:
         """logits: [V]; `greedy`: their argmax when the batch computed it already."""
         params = seq.request.sampling
+        if len(seq.generated) < params.min_tokens:  # no EOS before min_tokens (HF's and vLLM's rule)
+            logits = logits.clone()
+            logits[list(self.eos_ids)] = float("-inf")
+            greedy = None
         self._emit(seq, greedy if greedy is not None and params.greedy else sample(logits, params, seq.generator))
 
     def _emit(self, seq: _Sequence, token: int) -> None:
         seq.generated.append(token)
         finish = self._finish_reason(seq, token)
         text = seq.detok.add(token) + (seq.detok.flush() if finish else "")
-        text, hit_stop = seq.stops.feed(text, final=finish is not None)
+        check = len(seq.generated) > seq.request.sampling.min_tokens  # the first min_tokens never stop
+        text, hit_stop = seq.stops.feed(text, final=finish is not None, check=check)
         finish = "stop" if hit_stop else finish
         seq.done = finish is not None
         if seq.done:
@@ -374,7 +398,7 @@ class LanguageEngine:
         seq.callback(StepOutput([token], text, finish))  # raising here ends this sequence (`_guarded`)
 
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
-        if token in self.eos_ids:
+        if token in self.eos_ids and not seq.request.sampling.ignore_eos:
             return "stop"
         if self._is_aborted(seq.request.request_id):
             return "cancelled"

@@ -70,7 +70,7 @@ class Preprocessor:
         limits = self.config.image_limits
         return [read_source(source, i, limits) for i, source in enumerate(sources)]
 
-    def prepare(self, conversation: list[dict], files: list[bytes], sampling: SamplingParams) -> Preprocessed:
+    def prepare(self, conversation: list[dict] | str, files: list[bytes], sampling: SamplingParams) -> Preprocessed:
         """Every check that needs no pixels comes first: each image's grid is computed from its header
         alone (the processor's own resize rule), so an over-long request is refused before any decoding."""
         limits = self.config.image_limits
@@ -84,16 +84,18 @@ class Preprocessor:
             raise RuntimeError(f"image grids from headers {grid_thw.tolist()} != decoded {decoded_grid.tolist()}")
         return Preprocessed(input_ids, pixel_values, grid_thw, sampling)
 
-    def _prompt_ids(self, conversation: list[dict], grid_thw: np.ndarray) -> np.ndarray:
-        """The chat template applied, each image placeholder expanded to its token count; checked against
-        the context length."""
-        prompt = self.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    def _prompt_ids(self, conversation: list[dict] | str, grid_thw: np.ndarray) -> np.ndarray:
+        """The chat template applied (a str is the prompt already), each image placeholder expanded to its
+        token count; checked against the context length."""
+        raw = isinstance(conversation, str)
+        prompt = conversation if raw else self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True)
         pieces = prompt.split(self.image_pad)
         if len(pieces) - 1 != len(grid_thw):
             raise InvalidRequest("the image placeholders in the prompt do not match the images sent")
         counts = self.family.tokens_per_image(grid_thw)
         prompt = pieces[0] + "".join(self.image_pad * int(n) + p for n, p in zip(counts, pieces[1:], strict=True))
-        input_ids = np.asarray(self.tokenizer(prompt, add_special_tokens=False).input_ids, np.int64)
+        input_ids = np.asarray(self.tokenizer(prompt, add_special_tokens=raw).input_ids, np.int64)
         if len(input_ids) >= self.max_model_len:
             raise InvalidRequest(
                 f"the prompt is {len(input_ids)} tokens ({int(counts.sum())} of them for images); "

@@ -26,10 +26,14 @@ class SamplingParams:
     seed: int | None = None
     stream: bool = False
     stop: tuple[str, ...] = ()  # stop strings: the output ends before the first one
+    min_tokens: int = 0  # no end of sequence (EOS or stop string) before this many tokens
+    ignore_eos: bool = False  # EOS does not end the output (benchmarks fix output lengths with it)
 
     def validate(self) -> SamplingParams:
         if self.max_tokens <= 0:
             raise InvalidRequest(f"max_tokens must be > 0, got {self.max_tokens}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequest(f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
@@ -66,10 +70,13 @@ class GenerateRequest:
     messages: str | None = None  # OpenAI chat JSON
     images: list[bytes] = field(default_factory=list)  # encoded bytes, data: URLs or http(s) URLs
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    chat_template: bool = True  # False: text_input is the whole prompt, as it is (/v1/completions)
 
     def validate(self) -> GenerateRequest:
         if (self.text_input is None) == (self.messages is None):
             raise InvalidRequest("send exactly one of 'text_input' or 'messages'")
+        if not self.chat_template and self.messages is not None:
+            raise InvalidRequest("'chat_template' false needs 'text_input', not 'messages'")
         for i, image in enumerate(self.images):
             if len(image) == 0:
                 raise InvalidRequest(f"image {i} is empty")
@@ -121,5 +128,9 @@ def request_from_arrays(arrays: dict, defaults: SamplingParams) -> GenerateReque
         seed=_scalar(arrays, "seed", int),
         stream=_scalar(arrays, "stream", bool),
         stop=_texts(arrays, "stop"),
+        min_tokens=_scalar(arrays, "min_tokens", int),
+        ignore_eos=_scalar(arrays, "ignore_eos", bool),
     )
-    return GenerateRequest(_text(arrays, "text_input"), _text(arrays, "messages"), images, sampling).validate()
+    chat_template = _scalar(arrays, "chat_template", bool)
+    return GenerateRequest(_text(arrays, "text_input"), _text(arrays, "messages"), images, sampling,
+                           True if chat_template is None else chat_template).validate()

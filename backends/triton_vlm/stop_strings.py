@@ -10,9 +10,13 @@ class StopStrings:
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.pending = ""
 
-    def feed(self, delta: str, final: bool = False) -> tuple[str, bool]:
-        """New text in -> (text to emit now, whether a stop string was hit). After a hit, stop feeding."""
+    def feed(self, delta: str, final: bool = False, check: bool = True) -> tuple[str, bool]:
+        """New text in -> (text to emit now, whether a stop string was hit). After a hit, stop feeding.
+        `check` False (before min_tokens): the text goes out as it is, never searched for stop strings."""
         self.pending += delta
+        if not check:
+            out, self.pending = self.pending, ""
+            return out, False
         hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
             out, self.pending = self.pending[:min(hits)], ""

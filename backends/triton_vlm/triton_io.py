@@ -105,6 +105,21 @@ def error_response(e: Exception) -> pb_utils.InferenceResponse:
     return pb_utils.InferenceResponse(output_tensors=[], error=error(e))
 
 
+class Metric:
+    """A python-backend custom metric family on Triton's metrics port; `metric(**labels)` is one series."""
+
+    def __init__(self, name: str, description: str, counter: bool = False) -> None:
+        kind = pb_utils.MetricFamily.COUNTER if counter else pb_utils.MetricFamily.GAUGE
+        self.family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+        self._series: dict = {}  # the family must outlive its series: both are kept
+
+    def __call__(self, **labels: str):
+        key = tuple(sorted(labels.items()))
+        if key not in self._series:
+            self._series[key] = self.family.Metric(labels=labels)
+        return self._series[key]
+
+
 def parameters(args: dict) -> dict[str, str]:
     from .config import read_parameters
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import queue
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 
 STREAM_MODEL = "vlm"
 UNARY_MODEL = "vlm_unary"
+LANGUAGE_MODEL, CANCEL = "language_model", "cancel_request_id"  # the control request that ends a request
 
 
 @dataclass
@@ -19,6 +21,7 @@ class Answer:
     text: str = ""
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str = ""
+    num_input_tokens: int = 0  # the prompt's tokens, image tokens included
     responses: int = 0
     ttft_s: float | None = None  # time to the first response carrying a token
     total_s: float = 0.0
@@ -50,8 +53,8 @@ def build_inputs(module, prompt: str | None = None, images: list[bytes] | None =
         tensors["stream"] = np.array([stream])
     if stop:
         tensors["stop"] = np.array([s.encode() for s in stop], dtype=np.object_)
-    kinds = {"max_tokens": np.int32, "top_k": np.int32, "seed": np.int32, "temperature": np.float32,
-             "top_p": np.float32}
+    kinds = {"max_tokens": np.int32, "top_k": np.int32, "seed": np.int32, "min_tokens": np.int32,
+             "temperature": np.float32, "top_p": np.float32, "ignore_eos": np.bool_, "chat_template": np.bool_}
     for name, value in sampling.items():
         if value is not None:
             tensors[name] = np.array([value], dtype=kinds[name])
@@ -69,13 +72,15 @@ def infer_inputs(module, tensors: dict[str, np.ndarray]) -> list:
     return inputs
 
 
-def _decode(result) -> tuple[str, list[int], str]:
+def _decode(result) -> tuple[str, list[int], str, int]:
     text = result.as_numpy("text_output")
     ids = result.as_numpy("output_ids")
     finish = result.as_numpy("finish_reason")
+    prompt = result.as_numpy("num_input_tokens")
     return (text.reshape(-1)[0].decode("utf-8", "replace") if text is not None else "",
             ids.tolist() if ids is not None else [],
-            finish.reshape(-1)[0].decode() if finish is not None else "")
+            finish.reshape(-1)[0].decode() if finish is not None else "",
+            int(prompt.reshape(-1)[0]) if prompt is not None else 0)
 
 
 def stream(url: str, timeout_s: float = 300, on_delta=None, **request) -> Answer:
@@ -87,14 +92,15 @@ def stream(url: str, timeout_s: float = 300, on_delta=None, **request) -> Answer
     start = time.perf_counter()
     client.start_stream(callback=lambda result, error: events.put((result, error)))
     ended = False  # the server ended the request (an answer or an error): close the stream, cancel nothing
+    request_id = uuid.uuid4().hex
     try:
-        client.async_stream_infer(STREAM_MODEL, build_inputs(grpcclient, stream=True, **request))
+        client.async_stream_infer(STREAM_MODEL, build_inputs(grpcclient, stream=True, **request), request_id=request_id)
         while True:
             result, error = events.get(timeout=timeout_s)
             if error is not None:
                 ended = True
                 raise error
-            text, ids, finish = _decode(result)
+            text, ids, finish, answer.num_input_tokens = _decode(result)
             answer.responses += 1
             if ids:
                 answer.token_times_s.append(time.perf_counter() - start)
@@ -108,10 +114,28 @@ def stream(url: str, timeout_s: float = 300, on_delta=None, **request) -> Answer
                 answer.finish_reason = finish
                 break
     finally:
-        client.stop_stream(cancel_requests=not (ended or answer.finish_reason))
+        abandoned = not (ended or answer.finish_reason)
+        client.stop_stream(cancel_requests=abandoned)
         client.close()
+        if abandoned:
+            cancel(url, request_id)
     answer.total_s = time.perf_counter() - start
     return answer
+
+
+def cancel(url: str, request_id: str) -> None:
+    """End a `vlm` request by its id. Needed besides cancelling the stream: Triton 2.51 does not pass a
+    stream's cancel on to the ensemble step that already runs, so the language model would go on to the end."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    try:
+        client.start_stream(callback=lambda result, error: None)
+        client.async_stream_infer(LANGUAGE_MODEL, infer_inputs(grpcclient, {
+            CANCEL: np.array([request_id.encode()], dtype=np.object_)}))
+        client.stop_stream()  # waits until the server has taken it
+    finally:
+        client.close()
 
 
 def infer(url: str, protocol: str = "http", timeout_s: float = 300, **request) -> Answer:
@@ -129,6 +153,6 @@ def infer(url: str, protocol: str = "http", timeout_s: float = 300, **request) -
         result = client.infer(UNARY_MODEL, build_inputs(module, **request))
     finally:
         client.close()
-    text, ids, finish = _decode(result)
+    text, ids, finish, prompt_tokens = _decode(result)
     elapsed = time.perf_counter() - start
-    return Answer(text, ids, finish, 1, elapsed, elapsed)
+    return Answer(text, ids, finish, prompt_tokens, 1, elapsed, elapsed)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import sys
 from pathlib import Path
 
+import openai
 import tritonclient.http as httpclient
 
 from tests.conftest import make_image
@@ -23,15 +25,16 @@ def test_plain_tritonserver_serves_the_committed_repository(server):
     assert len(answer.output_ids) >= 1
 
 
-def test_serve_with_encoder_replicas_and_infer_commands(tiny_model, tmp_path):
-    http, grpc, metrics = free_ports(3)
+def test_serve_with_encoder_replicas_the_openai_api_and_infer_commands(tiny_model, tmp_path):
+    http, grpc, metrics, api = free_ports(4)
     image = tmp_path / "cat.png"
     image.write_bytes(make_image(120, 90))
     with open(tmp_path / "log", "wb") as log:
         process = subprocess.Popen(
             [str(BIN / "triton-vlm"), "serve", "--model", str(tiny_model), "--http-port", str(http),
              "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--encoder-dp", "3",
-             "--encoder-threads", "1", "--gpus", "none", "--minimal"],
+             "--encoder-threads", "1", "--gpus", "none", "--minimal", "--openai-port", str(api),
+             "--openai-host", "127.0.0.1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_ready(process, f"127.0.0.1:{http}")
@@ -47,6 +50,12 @@ def test_serve_with_encoder_replicas_and_infer_commands(tiny_model, tmp_path):
                 capture_output=True, text=True, timeout=120)
             assert out.returncode == 0, out.stderr
             assert "output_ids: [" in out.stderr and "time to first token" in out.stderr
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{api}/v1", api_key="unused", max_retries=3)
+            assert [m.id for m in client.models.list().data] == [str(Path(tiny_model).resolve())]
+            url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+            answer = client.chat.completions.create(model="m", max_tokens=4, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is this"}]}])
+            assert answer.usage.completion_tokens >= 1 and answer.usage.prompt_tokens > 20
         finally:
             stop_process_group(process)
 

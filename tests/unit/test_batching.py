@@ -219,3 +219,35 @@ def test_tiny_and_huge_temperatures_sample_without_failing(parts, engine):
     (tiny, _, tiny_last), (_, _, huge_last) = run_concurrently(engine, odd)
     assert tiny == expected  # below SAMPLING_EPS is greedy
     assert tiny_last.finish_reason in ("stop", "length") and huge_last.finish_reason in ("stop", "length")
+
+
+def test_min_tokens_and_ignore_eos_hold_off_the_end(parts, engine, monkeypatch):
+    """Make EOS a token greedy picks early: the answer ends there, unless min_tokens or ignore_eos say no."""
+    [(base, _, _)] = run_concurrently(engine, [make_request(parts, 0, "hi", max_tokens=10, ignore_eos=True)])
+    k = next(i for i in range(1, len(base)) if base[i] not in base[:i])
+    monkeypatch.setattr(engine, "eos_ids", {base[k]})
+    [(stopped, _, last)] = run_concurrently(engine, [make_request(parts, 0, "hi", max_tokens=10)])
+    assert stopped == base[:k + 1] and last.finish_reason == "stop"
+    [(ignored, _, last)] = run_concurrently(engine, [make_request(parts, 0, "hi", max_tokens=10, ignore_eos=True)])
+    assert ignored == base and last.finish_reason == "length"
+    [(held, _, _)] = run_concurrently(engine, [make_request(parts, 0, "hi", max_tokens=10, min_tokens=k + 3)])
+    assert held[:k] == base[:k] and len(held) >= k + 3 and base[k] not in held[:k + 3]
+
+
+def test_abort_ends_a_running_request_and_spares_a_later_one_with_the_id(parts, engine):
+    assert not engine.abort("r0")  # nothing runs under that id: nothing to remember
+    [(ids, _, last)] = run_concurrently(engine, [make_request(parts, 0, "hi", max_tokens=4)])
+    assert last.finish_reason in ("stop", "length")
+    outs, done = [], threading.Event()
+
+    def on_step(out):
+        outs.append(out)
+        if len(outs) == 1:
+            assert engine.abort("r0")
+        if out.finished:
+            done.set()
+
+    engine.submit(make_request(parts, 0, "hi", max_tokens=2000, ignore_eos=True), on_step)
+    assert done.wait(60)
+    assert outs[-1].finish_reason == "cancelled" and len(outs) < 10
+    assert engine.free_slots == engine.slots
