@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("openai", help="OpenAI-compatible API in front of a server that has the `vlm` ensemble")
     p.add_argument("--triton-url", default="127.0.0.1:8001", help="the server's gRPC address (default %(default)s)")
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=9000)
+    p.add_argument("--port", type=int, default=8080)
     p.add_argument("--served-model-name", help="the model id /v1/models lists (default: the served model's "
                    "folder, from the language model's config; any `model` value is accepted either way)")
     p.add_argument("--max-body-mb", type=int, default=256, help="largest request body (default %(default)s MiB)")

@@ -31,6 +31,7 @@ from .arrivals import arrival_times
 from .client import stream
 from .dataset import BenchRequest, make_dataset
 from .metrics import Timeline, summarize
+from .openai_client import stream_chat
 
 ROWS = [  # (key, label) of the result table, in the order users know from vLLM / SGLang
     ("successful_requests", "Successful requests"), ("failed_requests", "Failed requests"),
@@ -45,10 +46,15 @@ ROWS = [  # (key, label) of the result table, in the order users know from vLLM 
 
 
 def _one(url: str, request: BenchRequest, timeout_s: float) -> Timeline:
+    """`url`: a gRPC address (the `vlm` ensemble), or http://.../v1 (an OpenAI-compatible server)."""
     timeline = Timeline(sent=0.0, text_tokens=request.text_tokens, image_tokens=request.image_tokens)
+    fixed = {"ignore_eos": True} if request.ignore_eos else {}
     try:
-        answer = stream(url, timeout_s=timeout_s, prompt=request.prompt, images=request.images,
-                        max_tokens=request.max_tokens)
+        if url.startswith("http"):
+            answer = stream_chat(url, request.prompt, request.images, request.max_tokens, timeout_s, **fixed)
+        else:
+            answer = stream(url, timeout_s=timeout_s, prompt=request.prompt, images=request.images,
+                            max_tokens=request.max_tokens, **fixed)
     except Exception as e:  # counted as a failure, with its message
         timeline.error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return timeline
@@ -172,6 +178,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="triton-vlm bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="127.0.0.1:8001", help="gRPC address of a running server")
+    p.add_argument("--openai-url", help="also measure this OpenAI API (http://HOST:PORT/v1) with the same "
+                   "requests, after the gRPC run: one side-by-side table")
+    p.add_argument("--ignore-eos", action="store_true", help="every request generates --output-len tokens "
+                   "(random-weight models may otherwise end at once)")
     p.add_argument("--model", default=None, help="model folder, for token counts, --compare and the baseline "
                    "(default: $TRITON_VLM_MODEL or the tiny model)")
     p.add_argument("--num-prompts", type=int, default=20)
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args.model = ensure_model(args.model)
     requests = make_dataset(args.model, args.num_prompts, args.input_len, args.output_len, args.image_count,
                             args.random_image_count, args.image_resolution, args.image_format, args.image_content,
-                            args.seed)
+                            args.seed, args.ignore_eos)
     results: dict[str, dict] = {}
     if args.compare:
         for spec in args.compare:
@@ -211,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = _run_deployment(name, serve_args, requests, args)
     else:
         results["triton-vlm"] = _run(args.url, requests, args)
+        if args.openai_url:
+            results["openai-api"] = _run(args.openai_url, requests, args)
     if args.transformers_baseline:
         results["transformers"] = run_transformers(args.model, requests, args.warmup, not args.disable_tqdm)
     for name, result in results.items():

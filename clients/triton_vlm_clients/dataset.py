@@ -22,6 +22,7 @@ class BenchRequest:
     max_tokens: int
     text_tokens: int = 0
     image_tokens: int = 0
+    ignore_eos: bool = False  # generate exactly max_tokens
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -45,7 +46,8 @@ def make_image(width: int, height: int, rng: np.random.Generator, fmt: str = "jp
 
 def make_dataset(model: str | Path, num_prompts: int, input_len: int = 64, output_len: int = 32,
                  image_count: int = 1, random_image_count: bool = False, resolution: str = "720p",
-                 image_format: str = "jpeg", image_content: str = "random", seed: int = 0) -> list[BenchRequest]:
+                 image_format: str = "jpeg", image_content: str = "random", seed: int = 0,
+                 ignore_eos: bool = False) -> list[BenchRequest]:
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
@@ -66,5 +68,5 @@ def make_dataset(model: str | Path, num_prompts: int, input_len: int = 64, outpu
         if images:
             grid = processor(images=[Image.open(io.BytesIO(b)).convert("RGB") for b in images])["image_grid_thw"]
             image_tokens = int(np.prod(np.asarray(grid), axis=1).sum()) // merge**2
-        requests.append(BenchRequest(prompt, images, output_len, len(templated) - n, image_tokens))
+        requests.append(BenchRequest(prompt, images, output_len, len(templated) - n, image_tokens, ignore_eos))
     return requests

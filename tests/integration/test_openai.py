@@ -124,6 +124,13 @@ def test_the_stream_is_openai_server_sent_events(api):
     assert all(c["usage"] is None and c["object"] == "chat.completion.chunk" for c in content)
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 6
     assert len({c["id"] for c in chunks}) == 1
+    # vLLM's continuous_usage_stats (AIPerf's --per-chunk-usage): the running count on every chunk
+    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    with urllib.request.urlopen(urllib.request.Request(f"{api}/v1/chat/completions", json.dumps(body).encode(),
+                                                       {"Content-Type": "application/json"}), timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.read().decode().splitlines() if line and "[DONE]" not in line]
+    counts = [c["usage"]["completion_tokens"] for c in chunks]
+    assert counts == sorted(counts) and counts[0] >= 1 and counts[-1] == 6
 
 
 def test_completions_take_the_prompt_as_it_is(client, server):
@@ -209,15 +216,14 @@ def test_32_concurrent_streams(api, server):
     async def one(client, prompt):
         chunks = [c async for c in await client.chat.completions.create(
             model="m", messages=chat(prompt, []), max_tokens=8, stream=True, extra_body={"ignore_eos": True})]
-        return "".join(c.choices[0].delta.content or "" for c in chunks), len(chunks)
+        return "".join(c.choices[0].delta.content or "" for c in chunks)
 
     async def all_of_them():
         async with openai.AsyncOpenAI(base_url=f"{api}/v1", api_key="unused", max_retries=0, timeout=300) as client:
             return await asyncio.gather(*(one(client, prompts[i % 4]) for i in range(32)))
 
-    answers = asyncio.run(all_of_them())
-    assert [text for text, _ in answers] == [solo[prompts[i % 4]] for i in range(32)]
-    assert all(n > 1 for _, n in answers)
+    # (under this load the server may merge a stream's deltas into one chunk: the count is not checked here)
+    assert asyncio.run(all_of_them()) == [solo[prompts[i % 4]] for i in range(32)]
 
 
 def test_unready_server_is_a_503(tmp_path):

@@ -52,7 +52,7 @@ def create_app(triton_url: str, served_model_name: str | None = None, max_body_m
         upstream = request.app.state.upstream
         body = parse_json(await _read_body(request, max_body_mb * 2**20))
         call = chat_call(body) if chat else completion_call(body)
-        reply = Reply(call.model or await model_name(upstream), chat, call.include_usage)
+        reply = Reply(call.model or await model_name(upstream), chat, call.include_usage, call.continuous_usage)
         deltas = upstream.generate(call.tensors, reply.id)
         try:
             first = await anext(deltas)

@@ -19,6 +19,7 @@ class Reply:
     model: str
     chat: bool
     include_usage: bool = False
+    continuous_usage: bool = False
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -40,8 +41,9 @@ class Reply:
         else:
             choice = {"index": 0, "text": delta.text}
         choice |= {"finish_reason": _finish(delta), "logprobs": None}
+        usage_now = usage(delta) if self.continuous_usage else None
         return event({**self._head(stream=True), "choices": [choice],
-                      **({"usage": None} if self.include_usage else {})})
+                      **({"usage": usage_now} if self.include_usage or self.continuous_usage else {})})
 
     def usage_chunk(self, last: Delta) -> str:
         return event({**self._head(stream=True), "choices": [], "usage": usage(last)})

@@ -36,6 +36,7 @@ class Call:
     model: str
     stream: bool
     include_usage: bool
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats: usage on every chunk
 
 
 def parse_json(raw: bytes) -> dict:
@@ -104,7 +105,8 @@ def _call(body: dict, tensors: dict[str, np.ndarray], max_tokens_keys: tuple[str
             tensors["stop"] = _bytes(stops)
     model = body.get("model")
     return Call(tensors, model if isinstance(model, str) else "", stream,
-                stream and bool(_bool(options, "include_usage")))
+                stream and bool(_bool(options, "include_usage")),
+                stream and bool(_bool(options, "continuous_usage_stats")))
 
 
 def _bytes(texts: list[str]) -> np.ndarray:
