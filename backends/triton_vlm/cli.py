@@ -62,7 +62,7 @@ def _render(args) -> int:
 
 
 def _serve(args) -> int:
-    from .server import TritonServer, stop_process_group
+    from .server import TritonServer, stop_process
 
     deployment = _deployment(args)
     model = deployment.model
@@ -71,11 +71,12 @@ def _serve(args) -> int:
         server = TritonServer(repo, args.http_port, args.grpc_port, args.metrics_port,
                               extra_args=deployment.server_args()).start()
         frontend = None
-        if args.openai_port is not None:  # its own process: its event loop never waits on ours
+        if args.openai_port is not None:  # its own process (its event loop never waits on ours), in our
+            # process group, so that whatever stops `serve` stops it too; it also dies with us (pdeathsig)
             frontend = subprocess.Popen(
                 [sys.executable, "-m", "triton_vlm.cli", "openai", "--triton-url", server.grpc_url, "--port",
                  str(args.openai_port), "--host", args.openai_host, "--served-model-name", str(model)],
-                start_new_session=True)
+                preexec_fn=_die_with_parent)
         signal.signal(signal.SIGTERM, lambda *_: server.stop())
         try:
             server.wait_ready(args.ready_timeout)
@@ -86,8 +87,15 @@ def _serve(args) -> int:
         except KeyboardInterrupt:
             return 0
         finally:
-            stop_process_group(frontend, timeout_s=10)
+            stop_process(frontend)
             server.stop()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _openai(args) -> int:

@@ -54,6 +54,18 @@ def wait_ready(process: subprocess.Popen, http_url: str, timeout_s: float = 300)
     raise TimeoutError(f"tritonserver not ready after {timeout_s}s")
 
 
+def stop_process(process: subprocess.Popen | None, timeout_s: float = 10) -> None:
+    """SIGTERM one process, SIGKILL if it lingers."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def stop_process_group(process: subprocess.Popen | None, timeout_s: float = 60, graceful: bool = True) -> None:
     """SIGTERM the whole process group (server and its stubs), SIGKILL if it lingers; SIGKILL at once
     unless `graceful`."""
