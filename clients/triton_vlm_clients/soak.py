@@ -19,13 +19,14 @@ import shlex
 import tempfile
 import threading
 import time
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from .client import build_inputs, stream
+from .client import build_inputs, cancel, stream
 from .images import synthetic_image
 from .process_memory import server_rss_mb
 
@@ -72,13 +73,15 @@ class Soak:
         got = threading.Semaphore(0)
         client = grpcclient.InferenceServerClient(self.url)
         client.start_stream(callback=lambda result, error: got.release())
+        request_id = uuid.uuid4().hex
         client.async_stream_infer("vlm", build_inputs(grpcclient, prompt="go on", images=images, max_tokens=500,
-                                                       stream=True))
+                                                       stream=True), request_id=request_id)
         for _ in range(2):
             if not got.acquire(timeout=120):
                 raise TimeoutError("no response before the cancel")
         client.stop_stream(cancel_requests=True)
         client.close()
+        cancel(self.url, request_id)  # Triton 2.51 passes no stream cancel to the running language model
 
     def sample(self, start: float) -> None:
         self.samples.append({"t": time.monotonic() - start, "rss_mb": server_rss_mb(self.server_pid)})
