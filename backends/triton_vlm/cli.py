@@ -36,7 +36,8 @@ def _deployment(args):
                           gpus=_gpus(args.gpus), tensor_parallel=args.tp, mode=args.mode,
                           encoder_urls=tuple(args.encoder_urls or ()), encoder_urls_file=args.encoder_urls_file,
                           encoder_fallback=args.encoder_fallback, local_encode_below=args.local_encode_below,
-                          encoder_transport=args.encoder_transport, minimal=args.minimal)
+                          encoder_transport=args.encoder_transport, minimal=args.minimal,
+                          embedding_cache_mb=args.embedding_cache_mb)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
 
@@ -153,6 +154,8 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--minimal", action="store_true", help="only the models the streaming `vlm` needs: no "
                    "`vlm_unary` (plain infer() callers) and, colocated, no `image_encoder` (serving as another "
                    "server's encoder); fewer processes, faster start")
+    p.add_argument("--embedding-cache-mb", type=int, help="image embeddings the encode stage keeps by image "
+                   "content, so a repeated image skips the encoder (default: the repository's, 512; 0: off)")
     p.add_argument("--gpus", default="auto", help="GPU ids for the encoder replicas, e.g. 0,1; 'none' for CPU "
                    "(default: every visible GPU, else CPU)")
 

@@ -28,6 +28,7 @@ class Deployment:
     local_encode_below: int = 0  # language mode: requests with fewer image patches are encoded here
     encoder_transport: str = "auto"  # language mode: embeddings by shm on loopback (auto) | grpc | shm
     minimal: bool = False  # only what `vlm` needs: no vlm_unary, and (colocated) no image_encoder
+    embedding_cache_mb: int | None = None  # the encode stage's embedding cache (0: none; None: the repository's)
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocated", "encoder", "language"):
@@ -41,6 +42,8 @@ class Deployment:
                              "(--encoder-fallback local)")
         if self.encoder_transport not in ("auto", "grpc", "shm"):
             raise ValueError(f"encoder_transport must be auto, grpc or shm, got {self.encoder_transport!r}")
+        if self.embedding_cache_mb is not None and self.embedding_cache_mb < 0:
+            raise ValueError(f"embedding_cache_mb must be >= 0, got {self.embedding_cache_mb}")
         if self.encoder_dp is not None and self.encoder_dp < 1:
             raise ValueError(f"encoder_dp must be >= 1, got {self.encoder_dp}")
         if self.tensor_parallel is not None and self.tensor_parallel < 1:
@@ -69,6 +72,8 @@ class Deployment:
             groups["image_encoder"] = [{"count": max(2, dp), "kind": "KIND_CPU"}]
         if self.encoder_threads is not None:
             parameters["vision_encoder"]["threads"] = str(self.encoder_threads)
+        if self.embedding_cache_mb is not None:
+            parameters["encode"]["embedding_cache_mb"] = str(self.embedding_cache_mb)
         if self.gpus:
             parameters["language_model"]["device"] = f"cuda:{self.gpus[0]}"
         if self.tensor_parallel is not None:

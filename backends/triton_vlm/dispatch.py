@@ -11,13 +11,14 @@ serves many requests at the same time: concurrent requests never wait for each o
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from .balance import balance, gather
+from .embedding_cache import EmbeddingCache
 from .errors import InvalidRequest
 from .image_inputs import Images
 
@@ -41,18 +42,36 @@ def even(num_shards: int) -> Split:
 
 class ShardedEncode:
     def __init__(self, run_shard: RunShard, split: Split, tokens_per_image: Callable[[np.ndarray], np.ndarray],
-                 hidden_size: int, max_requests: int = 64, max_shards: int = 8) -> None:
+                 hidden_size: int, max_requests: int = 64, max_shards: int = 8,
+                 cache: EmbeddingCache | None = None) -> None:
         self.run_shard, self.split, self.tokens_per_image = run_shard, split, tokens_per_image
-        self.hidden_size = hidden_size
+        self.hidden_size, self.cache = hidden_size, cache
         # requests and the extra shards of a request get separate pools: a request thread waits on its
         # shards, and a shard never waits on anything, so the pools cannot deadlock. Threads start lazily.
         self._requests = ThreadPoolExecutor(max_requests, thread_name_prefix="encode-request")
         self._shards = ThreadPoolExecutor(max_requests * max_shards, thread_name_prefix="encode-shard")
 
-    def encode(self, images: Images) -> torch.Tensor:
-        """A request's images -> embeddings [sum tokens, H], image after image."""
+    def encode(self, images: Images, keys: Sequence[bytes] = ()) -> torch.Tensor:
+        """A request's images -> embeddings [sum tokens, H], image after image. With `keys` (one content
+        key per image) and a cache, only the images not cached are encoded, each distinct one once."""
         if len(images) == 0:  # text only: nothing to run
             return torch.zeros((0, self.hidden_size), dtype=torch.float32)
+        if self.cache is None or len(keys) != len(images):
+            return self._encode(images)
+        found = [self.cache.get(key) for key in keys]
+        first: dict[bytes, int] = {}  # key -> the image that is encoded for it
+        misses = [i for i, key in enumerate(keys) if found[i] is None and first.setdefault(key, i) == i]
+        if misses:
+            tokens = self.tokens_per_image(images.grid_thw)
+            encoded = torch.split(self._encode(images.select(misses)), [int(tokens[i]) for i in misses])
+            for i, embeds in zip(misses, encoded, strict=True):
+                found[i] = embeds
+                self.cache.put(keys[i], embeds)
+        if self.cache.on_lookup:  # a repeat inside the request counts as a hit: it is not encoded again
+            self.cache.on_lookup(len(keys) - len(misses), len(misses))
+        return torch.cat([f if f is not None else found[first[key]] for f, key in zip(found, keys, strict=True)])
+
+    def _encode(self, images: Images) -> torch.Tensor:
         shards = self.split(images.patches.tolist())
         if len(shards) == 1:  # one image, one replica or a small request: unsplit
             return self.run_shard(images, shards[0][0])
@@ -70,12 +89,12 @@ class ShardedEncode:
         outputs = [first, *(f.result() for f in others)]
         return torch.cat(gather(outputs, [indices for _, indices in shards]))
 
-    def submit(self, images: Images, done: Done) -> None:
+    def submit(self, images: Images, done: Done, keys: Sequence[bytes] = ()) -> None:
         """Encode on a worker thread; `done(embeddings, None)` or `done(None, error)` when finished."""
 
         def work() -> None:
             try:
-                result = self.encode(images)
+                result = self.encode(images, keys)
             except Exception as e:
                 done(None, e)
             else:

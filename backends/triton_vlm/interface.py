@@ -38,6 +38,7 @@ IMAGE_GRID_THW = "_IMAGE_GRID_THW"  # INT64 [N, 3]
 IMAGE_EMBEDS = "_IMAGE_EMBEDS"  # FP32 [sum tokens per image, H]
 SAMPLING = "_SAMPLING"  # BYTES [1]: SamplingParams JSON
 IMAGES = "_IMAGES"  # BYTES [N]: the encoded image files, when encoder servers preprocess them (else [0])
+IMAGE_KEYS = "_IMAGE_KEYS"  # BYTES [N]: each image's content key, for the embedding cache
 
 INTERNAL = {
     CANCEL: ("TYPE_STRING", [1]),
@@ -47,12 +48,13 @@ INTERNAL = {
     IMAGE_EMBEDS: ("TYPE_FP32", [-1, -1]),
     SAMPLING: ("TYPE_STRING", [1]),
     IMAGES: ("TYPE_STRING", [-1]),
+    IMAGE_KEYS: ("TYPE_STRING", [-1]),
 }
 
 # model name -> (inputs, outputs)
 MODELS = {
-    "preprocess": (list(PUBLIC_INPUTS), [INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING, IMAGES]),
-    "encode": ([INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING, IMAGES],
+    "preprocess": (list(PUBLIC_INPUTS), [INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING, IMAGES, IMAGE_KEYS]),
+    "encode": ([INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING, IMAGES, IMAGE_KEYS],
                [INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING]),
     "vision_encoder": ([PIXEL_VALUES, IMAGE_GRID_THW], [IMAGE_EMBEDS]),
     # E/PD encoder servers: image files in, embeddings and grids out (decode, resize, patchify, encode)

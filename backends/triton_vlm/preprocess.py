@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 from .chat import build_conversation
 from .config import PreprocessConfig
+from .embedding_cache import image_key, model_fingerprint
 from .errors import InvalidRequest
 from .image_inputs import ImageProcessing
 from .images import is_url, open_image, read_source
@@ -31,6 +32,7 @@ class Preprocessed:
     image_grid_thw: np.ndarray  # [N, 3] int64, in patches
     sampling: SamplingParams
     image_files: tuple[bytes, ...] = ()  # image_processing remote: the files, for the encoder servers
+    image_keys: tuple[bytes, ...] = ()  # each image's content key (`embedding_cache.py`)
 
 
 def default_sampling(model_path) -> SamplingParams:
@@ -53,6 +55,7 @@ class Preprocessor:
         self.image_pad = self.tokenizer.convert_ids_to_tokens(self.family.image_token_id)
         self.max_model_len = config.max_model_len or self.family.max_model_len
         self.default_sampling = default_sampling(config.model_path)
+        self.fingerprint = model_fingerprint(config.model_path)
 
     def __call__(self, request: GenerateRequest) -> Preprocessed:
         conversation, sources = self.parse(request)
@@ -76,13 +79,14 @@ class Preprocessor:
         limits = self.config.image_limits
         grid_thw = self.images.grid([open_image(data, i, limits).size for i, data in enumerate(files)])
         input_ids = self._prompt_ids(conversation, grid_thw)
+        keys = tuple(image_key(self.fingerprint, data) for data in files)
         if self.config.image_processing == "remote":  # the encoder servers decode them
             return Preprocessed(input_ids, np.zeros((0, self.images.patch_dim), np.float32), grid_thw, sampling,
-                                tuple(files))
+                                tuple(files), keys)
         pixel_values, decoded_grid = self.images.decode(files, limits)
         if not np.array_equal(decoded_grid, grid_thw):  # the resize rule and the processor disagree: a bug
             raise RuntimeError(f"image grids from headers {grid_thw.tolist()} != decoded {decoded_grid.tolist()}")
-        return Preprocessed(input_ids, pixel_values, grid_thw, sampling)
+        return Preprocessed(input_ids, pixel_values, grid_thw, sampling, image_keys=keys)
 
     def _prompt_ids(self, conversation: list[dict] | str, grid_thw: np.ndarray) -> np.ndarray:
         """The chat template applied (a str is the prompt already), each image placeholder expanded to its

@@ -68,7 +68,8 @@ def run(model: Path, configs: list[Config], image_counts: list[int], resolutions
     rows = {key: {"resolution": f"{key[0]}x{key[1]}", "images": key[2]} for key in workloads}
     for config in configs:
         with tempfile.TemporaryDirectory(prefix="triton-vlm-bench-") as tmp:
-            repo = Deployment(model, encoder_dp=config.dp, encoder_threads=config.threads).render(Path(tmp) / "repo")
+            repo = Deployment(model, embedding_cache_mb=0,
+                              encoder_dp=config.dp, encoder_threads=config.threads).render(Path(tmp) / "repo")
             print(f"[{config.name}] starting tritonserver", file=sys.stderr, flush=True)
             with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
                 for key in workloads:

@@ -21,7 +21,8 @@ MIXED = [(640, 480), (300, 200), (1280, 720), (200, 500)]
 @pytest.fixture(scope="module")
 def dp1_server(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("dp1")
-    repo = Deployment(tiny_model, encoder_dp=1, encoder_threads=1, minimal=True).render(root / "repository")
+    repo = Deployment(tiny_model, embedding_cache_mb=0,
+                      encoder_dp=1, encoder_threads=1, minimal=True).render(root / "repository")
     triton = TritonServer(repo, graceful_stop=False, log_file=root / "tritonserver.log")
     try:
         yield triton.start().wait_ready(timeout_s=300)

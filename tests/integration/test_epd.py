@@ -41,12 +41,13 @@ def epd(tiny_model, tmp_path_factory):
     try:
         encoders = []
         for i in range(2):
-            repo = Deployment(tiny_model, mode="encoder", encoder_dp=1).render(root / f"encoder{i}")
+            repo = Deployment(tiny_model, embedding_cache_mb=0,
+                              mode="encoder", encoder_dp=1).render(root / f"encoder{i}")
             encoders.append(TritonServer(repo, graceful_stop=False, log_file=root / f"encoder{i}.log").start())
             started.append(encoders[-1])
         for e in encoders:
             e.wait_ready(300)
-        repo = Deployment(tiny_model, mode="language", encoder_dp=1, minimal=True,
+        repo = Deployment(tiny_model, embedding_cache_mb=0, mode="language", encoder_dp=1, minimal=True,
                           encoder_urls=tuple(e.grpc_url for e in encoders)).render(root / "language")
         language = TritonServer(repo, graceful_stop=False, log_file=root / "language.log").start()
         started.append(language)
@@ -77,7 +78,8 @@ def test_disaggregated_ids_equal_colocated(server, epd, n_images):
 
 def test_unreachable_encoder_at_start_falls_back_to_local_and_says_so(tiny_model, tmp_path):
     dead = f"127.0.0.1:{free_port()}"
-    repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls=(dead,), minimal=True).render(
+    repo = Deployment(tiny_model, embedding_cache_mb=0,
+                      mode="language", encoder_dp=1, encoder_urls=(dead,), minimal=True).render(
         tmp_path / "repo")
     with TritonServer(repo, graceful_stop=False, log_file=tmp_path / "language.log") as language:
         answer = stream(language.grpc_url, prompt="hi", images=images(2), max_tokens=4)
@@ -90,7 +92,8 @@ def test_encoders_added_and_removed_while_serving(epd, tiny_model, tmp_path):
     _, (a, b) = epd
     urls = tmp_path / "encoders.txt"
     urls.write_text(f"{a.grpc_url}\n")
-    repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls_file=str(urls), minimal=True).render(
+    repo = Deployment(tiny_model, embedding_cache_mb=0,
+                      mode="language", encoder_dp=1, encoder_urls_file=str(urls), minimal=True).render(
         tmp_path / "r")
 
     def send(n_requests):
@@ -127,7 +130,8 @@ def local_below(epd, tiny_model, tmp_path_factory):
     embeddings back as gRPC tensors (the `epd` one, on loopback, takes them through shared memory)."""
     _, encoders = epd
     root = tmp_path_factory.mktemp("local_below")
-    repo = Deployment(tiny_model, mode="language", encoder_dp=1, encoder_urls=tuple(e.grpc_url for e in encoders),
+    repo = Deployment(tiny_model, embedding_cache_mb=0,
+                      mode="language", encoder_dp=1, encoder_urls=tuple(e.grpc_url for e in encoders),
                       local_encode_below=500, encoder_transport="grpc", minimal=True).render(root / "language")
     with TritonServer(repo, graceful_stop=False, log_file=root / "language.log") as language:
         yield language

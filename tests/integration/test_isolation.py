@@ -64,7 +64,8 @@ def _wait_for(condition, timeout_s: float = 180, what: str = "") -> None:
 def own_server(tiny_model, tmp_path_factory):
     """A server of its own: the tests below kill its processes, the last one the server itself."""
     root = tmp_path_factory.mktemp("victim")
-    repo = Deployment(tiny_model, encoder_dp=2, encoder_threads=1, minimal=True).render(root / "repository")
+    repo = Deployment(tiny_model, embedding_cache_mb=0,
+                      encoder_dp=2, encoder_threads=1, minimal=True).render(root / "repository")
     triton = TritonServer(repo, graceful_stop=False, log_file=root / "tritonserver.log",
                           env={**os.environ, "TRITON_VLM_ALLOW_PRIVATE_URLS": "1"})  # for the dripping server
     try:

@@ -6,7 +6,8 @@ Colocated: splits the images into up to `data_parallel` patch-balanced shards an
 on the `vision_encoder` instances (BLS). E/PD (`encoder_urls`): the image files go to the encoder
 servers, one shard each, and come back as embeddings; local encoding is the fallback. Decoupled so
 that `execute` returns at once: requests are encoded on worker threads and answered through their
-response senders, never one after another."""
+response senders, never one after another. With `_IMAGE_KEYS`, images whose embeddings are cached
+(`embedding_cache_mb`, by content) are not encoded again."""
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -15,6 +16,7 @@ from triton_vlm import interface as I
 from triton_vlm import triton_io
 from triton_vlm.config import EncodeConfig
 from triton_vlm.dispatch import ShardedEncode, even
+from triton_vlm.embedding_cache import EmbeddingCache
 from triton_vlm.image_inputs import ImageProcessing, Images
 from triton_vlm.images import ImageLimits
 from triton_vlm.models import load_family
@@ -60,7 +62,24 @@ class TritonPythonModel:
             run, split = remote, remote.split
         else:
             run, split, self.remote = local, even(config.data_parallel), None
-        self.stage = ShardedEncode(run, split, family.tokens_per_image, family.hidden_size)
+        self.stage = ShardedEncode(run, split, family.tokens_per_image, family.hidden_size,
+                                   cache=self._cache(config.embedding_cache_mb))
+
+    def _cache(self, megabytes):
+        if megabytes <= 0:
+            return None
+        hits = triton_io.Metric("triton_vlm_embedding_cache_hits_total", "Images whose embeddings came from "
+                                "the cache (a repeat inside one request counts too)", counter=True)
+        misses = triton_io.Metric("triton_vlm_embedding_cache_misses_total", "Images encoded", counter=True)
+        in_use = triton_io.Metric("triton_vlm_embedding_cache_bytes", "Bytes the embedding cache holds")
+
+        def counted(n_hits, n_misses):
+            hits(tier="local").increment(n_hits)
+            misses(tier="local").increment(n_misses)
+            in_use(tier="local").set(cache.bytes)
+
+        cache = EmbeddingCache(megabytes * 2**20, on_lookup=counted)
+        return cache
 
     def execute(self, requests):
         for request in requests:
@@ -73,7 +92,8 @@ class TritonPythonModel:
                     images = Images(grid, files=tuple(bytes(f) for f in files))
                 else:
                     images = Images(grid, pixel_values=triton_io.input_tensor(request, I.PIXEL_VALUES))
-                self.stage.submit(images, _Reply(request, sender, passed))
+                keys = triton_io.inputs(request, [I.IMAGE_KEYS]).get(I.IMAGE_KEYS, np.zeros(0, np.object_))
+                self.stage.submit(images, _Reply(request, sender, passed), keys=[bytes(k) for k in keys])
             except Exception as e:
                 sender.send(triton_io.error_response(e), flags=triton_io.FINAL)
         return None

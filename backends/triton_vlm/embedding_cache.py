@@ -1,0 +1,71 @@
+"""Image embeddings by content: the encode stage skips the encoder for an image it has seen.
+
+The key (`image_key`, computed by preprocess from the encoded file) is a BLAKE2b digest of the file's
+bytes and of everything else that changes the embeddings: the model's folder, its config and image
+processor files, and its weight files' names, sizes and times. The local tier is an LRU bounded in
+bytes; entries are private copies (a tensor that came through Triton may live in memory it reuses)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+KEY_FILES = ("config.json", "preprocessor_config.json")
+
+
+def model_fingerprint(model_path) -> bytes:
+    """What identifies the encoder's output for a given image, besides the image."""
+    path = Path(model_path).resolve()
+    h = hashlib.blake2b(str(path).encode(), digest_size=16)
+    for name in KEY_FILES:
+        file = path / name
+        h.update(file.read_bytes() if file.exists() else b"-")
+    for weights in sorted(path.glob("*.safetensors")):
+        stat = weights.stat()
+        h.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return h.digest()
+
+
+def image_key(fingerprint: bytes, data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16, key=fingerprint).hexdigest().encode()
+
+
+class EmbeddingCache:
+    """LRU of per-image embeddings [tokens, H], at most `max_bytes` in all. Thread-safe."""
+
+    def __init__(self, max_bytes: int, on_lookup: Callable[[int, int], None] | None = None) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.on_lookup = on_lookup  # (hits, misses) of each request's lookup: metrics
+        self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        with self._lock:
+            value = self._entries.get(key)
+            if value is not None:
+                self._entries.move_to_end(key)
+            return value
+
+    def put(self, key: bytes, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        value = value.clone()
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= old.numel() * old.element_size()
+            self._entries[key] = value
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self.bytes -= evicted.numel() * evicted.element_size()
