@@ -20,6 +20,12 @@ then
   fi
 fi
 
+# The embedding cache's shared tier is Redis; its tests start a real redis-server on a free port.
+if ! command -v redis-server >/dev/null; then
+  echo "installing redis-server (the embedding cache tests run one)"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; else sudo apt-get install -y -qq redis-server; fi
+fi
+
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import re
+import subprocess
 import time
 import urllib.request
 
@@ -37,3 +39,29 @@ def wait_until(condition, timeout_s: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def redis_server(port: int | None = None):
+    """A real redis-server on a free loopback port, no persistence; always stopped. -> (url, port)."""
+    import redis
+
+    from triton_vlm.server import free_port
+
+    port = port or free_port()
+    process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, socket_timeout=1)
+        wait_until(lambda: _pings(client), 20, "redis-server")
+        yield f"redis://127.0.0.1:{port}", port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def _pings(client) -> bool:
+    try:
+        return client.ping()
+    except Exception:
+        return False

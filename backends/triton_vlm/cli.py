@@ -37,7 +37,7 @@ def _deployment(args):
                           encoder_urls=tuple(args.encoder_urls or ()), encoder_urls_file=args.encoder_urls_file,
                           encoder_fallback=args.encoder_fallback, local_encode_below=args.local_encode_below,
                           encoder_transport=args.encoder_transport, minimal=args.minimal,
-                          embedding_cache_mb=args.embedding_cache_mb)
+                          embedding_cache_mb=args.embedding_cache_mb, embedding_cache_redis=args.embedding_cache_redis)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
 
@@ -156,6 +156,8 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                    "server's encoder); fewer processes, faster start")
     p.add_argument("--embedding-cache-mb", type=int, help="image embeddings the encode stage keeps by image "
                    "content, so a repeated image skips the encoder (default: the repository's, 512; 0: off)")
+    p.add_argument("--embedding-cache-redis", default="", metavar="redis://HOST:PORT", help="a Redis that "
+                   "language servers share embeddings through (a slow or absent Redis is bypassed, never an error)")
     p.add_argument("--gpus", default="auto", help="GPU ids for the encoder replicas, e.g. 0,1; 'none' for CPU "
                    "(default: every visible GPU, else CPU)")
 

@@ -103,7 +103,8 @@ class EncodeConfig:
     encoder_timeout_s: float = 60.0
     local_encode_below: int = 0  # E/PD: requests with fewer image patches are encoded here
     encoder_transport: str = "auto"  # E/PD embeddings: auto (shared memory on loopback) | grpc | shm
-    embedding_cache_mb: int = 512  # image embeddings kept by content (0: no cache)
+    embedding_cache_mb: int = 512  # image embeddings kept by content (0: no local cache)
+    embedding_cache_redis: str = ""  # redis://HOST:PORT: a shared tier behind the local one
 
     @property
     def remote_encoders(self) -> list[str]:

@@ -29,6 +29,7 @@ class Deployment:
     encoder_transport: str = "auto"  # language mode: embeddings by shm on loopback (auto) | grpc | shm
     minimal: bool = False  # only what `vlm` needs: no vlm_unary, and (colocated) no image_encoder
     embedding_cache_mb: int | None = None  # the encode stage's embedding cache (0: none; None: the repository's)
+    embedding_cache_redis: str = ""  # redis://HOST:PORT: the cache's shared tier
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocated", "encoder", "language"):
@@ -74,6 +75,8 @@ class Deployment:
             parameters["vision_encoder"]["threads"] = str(self.encoder_threads)
         if self.embedding_cache_mb is not None:
             parameters["encode"]["embedding_cache_mb"] = str(self.embedding_cache_mb)
+        if self.embedding_cache_redis:
+            parameters["encode"]["embedding_cache_redis"] = self.embedding_cache_redis
         if self.gpus:
             parameters["language_model"]["device"] = f"cuda:{self.gpus[0]}"
         if self.tensor_parallel is not None:

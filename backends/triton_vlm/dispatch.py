@@ -11,6 +11,7 @@ serves many requests at the same time: concurrent requests never wait for each o
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,7 +59,8 @@ class ShardedEncode:
             return torch.zeros((0, self.hidden_size), dtype=torch.float32)
         if self.cache is None or len(keys) != len(images):
             return self._encode(images)
-        found = [self.cache.get(key) for key in keys]
+        looked_up = [self.cache.get(key) for key in keys]
+        found = [value for value, _ in looked_up]
         first: dict[bytes, int] = {}  # key -> the image that is encoded for it
         misses = [i for i, key in enumerate(keys) if found[i] is None and first.setdefault(key, i) == i]
         if misses:
@@ -67,8 +69,10 @@ class ShardedEncode:
             for i, embeds in zip(misses, encoded, strict=True):
                 found[i] = embeds
                 self.cache.put(keys[i], embeds)
-        if self.cache.on_lookup:  # a repeat inside the request counts as a hit: it is not encoded again
-            self.cache.on_lookup(len(keys) - len(misses), len(misses))
+        if self.cache.on_lookup:  # a repeat inside the request is a local hit: it is not encoded again
+            hits = Counter(tier or "local" for _, tier in looked_up)
+            hits["local"] -= len(misses)
+            self.cache.on_lookup(dict(hits), len(misses))
         return torch.cat([f if f is not None else found[first[key]] for f, key in zip(found, keys, strict=True)])
 
     def _encode(self, images: Images) -> torch.Tensor:

@@ -3,7 +3,8 @@
 The key (`image_key`, computed by preprocess from the encoded file) is a BLAKE2b digest of the file's
 bytes and of everything else that changes the embeddings: the model's folder, its config and image
 processor files, and its weight files' names, sizes and times. The local tier is an LRU bounded in
-bytes; entries are private copies (a tensor that came through Triton may live in memory it reuses)."""
+bytes; entries are private copies (a tensor that came through Triton may live in memory it reuses). A
+shared Redis tier (`redis_tier.py`) may stand behind it: its hits are kept locally too."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from .redis_tier import RedisTier
 
 KEY_FILES = ("config.json", "preprocessor_config.json")
 
@@ -36,26 +39,39 @@ def image_key(fingerprint: bytes, data: bytes) -> bytes:
 
 
 class EmbeddingCache:
-    """LRU of per-image embeddings [tokens, H], at most `max_bytes` in all. Thread-safe."""
+    """Per-image embeddings [tokens, H]: a local LRU of at most `max_bytes`, and optionally a `shared` tier
+    (`redis_tier.RedisTier`) behind it. Thread-safe."""
 
-    def __init__(self, max_bytes: int, on_lookup: Callable[[int, int], None] | None = None) -> None:
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int, shared: RedisTier | None = None,
+                 on_lookup: Callable[[dict[str, int], int], None] | None = None) -> None:
+        self.max_bytes, self.shared = max_bytes, shared
         self.bytes = 0
-        self.on_lookup = on_lookup  # (hits, misses) of each request's lookup: metrics
+        self.on_lookup = on_lookup  # ({tier: hits}, misses) of each request's lookup: metrics
         self._entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: bytes) -> torch.Tensor | None:
+    def get(self, key: bytes) -> tuple[torch.Tensor | None, str | None]:
+        """(embeddings, the tier that had them: local | redis), or (None, None)."""
         with self._lock:
             value = self._entries.get(key)
             if value is not None:
                 self._entries.move_to_end(key)
-            return value
+                return value, "local"
+        value = self.shared.get(key) if self.shared is not None else None
+        if value is None:
+            return None, None
+        self._put_local(key, value)
+        return value, "redis"
 
     def put(self, key: bytes, value: torch.Tensor) -> None:
+        self._put_local(key, value)
+        if self.shared is not None:
+            self.shared.put(key, value)
+
+    def _put_local(self, key: bytes, value: torch.Tensor) -> None:
         size = value.numel() * value.element_size()
         if size > self.max_bytes:
             return

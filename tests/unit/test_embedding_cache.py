@@ -60,7 +60,7 @@ def test_a_repeated_request_is_not_encoded_again_and_gets_the_same_embeddings(pa
     assert torch.equal(first, encoder.encode(images.pixel_values, images.grid_thw))
     calls = len(encoded)
     again = stage.encode(images, keys)
-    assert torch.equal(again, first) and len(encoded) == calls and counts == [(0, 4), (4, 0)]
+    assert torch.equal(again, first) and len(encoded) == calls and counts == [({"local": 0}, 4), ({"local": 4}, 0)]
 
 
 def test_mixed_order_new_images_and_repeats_inside_a_request(parts):
@@ -71,7 +71,7 @@ def test_mixed_order_new_images_and_repeats_inside_a_request(parts):
     encoded.clear()
     out = stage.encode(images, keys)
     assert torch.equal(out, encoder.encode(images.pixel_values, images.grid_thw))
-    assert encoded == [1] and counts[-1] == (3, 1), "the new image, once"
+    assert encoded == [1] and counts[-1] == ({"local": 3}, 1), "the new image, once"
 
 
 def test_without_a_cache_every_image_is_encoded(parts):
@@ -93,4 +93,4 @@ def test_eviction_keeps_the_cache_within_its_budget(parts):
     stage.encode(images, keys)
     assert cache.bytes <= cache.max_bytes and len(cache) == 2
     stage.encode(*request(pre, [3, 2]))
-    assert counts[-1] == (2, 0), "the most recent entries stayed"
+    assert counts[-1] == ({"local": 2}, 0), "the most recent entries stayed"
