@@ -75,8 +75,10 @@ class Deployment:
             parameters["vision_encoder"]["threads"] = str(self.encoder_threads)
         if self.embedding_cache_mb is not None:
             parameters["encode"]["embedding_cache_mb"] = str(self.embedding_cache_mb)
+            parameters["image_encoder"]["embedding_cache_mb"] = str(self.embedding_cache_mb)
         if self.embedding_cache_redis:
             parameters["encode"]["embedding_cache_redis"] = self.embedding_cache_redis
+            parameters["image_encoder"]["embedding_cache_redis"] = self.embedding_cache_redis
         if self.gpus:
             parameters["language_model"]["device"] = f"cuda:{self.gpus[0]}"
         if self.tensor_parallel is not None:

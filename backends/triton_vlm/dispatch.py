@@ -10,6 +10,7 @@ serves many requests at the same time: concurrent requests never wait for each o
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
@@ -24,7 +25,7 @@ from .errors import InvalidRequest
 from .image_inputs import Images
 
 Target = Hashable | None  # where a shard runs: None is "any local replica"
-Split = Callable[[list[int]], list[tuple[Target, list[int]]]]
+Split = Callable[[list[int], tuple[bytes, ...]], list[tuple[Target, list[int]]]]  # (patches, keys) -> shards
 RunShard = Callable[[Images, Target], torch.Tensor]
 Done = Callable[[torch.Tensor | None, Exception | None], None]
 
@@ -34,7 +35,7 @@ def even(num_shards: int) -> Split:
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
 
-    def split(patches: list[int]) -> list[tuple[Target, list[int]]]:
+    def split(patches: list[int], keys: tuple[bytes, ...] = ()) -> list[tuple[Target, list[int]]]:
         shards, _ = balance(patches, min(num_shards, len(patches)) or 1)
         return [(None, s) for s in shards if s]
 
@@ -57,7 +58,10 @@ class ShardedEncode:
         key per image) and a cache, only the images not cached are encoded, each distinct one once."""
         if len(images) == 0:  # text only: nothing to run
             return torch.zeros((0, self.hidden_size), dtype=torch.float32)
-        if self.cache is None or len(keys) != len(images):
+        if len(keys) != len(images):
+            return self._encode(images)
+        images = dataclasses.replace(images, keys=tuple(keys))  # the shards carry them (E/PD: to the encoders)
+        if self.cache is None:
             return self._encode(images)
         looked_up = [self.cache.get(key) for key in keys]
         found = [value for value, _ in looked_up]
@@ -76,7 +80,7 @@ class ShardedEncode:
         return torch.cat([f if f is not None else found[first[key]] for f, key in zip(found, keys, strict=True)])
 
     def _encode(self, images: Images) -> torch.Tensor:
-        shards = self.split(images.patches.tolist())
+        shards = self.split(images.patches.tolist(), images.keys)
         if len(shards) == 1:  # one image, one replica or a small request: unsplit
             return self.run_shard(images, shards[0][0])
         tokens = self.tokens_per_image(images.grid_thw)

@@ -26,6 +26,7 @@ class Images:
     grid_thw: np.ndarray  # [N, 3] int64, in patches
     pixel_values: torch.Tensor | None = None  # [P, D]: every image's patches, image after image
     files: tuple[bytes, ...] | None = None  # or the encoded image files, checked by their headers
+    keys: tuple[bytes, ...] = ()  # each image's content key (embedding cache), when known
 
     def __len__(self) -> int:
         return len(self.grid_thw)
@@ -37,10 +38,12 @@ class Images:
     def select(self, indices: Sequence[int]) -> Images:
         """The images at `indices`, in that order."""
         grid = np.asarray(self.grid_thw).reshape(-1, 3)[list(indices)]
+        keys = tuple(self.keys[i] for i in indices) if self.keys else ()
         if self.files is not None:
-            return Images(grid, files=tuple(self.files[i] for i in indices))
+            return Images(grid, files=tuple(self.files[i] for i in indices), keys=keys)
         rows = np.concatenate([[0], np.cumsum(self.patches)])
-        return Images(grid, pixel_values=torch.cat([self.pixel_values[rows[i]:rows[i + 1]] for i in indices]))
+        return Images(grid, pixel_values=torch.cat([self.pixel_values[rows[i]:rows[i + 1]] for i in indices]),
+                      keys=keys)
 
 
 class ImageProcessing:

@@ -58,7 +58,7 @@ MODELS = {
                [INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING]),
     "vision_encoder": ([PIXEL_VALUES, IMAGE_GRID_THW], [IMAGE_EMBEDS]),
     # E/PD encoder servers: image files in, embeddings and grids out (decode, resize, patchify, encode)
-    "image_encoder": ([IMAGES], [IMAGE_EMBEDS, IMAGE_GRID_THW]),
+    "image_encoder": ([IMAGES, IMAGE_KEYS], [IMAGE_EMBEDS, IMAGE_GRID_THW]),
     "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING, CANCEL], list(PUBLIC_OUTPUTS)),
     "vlm": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
     "vlm_unary": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),

@@ -6,8 +6,10 @@ as binary tensors. So do the embeddings, or through system shared memory for enc
 (`transport` auto: loopback addresses; `shm_outputs.py`).
 
 `split` gives each healthy encoder one shard, balanced by patch count on top of the patches it
-already has in flight; small requests (`local_below` patches) stay here. If a shard times out or
-fails, that encoder is marked down and the shard is retried on the next one, then on `fallback`
+already has in flight; small requests (`local_below` patches) stay here. An image that an encoder
+encoded recently (by content key) goes back to it, where its embeddings are cached, unless that would
+load it more than the image itself above the least-loaded encoder (Dynamo's cache-aware routing).
+If a shard times out or fails, that encoder is marked down and the shard is retried on the next one, then on `fallback`
 (the local encoder) if there is one; only when every path fails does the request get UNAVAILABLE.
 A bad image is the request's fault, not the encoder's: INVALID_ARG goes back to the client at once.
 A down encoder is tried again after `retry_after_s`.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -36,6 +39,7 @@ log = logging.getLogger(__name__)
 LOCAL = "local"  # the target of a shard encoded on this server
 MODEL = "image_encoder"
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+AFFINITY_KEYS = 65536  # image keys remembered for cache-aware routing
 
 
 class RemoteEncoders:
@@ -55,6 +59,7 @@ class RemoteEncoders:
         self.in_flight = {url: 0 for url in self.urls}  # patches being encoded there
         self.down_until = {url: 0.0 for url in self.urls}
         self._local = threading.local()  # one gRPC client per thread and encoder
+        self._encoded_by: OrderedDict[bytes, str] = OrderedDict()  # image key -> the encoder that last had it
 
     def set_urls(self, urls: list[str]) -> None:
         with self._lock:
@@ -108,8 +113,9 @@ class RemoteEncoders:
         with self._lock:
             return [u for u in self.urls if self.down_until[u] <= now]
 
-    def split(self, patches: list[int]) -> list[tuple[str | None, list[int]]]:
-        """One shard per healthy encoder, balanced over the patches each already has in flight."""
+    def split(self, patches: list[int], keys: tuple[bytes, ...] = ()) -> list[tuple[str | None, list[int]]]:
+        """One shard per healthy encoder, balanced over the patches each already has in flight; images
+        an encoder has cached go to it while the balance allows."""
         everything = list(range(len(patches)))
         if sum(patches) < self.local_below:
             return [(LOCAL, everything)]
@@ -117,9 +123,28 @@ class RemoteEncoders:
         if not healthy:
             return [(None, everything)]  # every encoder is down: __call__ finds what is left
         with self._lock:
-            base = [self.in_flight[u] for u in healthy]
-        shards, _ = balance(patches, len(healthy), base)
-        return [(url, shard) for url, shard in zip(healthy, shards, strict=True) if shard]
+            loads = {u: self.in_flight[u] for u in healthy}
+            affine = {i: self._encoded_by.get(key) for i, key in enumerate(keys)}
+        pinned: dict[str, list[int]] = {u: [] for u in healthy}
+        rest = []
+        for i in sorted(everything, key=lambda i: -patches[i]):
+            url = affine.get(i)
+            if url in loads and loads[url] <= min(loads.values()) + patches[i]:
+                pinned[url].append(i)
+                loads[url] += patches[i]
+            else:
+                rest.append(i)
+        shards, _ = balance([patches[i] for i in rest], len(healthy), [loads[u] for u in healthy])
+        return [(url, pinned[url] + [rest[j] for j in shard])
+                for url, shard in zip(healthy, shards, strict=True) if pinned[url] or shard]
+
+    def _remember(self, url: str, keys: tuple[bytes, ...]) -> None:
+        with self._lock:
+            for key in keys:
+                self._encoded_by[key] = url
+                self._encoded_by.move_to_end(key)
+            while len(self._encoded_by) > AFFINITY_KEYS:
+                self._encoded_by.popitem(last=False)
 
     def _pick(self, tried: set[str], prefer: str | None, patches: int) -> str | None:
         now = time.monotonic()
@@ -149,13 +174,18 @@ class RemoteEncoders:
         client = self._client(url)
         files = grpcclient.InferInput("_IMAGES", [len(images.files)], "BYTES")
         files.set_data_from_numpy(np.array(images.files, dtype=np.object_))
+        inputs = [files]
+        if images.keys:  # the encoder server caches by them too
+            keys = grpcclient.InferInput("_IMAGE_KEYS", [len(images.keys)], "BYTES")
+            keys.set_data_from_numpy(np.array(images.keys, dtype=np.object_))
+            inputs.append(keys)
         embeds = grpcclient.InferRequestedOutput("_IMAGE_EMBEDS")
         region = None
         if self.uses_shm(url):
             nbytes = self.embedding_bytes(images)
             region = self.shm.region(client, url, nbytes)
             embeds.set_shared_memory(region, nbytes)
-        result = client.infer(MODEL, [files], client_timeout=self.timeout_s,
+        result = client.infer(MODEL, inputs, client_timeout=self.timeout_s,
                               outputs=[embeds, grpcclient.InferRequestedOutput("_IMAGE_GRID_THW")])
         grid = result.as_numpy("_IMAGE_GRID_THW")
         if not np.array_equal(grid.reshape(-1, 3), np.asarray(images.grid_thw).reshape(-1, 3)):
@@ -194,6 +224,7 @@ class RemoteEncoders:
             finally:
                 with self._lock:
                     self.in_flight[url] -= patches
+            self._remember(url, images.keys)
             return embeds
         if self.fallback is not None:
             return self.fallback(images)

@@ -120,6 +120,29 @@ class Metric:
         return self._series[key]
 
 
+def embedding_cache(megabytes: int, redis_url: str = "", tier: str = "local"):
+    """The encode stage's embedding cache with its metrics (hits by tier, misses, bytes), or None when off.
+    `tier`: what this server's own cache is called (an E/PD encoder server's is "encoder")."""
+    from .embedding_cache import EmbeddingCache
+    from .redis_tier import RedisTier
+
+    if megabytes <= 0 and not redis_url:
+        return None
+    hits = Metric("triton_vlm_embedding_cache_hits_total", "Images whose embeddings came from a cache tier "
+                  "(a repeat inside one request counts as a hit of this server's own tier)", counter=True)
+    misses = Metric("triton_vlm_embedding_cache_misses_total", "Images encoded", counter=True)
+    in_use = Metric("triton_vlm_embedding_cache_bytes", "Bytes this server's own embedding cache holds")
+
+    def counted(tier_hits: dict[str, int], n_misses: int) -> None:
+        for name, n in tier_hits.items():
+            hits(tier=tier if name == "local" else name).increment(n)
+        misses(tier=tier).increment(n_misses)
+        in_use(tier=tier).set(cache.bytes)
+
+    cache = EmbeddingCache(megabytes * 2**20, RedisTier(redis_url) if redis_url else None, on_lookup=counted)
+    return cache
+
+
 def parameters(args: dict) -> dict[str, str]:
     from .config import read_parameters
 

@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import make_image
+from tests.conftest import make_image, server_metric
 from tests.reference import reference_generate
 from triton_vlm.deployment import Deployment
 from triton_vlm.server import TritonServer, free_port
@@ -55,6 +55,21 @@ def epd(tiny_model, tmp_path_factory):
     finally:
         for s in started:
             s.stop()
+
+
+def test_a_language_server_sends_no_file_for_an_image_it_has_cached(server, epd, tiny_model, tmp_path):
+    _, encoders = epd
+    # a language server with its own cache (the default) sends no file for an image it has cached
+    repo = Deployment(tiny_model, mode="language", encoder_dp=1, minimal=True,
+                      encoder_urls=tuple(e.grpc_url for e in encoders)).render(tmp_path / "cached")
+    with TritonServer(repo, graceful_stop=False, log_file=tmp_path / "cached.log") as cached:
+        fresh = [make_image(120, 120, seed=73), make_image(90, 150, seed=74)]
+        first = stream(cached.grpc_url, prompt="Compare the pictures.", images=fresh, max_tokens=8).output_ids
+        sent = [encoder_shards(e.grpc_url) for e in encoders]
+        again = stream(cached.grpc_url, prompt="Compare the pictures.", images=fresh, max_tokens=8).output_ids
+        assert again == first and [encoder_shards(e.grpc_url) for e in encoders] == sent, "no encoder traffic"
+        assert first == stream(server.grpc_url, prompt="Compare the pictures.", images=fresh, max_tokens=8).output_ids
+        assert server_metric(cached, "triton_vlm_embedding_cache_hits_total", 'tier="local"') == 2
 
 
 def test_encoder_servers_hold_only_the_encoder(epd):

@@ -64,3 +64,12 @@ def test_shared_memory_goes_to_encoders_on_this_host_only():
     with pytest.raises(ValueError, match="embedding_bytes"):
         RemoteEncoders(["127.0.0.1:1"], transport="auto")
     auto.close()
+
+
+def test_an_image_goes_back_to_the_encoder_that_has_it_while_the_balance_allows():
+    remote = RemoteEncoders(["a:1", "b:2"])
+    remote._remember("b:2", (b"x",))
+    assert remote.split([100, 100], (b"x", b"y")) == [("a:1", [1]), ("b:2", [0])]
+    assert remote.split([100, 100], (b"y", b"x")) == [("a:1", [0]), ("b:2", [1])]
+    remote.in_flight["b:2"] = 500  # far busier than a: the cached image goes elsewhere
+    assert remote.split([100], (b"x",)) == [("a:1", [0])]

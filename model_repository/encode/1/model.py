@@ -16,11 +16,9 @@ from triton_vlm import interface as I
 from triton_vlm import triton_io
 from triton_vlm.config import EncodeConfig
 from triton_vlm.dispatch import ShardedEncode, even
-from triton_vlm.embedding_cache import EmbeddingCache
 from triton_vlm.image_inputs import ImageProcessing, Images
 from triton_vlm.images import ImageLimits
 from triton_vlm.models import load_family
-from triton_vlm.redis_tier import RedisTier
 from triton_vlm.remote_encoders import RemoteEncoders
 
 _PASS_THROUGH = [I.INPUT_IDS, I.IMAGE_GRID_THW, I.SAMPLING]
@@ -64,25 +62,8 @@ class TritonPythonModel:
         else:
             run, split, self.remote = local, even(config.data_parallel), None
         self.stage = ShardedEncode(run, split, family.tokens_per_image, family.hidden_size,
-                                   cache=self._cache(config))
-
-    def _cache(self, config):
-        if config.embedding_cache_mb <= 0 and not config.embedding_cache_redis:
-            return None
-        hits = triton_io.Metric("triton_vlm_embedding_cache_hits_total", "Images whose embeddings came from "
-                                "a cache tier (a repeat inside one request counts as local)", counter=True)
-        misses = triton_io.Metric("triton_vlm_embedding_cache_misses_total", "Images encoded", counter=True)
-        in_use = triton_io.Metric("triton_vlm_embedding_cache_bytes", "Bytes the local embedding cache holds")
-
-        def counted(tier_hits, n_misses):
-            for tier, n in tier_hits.items():
-                hits(tier=tier).increment(n)
-            misses(tier="local").increment(n_misses)
-            in_use(tier="local").set(cache.bytes)
-
-        shared = RedisTier(config.embedding_cache_redis) if config.embedding_cache_redis else None
-        cache = EmbeddingCache(config.embedding_cache_mb * 2**20, shared, on_lookup=counted)
-        return cache
+                                   cache=triton_io.embedding_cache(config.embedding_cache_mb,
+                                                                    config.embedding_cache_redis))
 
     def execute(self, requests):
         for request in requests:

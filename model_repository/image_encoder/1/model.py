@@ -1,9 +1,10 @@
-"""image_encoder (E/PD encoder servers): _IMAGES [N] (encoded image files) -> _IMAGE_EMBEDS [sum tokens, H],
-_IMAGE_GRID_THW [N, 3]. Decodes and patchifies the files, then encodes them on this server's
-`vision_encoder` instances, split by patch count. Files only: it never fetches a URL. A bad image
-gets INVALID_ARG (the caller must not take it for a failing encoder)."""
+"""image_encoder (E/PD encoder servers): _IMAGES [N] (encoded image files), _IMAGE_KEYS [N] (optional
+content keys) -> _IMAGE_EMBEDS [sum tokens, H], _IMAGE_GRID_THW [N, 3]. Grids come from the file headers;
+images whose embeddings are cached (by key) are neither decoded nor encoded; the others are decoded,
+patchified and encoded on this server's `vision_encoder` instances, split by patch count. Files only: it
+never fetches a URL. A bad image gets INVALID_ARG (the caller must not take it for a failing encoder)."""
 
-import torch
+import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
@@ -11,11 +12,8 @@ from triton_vlm import triton_io
 from triton_vlm.config import EncodeConfig, PreprocessConfig
 from triton_vlm.dispatch import ShardedEncode, even
 from triton_vlm.image_inputs import ImageProcessing, Images
+from triton_vlm.images import open_image
 from triton_vlm.models import load_family
-
-
-def _run_shard(images, target=None):
-    return triton_io.encode_on_replicas(images.pixel_values, images.grid_thw)
 
 
 class TritonPythonModel:
@@ -26,18 +24,27 @@ class TritonPythonModel:
         encode = EncodeConfig.from_parameters(params)
         family = load_family(encode.model_path)
         self.processing = ImageProcessing(encode.model_path)
-        self.stage = ShardedEncode(_run_shard, even(encode.data_parallel), family.tokens_per_image,
-                                   family.hidden_size)
+        self.stage = ShardedEncode(self._run_shard, even(encode.data_parallel), family.tokens_per_image,
+                                   family.hidden_size,
+                                   cache=triton_io.embedding_cache(encode.embedding_cache_mb,
+                                                                   encode.embedding_cache_redis, tier="encoder"))
+
+    def _run_shard(self, images, target=None):
+        pixels, grid = self.processing.decode(images.files, self.limits.image_limits)
+        return triton_io.encode_on_replicas(pixels, grid)
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
 
     def _one(self, request):
         try:
-            files = [bytes(f) for f in triton_io.inputs(request, [I.IMAGES])[I.IMAGES]]
+            arrays = triton_io.inputs(request, [I.IMAGES, I.IMAGE_KEYS])
+            files = [bytes(f) for f in arrays[I.IMAGES]]
+            keys = [bytes(k) for k in arrays.get(I.IMAGE_KEYS, np.zeros(0, np.object_))]
             self.limits.check_image_count(len(files))
-            pixels, grid = self.processing.decode(files, self.limits.image_limits)
-            embeds = self.stage.encode(Images(grid, pixel_values=torch.from_numpy(pixels)))
+            limits = self.limits.image_limits
+            grid = self.processing.grid([open_image(data, i, limits).size for i, data in enumerate(files)])
+            embeds = self.stage.encode(Images(grid, files=tuple(files)), keys)
         except Exception as e:
             return triton_io.error_response(e)
         return pb_utils.InferenceResponse([triton_io.output(I.IMAGE_EMBEDS, embeds),
