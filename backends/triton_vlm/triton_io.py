@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -106,18 +107,39 @@ def error_response(e: Exception) -> pb_utils.InferenceResponse:
 
 
 class Metric:
-    """A python-backend custom metric family on Triton's metrics port; `metric(**labels)` is one series."""
+    """A python-backend custom metric family on Triton's metrics port; `metric(**labels)` is one series.
+
+    Every update goes through one lock per process: the python backend's metric calls are not
+    thread-safe (concurrent updates from the encode stage's worker threads crashed tritonserver with
+    boost::interprocess::lock_exception and std::bad_alloc)."""
+
+    _lock = threading.Lock()
 
     def __init__(self, name: str, description: str, counter: bool = False) -> None:
         kind = pb_utils.MetricFamily.COUNTER if counter else pb_utils.MetricFamily.GAUGE
-        self.family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+        with Metric._lock:
+            self.family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
         self._series: dict = {}  # the family must outlive its series: both are kept
 
-    def __call__(self, **labels: str):
+    def __call__(self, **labels: str) -> _Series:
         key = tuple(sorted(labels.items()))
-        if key not in self._series:
-            self._series[key] = self.family.Metric(labels=labels)
-        return self._series[key]
+        with Metric._lock:
+            if key not in self._series:
+                self._series[key] = _Series(self.family.Metric(labels=labels))
+            return self._series[key]
+
+
+class _Series:
+    def __init__(self, metric) -> None:
+        self.metric = metric
+
+    def increment(self, value: float) -> None:
+        with Metric._lock:
+            self.metric.increment(value)
+
+    def set(self, value: float) -> None:
+        with Metric._lock:
+            self.metric.set(value)
 
 
 def embedding_cache(megabytes: int, redis_url: str = "", tier: str = "local"):

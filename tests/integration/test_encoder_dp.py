@@ -7,8 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 
-from tests.conftest import make_image
+from tests.conftest import make_image, server_metric
 from tests.reference import reference_generate
 from triton_vlm.deployment import Deployment
 from triton_vlm.server import TritonServer
@@ -57,3 +58,18 @@ def test_eight_concurrent_clients_with_many_images_all_complete_correctly(server
                                 requests))
     assert [a.output_ids for a in answers] == expected
     assert all(a.finish_reason in ("stop", "length") for a in answers)
+
+
+def test_with_the_cache_off_a_repeat_is_encoded_again(dp1_server):
+    """`embedding_cache_mb` 0 (this fixture's deployment): no hits, the same ids."""
+    def encoded():
+        with grpcclient.InferenceServerClient(dp1_server.grpc_url) as client:
+            stats = client.get_inference_statistics("vision_encoder", as_json=True)["model_stats"]
+        return sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats)
+
+    imgs = images(2, seed=77)
+    first = stream(dp1_server.grpc_url, prompt="Compare the pictures.", images=imgs, max_tokens=8)
+    before = encoded()
+    again = stream(dp1_server.grpc_url, prompt="Compare the pictures.", images=imgs, max_tokens=8)
+    assert again.output_ids == first.output_ids and encoded() > before
+    assert server_metric(dp1_server, "triton_vlm_embedding_cache_hits_total", 'tier="local"') == 0
