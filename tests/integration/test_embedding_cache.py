@@ -52,11 +52,12 @@ def test_two_servers_share_embeddings_through_redis_and_survive_it_going_away(ti
     port = free_port()
     with contextlib.ExitStack() as stack:
         servers = []
-        for name in ("a", "b"):
+        for name in ("a", "b"):  # started together, then waited for
             repo = Deployment(tiny_model, encoder_dp=1, encoder_threads=1, minimal=True,
                               embedding_cache_redis=f"redis://127.0.0.1:{port}").render(tmp_path / name)
-            servers.append(stack.enter_context(TritonServer(repo, graceful_stop=False,
-                                                            log_file=tmp_path / f"{name}.log").start()))
+            servers.append(TritonServer(repo, graceful_stop=False, log_file=tmp_path / f"{name}.log"))
+            stack.callback(servers[-1].stop)
+            servers[-1].start()
         a, b = (s.wait_ready(timeout_s=300) for s in servers)
         with redis_server(port):
             images = [make_image(150, 110, seed=7), make_image(96, 200, seed=8)]
