@@ -10,6 +10,7 @@ serves many requests at the same time: concurrent requests never wait for each o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from collections import Counter
@@ -42,6 +43,16 @@ def even(num_shards: int) -> Split:
     return split
 
 
+@contextlib.contextmanager
+def _numbered_as(indices: list[int]):
+    """Errors about a subset of the images name them as the request does: "image 1" of the subset is
+    image indices[1]."""
+    try:
+        yield
+    except InvalidRequest as e:
+        raise InvalidRequest(re.sub(r"^image (\d+)", lambda m: f"image {indices[int(m[1])]}", str(e))) from None
+
+
 class ShardedEncode:
     def __init__(self, run_shard: RunShard, split: Split, tokens_per_image: Callable[[np.ndarray], np.ndarray],
                  hidden_size: int, max_requests: int = 64, max_shards: int = 8,
@@ -69,7 +80,8 @@ class ShardedEncode:
         misses = [i for i, key in enumerate(keys) if found[i] is None and first.setdefault(key, i) == i]
         if misses:
             tokens = self.tokens_per_image(images.grid_thw)
-            encoded = torch.split(self._encode(images.select(misses)), [int(tokens[i]) for i in misses])
+            with _numbered_as(misses):
+                encoded = torch.split(self._encode(images.select(misses)), [int(tokens[i]) for i in misses])
             for i, embeds in zip(misses, encoded, strict=True):
                 found[i] = embeds
                 self.cache.put(keys[i], embeds)
@@ -86,10 +98,8 @@ class ShardedEncode:
         tokens = self.tokens_per_image(images.grid_thw)
 
         def run(target: Target, indices: list[int]) -> list[torch.Tensor]:
-            try:
+            with _numbered_as(indices):
                 embeds = self.run_shard(images.select(indices), target)
-            except InvalidRequest as e:  # "image 1 ..." of the shard is image indices[1] of the request
-                raise InvalidRequest(re.sub(r"^image (\d+)", lambda m: f"image {indices[int(m[1])]}", str(e))) from None
             return list(torch.split(embeds, [int(tokens[i]) for i in indices]))
 
         others = [self._shards.submit(run, *shard) for shard in shards[1:]]
