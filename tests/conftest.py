@@ -34,11 +34,11 @@ def server_metric(server, name: str, labels: str = "") -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def wait_until(condition, timeout_s: float, what: str) -> None:
+def wait_until(condition, timeout_s: float = 180, what: str = "", interval_s: float = 0.2) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
+        time.sleep(interval_s)
 
 
 @contextlib.contextmanager

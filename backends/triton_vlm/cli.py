@@ -49,6 +49,17 @@ def deployment_from_args(argv: list[str]):
     return _deployment(p.parse_args(argv))
 
 
+def server_from_args(argv: list[str], folder: Path, **server_options):
+    """A TritonServer (not started) of a deployment from `triton-vlm serve` options, its repository
+    rendered into `folder` and its log written there (benchmarks, the soak)."""
+    from .server import TritonServer
+
+    deployment = deployment_from_args(argv)
+    repo = deployment.render(Path(folder) / "repository")
+    return TritonServer(repo, log_file=Path(folder) / "tritonserver.log", extra_args=deployment.server_args(),
+                        **server_options)
+
+
 def _source(args) -> Path:
     from .repository import COMMITTED
 

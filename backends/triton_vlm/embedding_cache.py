@@ -72,16 +72,16 @@ class EmbeddingCache:
             self.shared.put(key, value)
 
     def _put_local(self, key: bytes, value: torch.Tensor) -> None:
-        size = value.numel() * value.element_size()
+        size = value.nbytes
         if size > self.max_bytes:
             return
         value = value.clone()
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self.bytes -= old.numel() * old.element_size()
+                self.bytes -= old.nbytes
             self._entries[key] = value
             self.bytes += size
             while self.bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
-                self.bytes -= evicted.numel() * evicted.element_size()
+                self.bytes -= evicted.nbytes

@@ -38,8 +38,10 @@ def code_of(message: str) -> str:
 
 
 def strip_label(message: str) -> str:
-    """A wire message without its label (to raise it again as a request error of ours)."""
+    """A wire message without its label, and without what Triton put before it ("in ensemble 'vlm', "):
+    the request error's own words, to raise again or to show."""
     for kind in (InvalidRequest, Unavailable, RequestError):
-        if message.startswith(f"{kind.label}: "):
-            return message[len(kind.label) + 2:]
+        at = message.find(f"{kind.label}: ")
+        if at >= 0:
+            return message[at + len(kind.label) + 2:]
     return message

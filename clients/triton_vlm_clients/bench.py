@@ -150,18 +150,13 @@ def _run_deployment(name: str, serve_args: str, requests: list[BenchRequest], ar
     """Start one deployment, measure it, stop it. `--encoder-servers N` (E/PD) starts N encoder servers
     (`serve --mode encoder`) and a language server (`--mode language`) that uses them; the other
     options go to every server."""
-    from triton_vlm.cli import deployment_from_args
-    from triton_vlm.server import TritonServer
+    from triton_vlm.cli import server_from_args
 
     encoders, options = _split_encoder_servers(serve_args)
     model = ["--model", str(args.model)]
     with tempfile.TemporaryDirectory(prefix="triton-vlm-bench-") as tmp, contextlib.ExitStack() as stack:
-        def start(role: str, argv: list[str]) -> TritonServer:
-            deployment = deployment_from_args([*argv, *model])
-            repo = deployment.render(Path(tmp) / role / "repository")
-            server = TritonServer(repo, log_file=Path(tmp) / role / "tritonserver.log", graceful_stop=False,
-                                  extra_args=deployment.server_args())
-            return stack.enter_context(server)
+        def start(role: str, argv: list[str]):
+            return stack.enter_context(server_from_args([*argv, *model], Path(tmp) / role, graceful_stop=False))
 
         print(f"[{name}] starting tritonserver ({serve_args or 'defaults'})", file=sys.stderr, flush=True)
         urls = [start(f"encoder{i}", ["--mode", "encoder", *options]).grpc_url for i in range(encoders)]

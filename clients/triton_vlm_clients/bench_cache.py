@@ -20,18 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from triton_vlm.cli import server_from_args
+
 from .client import stream
 from .dataset import make_image
-
-
-def _server(model: str, options: list[str], tmp: Path):
-    from triton_vlm.cli import deployment_from_args
-    from triton_vlm.server import TritonServer
-
-    deployment = deployment_from_args([*options, "--model", model])
-    repo = deployment.render(tmp / "repository")
-    return TritonServer(repo, log_file=tmp / "tritonserver.log", graceful_stop=False,
-                        extra_args=deployment.server_args())
 
 
 def _images(rng, n: int, resolution: tuple[int, int]) -> list[bytes]:
@@ -92,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"hash_ms_per_mb": hash_cost_ms_per_mb()}
     for name, cache in (("cache", []), ("no cache", ["--embedding-cache-mb", "0"])):
         with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp, \
-                _server(args.model, [*shlex.split(args.serve), *cache], Path(tmp)) as server:
+                server_from_args([*shlex.split(args.serve), *cache, "--model", args.model], Path(tmp),
+                                 graceful_stop=False) as server:
             if name == "cache":
                 result["repeat"] = hit_vs_miss(server.grpc_url, args.rounds, args.images, resolution, args.seed)
             result[f"multi_turn_ttft_ms ({name})"] = multi_turn(

@@ -152,15 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-json")
     args = p.parse_args(argv)
 
-    from triton_vlm.cli import deployment_from_args
-    from triton_vlm.server import TritonServer
+    from triton_vlm.cli import server_from_args
 
-    deployment = deployment_from_args(shlex.split(args.serve))
-    with tempfile.TemporaryDirectory(prefix="triton-vlm-soak-") as tmp:
-        repo = deployment.render(Path(tmp) / "repository")
-        with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log", extra_args=deployment.server_args()) as s:
-            soak = Soak(s.grpc_url, s.process.pid)
-            soak.run(args.minutes, args.clients, args.sample_s)
+    with tempfile.TemporaryDirectory(prefix="triton-vlm-soak-") as tmp, \
+            server_from_args(shlex.split(args.serve), Path(tmp)) as s:
+        soak = Soak(s.grpc_url, s.process.pid)
+        soak.run(args.minutes, args.clients, args.sample_s)
     report = soak.report(args.window_min)
     print_report(report)
     if args.output_json:

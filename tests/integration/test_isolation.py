@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import make_image
+from tests.conftest import make_image, wait_until
 from triton_vlm.deployment import Deployment
 from triton_vlm.server import TritonServer
 from triton_vlm.supervisor import stub_model
@@ -51,13 +51,6 @@ def _stubs(server, model: str) -> set[int]:
     out = subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", f"/{model}/1/model.py"],
                          capture_output=True, text=True).stdout.split()
     return {int(p) for p in out if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
-
-
-def _wait_for(condition, timeout_s: float = 180, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +150,7 @@ def test_a_killed_encoder_replica_loses_no_request_and_its_model_is_reloaded(own
         answers = list(pool.map(lambda _: stream(own_server.grpc_url, prompt="compare them", images=images,
                                                  max_tokens=6), range(8)))
     assert all(a.output_ids == expected for a in answers)
-    _wait_for(lambda: len(_stubs(own_server, "vision_encoder") - {victim}) >= 2, what="a reloaded vision_encoder")
+    wait_until(lambda: len(_stubs(own_server, "vision_encoder") - {victim}) >= 2, what="a reloaded vision_encoder")
     assert stream(own_server.grpc_url, prompt="compare them", images=images, max_tokens=6).output_ids == expected
 
 
@@ -182,7 +175,7 @@ def test_a_killed_stage_and_the_leading_supervisor_are_reloaded(own_server):
     for pid in {victim, leader}:  # another stub must take the lead and still heal both models
         os.kill(pid, signal.SIGKILL)
     # (the leader may be a lingering stub of an old version: its reload then changes nothing, and must not)
-    _wait_for(lambda: {"encode", leader_model} <= _reloaded(own_server, seen), what="both models reloaded")
+    wait_until(lambda: {"encode", leader_model} <= _reloaded(own_server, seen), what="both models reloaded")
     assert _leader(own_server) != leader
     assert stream(own_server.grpc_url, prompt="hello", images=[make_image(64, 64)], max_tokens=4).output_ids == before
 
@@ -200,5 +193,5 @@ def test_no_stub_or_region_outlives_a_killed_server(own_server):
     assert len(stubs) >= 6
     own_server.process.kill()  # the server alone, as the OOM killer would: not its process group
     own_server.process.wait()
-    _wait_for(lambda: not any(Path(f"/proc/{p}").exists() for p in stubs), timeout_s=30, what="the stubs to exit")
+    wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in stubs), timeout_s=30, what="the stubs to exit")
     assert not list(Path("/dev/shm").glob(f"{own_server.shm_prefix}*"))

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 from tritonclient.utils import np_to_triton_dtype
 
-from ..errors import InvalidRequest, RequestError, Unavailable, code_of, strip_label
+from ..errors import code_of, strip_label
 from ..interface import CANCEL
 from .parse import APIError
 
@@ -25,10 +25,9 @@ _STATUS = {"INVALID_ARG": (400, "invalid_request_error"), "UNAVAILABLE": (503, "
 
 @dataclass
 class Delta:
-    """One answer from `vlm`: new text and token count, and the totals so far."""
+    """One answer from `vlm`: new text, and the token totals so far."""
 
     text: str
-    tokens: int
     finish_reason: str | None
     prompt_tokens: int
     completion_tokens: int
@@ -120,17 +119,13 @@ def _delta(result) -> Delta:
         value = result.as_numpy(name)
         return None if value is None or value.size == 0 else value.reshape(-1)[0]
 
-    ids = result.as_numpy("output_ids")
     text, finish = scalar("text_output") or b"", scalar("finish_reason") or b""
-    return Delta(text.decode("utf-8", "replace"), 0 if ids is None else ids.size, finish.decode() or None,
+    return Delta(text.decode("utf-8", "replace"), finish.decode() or None,
                  int(scalar("num_input_tokens") or 0), int(scalar("num_output_tokens") or 0))
 
 
 def api_error(message: str) -> APIError:
     """A `vlm` error message -> the OpenAI error: its label (errors.py) gives the status; a request's own
     fault is a 400, never a 500."""
-    code = code_of(message)
-    label = next((k.label for k in (InvalidRequest, Unavailable, RequestError) if f"{k.label}: " in message), None)
-    text = strip_label(message[message.index(label):]) if label else message  # drop "in ensemble 'vlm', "
-    status, kind = _STATUS.get(code, (500, "internal_server_error"))
-    return APIError(text, status, kind)
+    status, kind = _STATUS.get(code_of(message), (500, "internal_server_error"))
+    return APIError(strip_label(message), status, kind)

@@ -83,8 +83,8 @@ class _Sender:
         self.outbox.queue.put((self, out))
 
     def send(self, out: StepOutput):
-        if out.finished or out.error is not None:
-            self.finished(finish_reason="error" if out.error is not None else out.finish_reason).increment(1)
+        if out.finished:  # an error's finish_reason is "error"
+            self.finished(finish_reason=out.finish_reason).increment(1)
         try:
             if out.error is not None:
                 self.sender.send(triton_io.error_response(out.error), flags=triton_io.FINAL)
