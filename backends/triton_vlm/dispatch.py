@@ -56,9 +56,10 @@ def _numbered_as(indices: list[int]):
 class ShardedEncode:
     def __init__(self, run_shard: RunShard, split: Split, tokens_per_image: Callable[[np.ndarray], np.ndarray],
                  hidden_size: int, max_requests: int = 64, max_shards: int = 8,
-                 cache: EmbeddingCache | None = None) -> None:
+                 cache: EmbeddingCache | None = None, on_split: Callable[[int], None] | None = None) -> None:
+        """`on_split(shards)`: told how many shards each encoding is split into (a metric)."""
         self.run_shard, self.split, self.tokens_per_image = run_shard, split, tokens_per_image
-        self.hidden_size, self.cache = hidden_size, cache
+        self.hidden_size, self.cache, self.on_split = hidden_size, cache, on_split
         # requests and the extra shards of a request get separate pools: a request thread waits on its
         # shards, and a shard never waits on anything, so the pools cannot deadlock. Threads start lazily.
         self._requests = ThreadPoolExecutor(max_requests, thread_name_prefix="encode-request")
@@ -93,6 +94,8 @@ class ShardedEncode:
 
     def _encode(self, images: Images) -> torch.Tensor:
         shards = self.split(images.patches.tolist(), images.keys)
+        if self.on_split is not None:
+            self.on_split(len(shards))
         if len(shards) == 1:  # one image, one replica or a small request: unsplit
             return self.run_shard(images, shards[0][0])
         tokens = self.tokens_per_image(images.grid_thw)

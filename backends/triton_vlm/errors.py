@@ -29,6 +29,12 @@ class Unavailable(RequestError):
     label = "unavailable"
 
 
+def kind_of(error: Exception) -> str:
+    """A metric label for the error: invalid_request, unavailable or internal_error."""
+    label = error.label if isinstance(error, RequestError) else RequestError.label
+    return label.replace(" ", "_")
+
+
 def code_of(message: str) -> str:
     """The code of a request error from its wire message (Triton may have put words before it)."""
     for kind in (InvalidRequest, Unavailable, RequestError):

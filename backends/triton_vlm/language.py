@@ -67,6 +67,17 @@ class StepOutput:
 Callback = Callable[[StepOutput], None]
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """The engine now (the metrics' source): sequences running and waiting, slots held, and token totals."""
+
+    running: int
+    waiting: int  # accepted, not yet prefilled (no free slot, or over max_prefill_tokens this step)
+    slots_in_use: int
+    prefill_tokens: int  # prompt tokens prefilled so far
+    decode_tokens: int  # tokens decode steps produced so far (each sequence's first comes from its prefill)
+
+
 @dataclass
 class _Sequence:
     request: LanguageRequest
@@ -114,6 +125,8 @@ class LanguageEngine:
         self._kv: dict[int, int] = {}  # slot -> tokens it holds, for the running sequences
         self._free = list(range(self.slots))  # slots no sequence owns (the engine thread changes it)
         self.peak_batch = 0  # the most sequences decoded in one step so far (an engine stat)
+        self._waiting = 0  # requests the engine thread holds back (it alone writes these three)
+        self._prefill_tokens = self._decode_tokens = 0
         # The engine thread builds the model itself: torch ops run several times slower in a thread other
         # than the one whose OpenMP team first touched the weights (measured: 4.9 vs 1.7 ms a step).
         built: queue.Queue[BaseException | None] = queue.Queue()  # None: built
@@ -157,6 +170,12 @@ class LanguageEngine:
         """KV cache slots no sequence holds (an engine stat; all of them when idle)."""
         with self._lock:
             return len(self._free)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            running, in_use = len(self._kv), self.slots - len(self._free)
+        return EngineStats(running, self._waiting + self._queue.qsize(), in_use, self._prefill_tokens,
+                           self._decode_tokens)
 
     def _slot_len_for_budget(self, tp_size: int, dtype: torch.dtype) -> int:
         text = self.family.config.text_config
@@ -224,6 +243,7 @@ class LanguageEngine:
         while self._take_new(waiting, block=not (running or waiting)):
             try:
                 self._admit(waiting, running)
+                self._waiting = len(waiting)
                 self._decode(running)
             except Exception as e:  # unreachable unless a bug escapes the per-sequence guards
                 log.exception("engine step failed")
@@ -295,6 +315,7 @@ class LanguageEngine:
             running.append(seq)
             seqs.append(seq)
         inputs = {seq.slot: inputs for seq, (_, _, inputs) in zip(seqs, batch, strict=True)}
+        self._prefill_tokens += sum(seq.prompt_len for seq in seqs)
 
         def forward(group: list[_Sequence]) -> torch.Tensor:
             return self.runner.prefill(torch.cat([inputs[s.slot][0] for s in group], dim=1),
@@ -363,6 +384,7 @@ class LanguageEngine:
         if not active:
             return
         self.peak_batch = max(self.peak_batch, len(active))
+        self._decode_tokens += len(active)
 
         def forward(group: list[_Sequence]) -> torch.Tensor:
             return self.runner.decode([s.generated[-1] for s in group], [s.cached + s.delta for s in group],

@@ -28,6 +28,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: the output ends before the first one
     min_tokens: int = 0  # no end of sequence (EOS or stop string) before this many tokens
     ignore_eos: bool = False  # EOS does not end the output (benchmarks fix output lengths with it)
+    arrival_s: float = 0.0  # wall clock when the server got the request (set by preprocess; the TTFT metric)
 
     def validate(self) -> SamplingParams:
         if self.max_tokens <= 0:

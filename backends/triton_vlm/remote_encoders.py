@@ -58,6 +58,7 @@ class RemoteEncoders:
         self._lock = threading.Lock()
         self.in_flight = {url: 0 for url in self.urls}  # patches being encoded there
         self.down_until = {url: 0.0 for url in self.urls}
+        self.answered = {url: True for url in self.urls}  # whether its last answer (or probe) was good
         self._local = threading.local()  # one gRPC client per thread and encoder
         self._encoded_by: OrderedDict[bytes, str] = OrderedDict()  # image key -> the encoder that last had it
 
@@ -66,6 +67,7 @@ class RemoteEncoders:
             for url in urls:
                 self.in_flight.setdefault(url, 0)
                 self.down_until.setdefault(url, 0.0)
+                self.answered.setdefault(url, True)
             self.urls = list(dict.fromkeys(urls))
 
     def watch(self, path: str, on_change: Callable[[list[str]], None], interval_s: float = 1.0) -> threading.Thread:
@@ -103,8 +105,9 @@ class RemoteEncoders:
                     ready[url] = bool(client.is_model_ready(MODEL, client_timeout=timeout_s))
             except Exception:
                 ready[url] = False
-            if not ready[url]:
-                with self._lock:
+            with self._lock:
+                self.answered[url] = ready[url]
+                if not ready[url]:
                     self.down_until[url] = time.monotonic() + self.retry_after_s
         return ready
 
@@ -112,6 +115,11 @@ class RemoteEncoders:
         now = time.monotonic()
         with self._lock:
             return [u for u in self.urls if self.down_until[u] <= now]
+
+    def state(self) -> dict[str, tuple[int, bool]]:
+        """{url: (patches in flight there, whether its last answer was good)} (the metrics' source)."""
+        with self._lock:
+            return {u: (self.in_flight[u], self.answered[u]) for u in self.urls}
 
     def split(self, patches: list[int], keys: tuple[bytes, ...] = ()) -> list[tuple[str | None, list[int]]]:
         """One shard per healthy encoder, balanced over the patches each already has in flight; images
@@ -215,6 +223,7 @@ class RemoteEncoders:
                     raise InvalidRequest(strip_label(e.message())) from None
                 with self._lock:
                     self.down_until[url] = time.monotonic() + self.retry_after_s
+                    self.answered[url] = False
                 errors.append(f"{url}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
                 log.warning("encoder %s failed (%s); marked down for %.0fs", url, errors[-1], self.retry_after_s)
                 if self.shm is not None:
@@ -224,6 +233,8 @@ class RemoteEncoders:
             finally:
                 with self._lock:
                     self.in_flight[url] -= patches
+            with self._lock:
+                self.answered[url] = True
             self._remember(url, images.keys)
             return embeds
         if self.fallback is not None:

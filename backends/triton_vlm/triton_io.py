@@ -1,17 +1,16 @@
-"""The one module of the package that speaks triton_python_backend_utils: tensors in and out, errors."""
+"""Where the package speaks triton_python_backend_utils: tensors in and out, errors (and `metrics.py`)."""
 
 from __future__ import annotations
 
 import json
 import sys
-import threading
 from typing import TYPE_CHECKING
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from . import interface as I
-from .errors import RequestError, code_of
+from .errors import RequestError, code_of, kind_of
 from .retry import retry
 
 if TYPE_CHECKING:
@@ -102,67 +101,14 @@ def error_from_bls(e: pb_utils.TritonError) -> pb_utils.TritonError:
     return pb_utils.TritonError(e.message(), getattr(pb_utils.TritonError, code_of(e.message())))
 
 
-def error_response(e: Exception) -> pb_utils.InferenceResponse:
+def error_response(e: Exception, stage: str = "") -> pb_utils.InferenceResponse:
+    """The error answer of one request; with `stage` (a step that answers the client's request), counted in
+    triton_vlm_request_errors_total{stage, kind}."""
+    if stage:
+        from .metrics import request_errors
+
+        request_errors()(stage=stage, kind=kind_of(e)).increment(1)
     return pb_utils.InferenceResponse(output_tensors=[], error=error(e))
-
-
-class Metric:
-    """A python-backend custom metric family on Triton's metrics port; `metric(**labels)` is one series.
-
-    Every update goes through one lock per process: the python backend's metric calls are not
-    thread-safe (concurrent updates from the encode stage's worker threads crashed tritonserver with
-    boost::interprocess::lock_exception and std::bad_alloc)."""
-
-    _lock = threading.Lock()
-
-    def __init__(self, name: str, description: str, counter: bool = False) -> None:
-        kind = pb_utils.MetricFamily.COUNTER if counter else pb_utils.MetricFamily.GAUGE
-        with Metric._lock:
-            self.family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
-        self._series: dict = {}  # the family must outlive its series: both are kept
-
-    def __call__(self, **labels: str) -> _Series:
-        key = tuple(sorted(labels.items()))
-        with Metric._lock:
-            if key not in self._series:
-                self._series[key] = _Series(self.family.Metric(labels=labels))
-            return self._series[key]
-
-
-class _Series:
-    def __init__(self, metric) -> None:
-        self.metric = metric
-
-    def increment(self, value: float) -> None:
-        with Metric._lock:
-            self.metric.increment(value)
-
-    def set(self, value: float) -> None:
-        with Metric._lock:
-            self.metric.set(value)
-
-
-def embedding_cache(megabytes: int, redis_url: str = "", tier: str = "local"):
-    """The encode stage's embedding cache with its metrics (hits by tier, misses, bytes), or None when off.
-    `tier`: what this server's own cache is called (an E/PD encoder server's is "encoder")."""
-    from .embedding_cache import EmbeddingCache
-    from .redis_tier import RedisTier
-
-    if megabytes <= 0 and not redis_url:
-        return None
-    hits = Metric("triton_vlm_embedding_cache_hits_total", "Images whose embeddings came from a cache tier "
-                  "(a repeat inside one request counts as a hit of this server's own tier)", counter=True)
-    misses = Metric("triton_vlm_embedding_cache_misses_total", "Images encoded", counter=True)
-    in_use = Metric("triton_vlm_embedding_cache_bytes", "Bytes this server's own embedding cache holds")
-
-    def counted(tier_hits: dict[str, int], n_misses: int) -> None:
-        for name, n in tier_hits.items():
-            hits(tier=tier if name == "local" else name).increment(n)
-        misses(tier=tier).increment(n_misses)
-        in_use(tier=tier).set(cache.bytes)
-
-    cache = EmbeddingCache(megabytes * 2**20, RedisTier(redis_url) if redis_url else None, on_lookup=counted)
-    return cache
 
 
 def parameters(args: dict) -> dict[str, str]:

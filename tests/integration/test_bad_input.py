@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import make_image
+from tests.conftest import make_image, server_metric
 from triton_vlm_clients import stages
 from triton_vlm_clients.client import build_inputs, infer, stream
 
@@ -101,12 +101,17 @@ def _good_request_still_works(server):
     assert len(answer.output_ids) >= 1 and answer.finish_reason in ("stop", "length")
 
 
+INVALID = ("triton_vlm_request_errors_total", 'kind="invalid_request"')
+
+
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_refused_on_the_stream_and_server_keeps_serving(server, case):
     request, message = BAD[case]
     request = {"prompt": "describe", "max_tokens": 4, **request}
+    errors = server_metric(server, *INVALID)
     with pytest.raises(InferenceServerException, match=re.escape(message)):
         stream(server.grpc_url, **request)
+    assert server_metric(server, *INVALID) == errors + 1, "counted once, by the step that refused it"
     _good_request_still_works(server)
 
 

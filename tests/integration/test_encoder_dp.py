@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.conftest import make_image, server_metric
+from tests.conftest import make_image, server_metric, server_series
 from tests.reference import reference_generate
 from triton_vlm.deployment import Deployment
 from triton_vlm.server import TritonServer
@@ -48,6 +48,29 @@ def test_two_replicas_give_the_same_embeddings_and_ids_as_one(server, dp1_server
     dp2 = stream(server.grpc_url, prompt=prompt, images=imgs, max_tokens=16)
     dp1 = stream(dp1_server.grpc_url, prompt=prompt, images=imgs, max_tokens=16)
     assert dp2.output_ids == dp1.output_ids and dp2.output_ids
+
+
+def test_encode_metrics_show_the_split_over_the_replicas(server):
+    """A 4-image request of new images is one encoding in 2 shards: both replicas count their images and
+    patches, which add up to the request's."""
+    imgs = images(4, seed=500)  # not cached yet
+    grid = stages.preprocess(server.grpc_url, "Compare.", imgs)["_IMAGE_GRID_THW"]
+    shards = [server_metric(server, f"triton_vlm_encode_shards_{part}", 'stage="encode"') for part in ("count", "sum")]
+    replicas = _per_replica(server)
+    stream(server.grpc_url, prompt="Compare.", images=imgs, max_tokens=2)
+    assert [server_metric(server, f"triton_vlm_encode_shards_{part}", 'stage="encode"') - before
+            for part, before in zip(("count", "sum"), shards, strict=True)] == [1, 2]
+    grown = {r: (images - replicas.get(r, (0, 0))[0], patches - replicas.get(r, (0, 0))[1])
+             for r, (images, patches) in _per_replica(server).items()}
+    assert len(grown) == 2 and all(n > 0 for n, _ in grown.values()), grown
+    assert sum(n for n, _ in grown.values()) == 4
+    assert sum(p for _, p in grown.values()) == int(np.prod(grid, axis=1).sum())
+
+
+def _per_replica(server) -> dict[str, tuple[float, float]]:
+    images = {s["replica"]: v for s, v in server_series(server, "triton_vlm_encoder_images_total")}
+    patches = {s["replica"]: v for s, v in server_series(server, "triton_vlm_encoder_patches_total")}
+    return {replica: (n, patches[replica]) for replica, n in images.items()}
 
 
 def test_eight_concurrent_clients_with_many_images_all_complete_correctly(server, tiny_model):

@@ -13,7 +13,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import make_image, server_metric
+from tests.conftest import make_image, server_metric, wait_until
 from tests.reference import reference_generate
 from triton_vlm.deployment import Deployment
 from triton_vlm.server import TritonServer, free_port
@@ -72,6 +72,16 @@ def test_a_language_server_sends_no_file_for_an_image_it_has_cached(server, epd,
         assert server_metric(cached, "triton_vlm_embedding_cache_hits_total", 'tier="local"') == 2
 
 
+def test_remote_encoder_gauges_say_both_are_up_and_idle(epd):
+    language, encoders = epd
+    stream(language.grpc_url, prompt="Compare.", images=images(4, seed=90), max_tokens=2)
+    for e in encoders:  # published every second
+        series = f'encoder="{e.grpc_url}"'
+        wait_until(lambda s=series: (server_metric(language, "triton_vlm_remote_encoder_up", s),
+                                     server_metric(language, "triton_vlm_remote_encoder_in_flight_patches", s))
+                   == (1, 0), 10, f"{e.grpc_url} up and idle")
+
+
 def test_encoder_servers_hold_only_the_encoder(epd):
     _, encoders = epd
     with grpcclient.InferenceServerClient(encoders[0].grpc_url) as client:
@@ -99,6 +109,7 @@ def test_unreachable_encoder_at_start_falls_back_to_local_and_says_so(tiny_model
     with TritonServer(repo, graceful_stop=False, log_file=tmp_path / "language.log") as language:
         answer = stream(language.grpc_url, prompt="hi", images=images(2), max_tokens=4)
         assert answer.output_ids == reference_generate(tiny_model, "hi", images(2), max_new_tokens=4)
+        assert server_metric(language, "triton_vlm_remote_encoder_up", f'encoder="{dead}"') == 0
     log = (tmp_path / "language.log").read_text()
     assert f"encoder server {dead} is unreachable at start" in log
 
@@ -231,3 +242,6 @@ def test_killing_an_encoder_under_load_loses_no_request(epd, tiny_model):  # las
     assert encoders[0].process.poll() is not None, "the encoder was not killed during the run"
     assert [a.output_ids for a in answers] == expected
     assert encoder_shards(encoders[1].grpc_url) > before
+    wait_until(lambda: [server_metric(language, "triton_vlm_remote_encoder_up", f'encoder="{e.grpc_url}"')
+                        for e in encoders] == [0, 1], 10, "the killed encoder's gauge to say so")
+    wait_until(lambda: server_metric(language, "triton_vlm_remote_encoder_in_flight_patches") == 0, 10, "idle")

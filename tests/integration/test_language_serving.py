@@ -63,6 +63,27 @@ def test_stop_strings_through_the_server(server):
     assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
 
 
+def test_engine_metrics_count_a_request(server):
+    """Prefill tokens are the prompt's, decode tokens the rest of the output; TTFT is observed once, within
+    what the client saw; the batch is empty again afterwards."""
+    names = ("triton_vlm_prefill_tokens_total", "triton_vlm_decode_tokens_total",
+             "triton_vlm_time_to_first_token_seconds_count", "triton_vlm_time_to_first_token_seconds_sum")
+    before = [server_metric(server, name) for name in names]
+    answer = stream(server.grpc_url, prompt="Describe it.", images=[make_image(200, 150, seed=41)], max_tokens=12,
+                    ignore_eos=True)
+    assert len(answer.output_ids) == 12
+
+    def grown():
+        return [server_metric(server, name) - b for name, b in zip(names, before, strict=True)]
+
+    wait_until(lambda: grown()[1] >= 11 and grown()[2] >= 1, 30, "the metrics of the request")
+    prefill, decode, _, ttft_s = grown()
+    assert prefill == answer.num_input_tokens and decode == 11
+    assert 0 < ttft_s <= answer.ttft_s
+    for gauge in ("triton_vlm_running_sequences", "triton_vlm_waiting_sequences", "triton_vlm_kv_slots_in_use"):
+        assert server_metric(server, gauge) == 0, gauge
+
+
 class _Enough(Exception):
     pass
 

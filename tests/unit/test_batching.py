@@ -71,6 +71,22 @@ def test_batched_decoding_equals_one_at_a_time(parts, engine):
     assert engine.kv_tokens_in_use == 0 and engine.running == 0
 
 
+def test_stats_count_prefill_and_decode_tokens_and_the_waiting(parts, tiny_model):
+    small = LanguageEngine(LanguageConfig(model_path=tiny_model, max_num_seqs=1))
+    try:
+        requests = [make_request(parts, i, p, max_tokens=8, ignore_eos=True) for i, p in enumerate(PROMPTS[:3])]
+        seen = []
+        small.submit(requests[0], lambda out: seen.append(small.stats()))  # on the engine thread, mid-run
+        results = run_concurrently(small, requests[1:])
+        stats = small.stats()
+        assert stats.prefill_tokens == sum(len(r.input_ids) for r in requests)
+        assert stats.decode_tokens == sum(len(ids) - 1 for ids, _, _ in results) + 7
+        assert (stats.running, stats.waiting, stats.slots_in_use) == (0, 0, 0)
+        assert max(s.waiting for s in seen) >= 1 and max(s.slots_in_use for s in seen) == 1, "one slot, a queue"
+    finally:
+        small.shutdown()
+
+
 def test_full_cache_queues_requests_instead_of_failing(parts, tiny_model):
     small = LanguageEngine(LanguageConfig(model_path=tiny_model, max_num_seqs=2))
     try:

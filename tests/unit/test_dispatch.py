@@ -33,14 +33,15 @@ def pixels_and_grid(pre, n):
     return Images(p.image_grid_thw, pixel_values=torch.as_tensor(p.pixel_values))
 
 
-def stage(encoder, shards, run=None, calls=None):
+def stage(encoder, shards, run=None, calls=None, on_split=None):
     def run_shard(images, target):
         assert target is None, "local replicas: Triton picks the instance"
         if calls is not None:
             calls.append(images.grid_thw.copy())
         return (run or encoder.encode)(images.pixel_values, images.grid_thw)
 
-    return ShardedEncode(run_shard, even(shards), encoder.family.tokens_per_image, encoder.family.hidden_size)
+    return ShardedEncode(run_shard, even(shards), encoder.family.tokens_per_image, encoder.family.hidden_size,
+                         on_split=on_split)
 
 
 @pytest.mark.parametrize("n_images", [1, 3, 4])
@@ -49,13 +50,14 @@ def test_sharded_equals_unsharded_and_follows_the_balancer(parts, n_images, shar
     pre, encoder = parts
     images = pixels_and_grid(pre, n_images)
     pixels, grid = images.pixel_values, images.grid_thw
-    calls = []
-    sharded = stage(encoder, shards, calls=calls).encode(images)
+    calls, splits = [], []
+    sharded = stage(encoder, shards, calls=calls, on_split=splits.append).encode(images)
     whole = encoder.encode(pixels, grid)
     assert sharded.shape == whole.shape
     torch.testing.assert_close(sharded, whole, rtol=0, atol=1e-5)
     expected, _ = balance(np.prod(grid, axis=1).tolist(), min(shards, n_images))
     assert sorted(map(np.ndarray.tolist, calls)) == sorted(grid[s].tolist() for s in expected if s)
+    assert splits == [len(calls)], "the shards metric hears of each split"
 
 
 def test_text_only_runs_nothing_and_one_image_runs_unsplit(parts):

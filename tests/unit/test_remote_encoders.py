@@ -50,7 +50,7 @@ def test_every_encoder_down_falls_back_or_is_unavailable():
     remote = RemoteEncoders(["127.0.0.1:1"], timeout_s=2)  # nothing listens on port 1
     with pytest.raises(Unavailable, match="no encoder could encode the images: 127.0.0.1:1"):
         remote(images, "127.0.0.1:1")
-    assert remote.healthy() == [] and remote.in_flight["127.0.0.1:1"] == 0
+    assert remote.healthy() == [] and remote.state() == {"127.0.0.1:1": (0, False)}
     fallback = RemoteEncoders(["127.0.0.1:1"], fallback=lambda images: torch.ones((1, 4)), timeout_s=2)
     assert fallback(images, "127.0.0.1:1").tolist() == [[1.0] * 4]
 

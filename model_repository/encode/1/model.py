@@ -13,7 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
-from triton_vlm import triton_io
+from triton_vlm import metrics, triton_io
 from triton_vlm.config import EncodeConfig
 from triton_vlm.dispatch import ShardedEncode, even
 from triton_vlm.image_inputs import ImageProcessing, Images
@@ -58,12 +58,14 @@ class TritonPythonModel:
                                              f"{elsewhere}")
             if config.encoder_urls_file:
                 remote.watch(config.encoder_urls_file, _log_encoders)
+            self.remote_metrics = metrics.RemoteEncoderMetrics(remote.state)
             run, split = remote, remote.split
         else:
             run, split, self.remote = local, even(config.data_parallel), None
         self.stage = ShardedEncode(run, split, family.tokens_per_image, family.hidden_size,
-                                   cache=triton_io.embedding_cache(config.embedding_cache_mb,
-                                                                    config.embedding_cache_redis))
+                                   cache=metrics.embedding_cache(config.embedding_cache_mb,
+                                                                 config.embedding_cache_redis),
+                                   on_split=metrics.EncodeMetrics("encode").encoded)
 
     def execute(self, requests):
         for request in requests:
@@ -79,13 +81,14 @@ class TritonPythonModel:
                 keys = triton_io.inputs(request, [I.IMAGE_KEYS]).get(I.IMAGE_KEYS, np.zeros(0, np.object_))
                 self.stage.submit(images, _Reply(request, sender, passed), keys=[bytes(k) for k in keys])
             except Exception as e:
-                sender.send(triton_io.error_response(e), flags=triton_io.FINAL)
+                sender.send(triton_io.error_response(e, "encode"), flags=triton_io.FINAL)
         return None
 
     def finalize(self):
         self.supervisor.stop()
         self.stage.shutdown()
         if self.remote is not None:
+            self.remote_metrics.stop()
             self.remote.close()
 
 
@@ -101,7 +104,7 @@ class _Reply:
 
     def __call__(self, embeds, error):
         if error is not None:
-            self.sender.send(triton_io.error_response(error), flags=triton_io.FINAL)
+            self.sender.send(triton_io.error_response(error, "encode"), flags=triton_io.FINAL)
         else:
             outputs = [triton_io.output(I.IMAGE_EMBEDS, embeds)]
             outputs += [triton_io.output(name, value) for name, value in self.passed.items()]

@@ -8,7 +8,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
-from triton_vlm import triton_io
+from triton_vlm import metrics, triton_io
 from triton_vlm.config import EncodeConfig, PreprocessConfig
 from triton_vlm.dispatch import ShardedEncode, even
 from triton_vlm.image_inputs import ImageProcessing, Images
@@ -26,8 +26,9 @@ class TritonPythonModel:
         self.processing = ImageProcessing(encode.model_path)
         self.stage = ShardedEncode(self._run_shard, even(encode.data_parallel), family.tokens_per_image,
                                    family.hidden_size,
-                                   cache=triton_io.embedding_cache(encode.embedding_cache_mb,
-                                                                   encode.embedding_cache_redis, tier="encoder"))
+                                   cache=metrics.embedding_cache(encode.embedding_cache_mb,
+                                                                 encode.embedding_cache_redis, tier="encoder"),
+                                   on_split=metrics.EncodeMetrics("image_encoder").encoded)
 
     def _run_shard(self, images, target=None):
         pixels, grid = self.processing.decode(images.files, self.limits.image_limits)
@@ -46,7 +47,7 @@ class TritonPythonModel:
             grid = self.processing.grid([open_image(data, i, limits).size for i, data in enumerate(files)])
             embeds = self.stage.encode(Images(grid, files=tuple(files)), keys)
         except Exception as e:
-            return triton_io.error_response(e)
+            return triton_io.error_response(e, "image_encoder")
         return pb_utils.InferenceResponse([triton_io.output(I.IMAGE_EMBEDS, embeds),
                                            triton_io.output(I.IMAGE_GRID_THW, grid)])
 

@@ -13,7 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
-from triton_vlm import triton_io
+from triton_vlm import metrics, triton_io
 from triton_vlm.config import LanguageConfig
 from triton_vlm.errors import InvalidRequest
 from triton_vlm.language import LanguageEngine, LanguageRequest, StepOutput
@@ -72,9 +72,9 @@ class _Sender:
 
     CANCEL_CHECK_S = 0.1  # is_cancelled() is a round trip to the server: ask at most this often
 
-    def __init__(self, engine, outbox, finished, request_id, sender, stream, num_input_tokens):
+    def __init__(self, engine, outbox, metrics, request_id, sender, stream, num_input_tokens, arrival_s):
         self.engine, self.outbox, self.request_id, self.sender, self.stream = engine, outbox, request_id, sender, stream
-        self.finished = finished
+        self.metrics, self.arrival_s = metrics, arrival_s
         self.num_input_tokens = num_input_tokens
         self.ids, self.text = [], []
         self.checked = time.monotonic()
@@ -84,10 +84,12 @@ class _Sender:
 
     def send(self, out: StepOutput):
         if out.finished:  # an error's finish_reason is "error"
-            self.finished(finish_reason=out.finish_reason).increment(1)
+            self.metrics.ended(out.finish_reason)
+        if out.token_ids and not self.ids:
+            self.metrics.first_token(self.arrival_s)
         try:
             if out.error is not None:
-                self.sender.send(triton_io.error_response(out.error), flags=triton_io.FINAL)
+                self.sender.send(triton_io.error_response(out.error, "language_model"), flags=triton_io.FINAL)
             else:
                 self.ids += out.token_ids
                 if self.stream:
@@ -111,12 +113,11 @@ class TritonPythonModel:
         self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
         config = LanguageConfig.from_parameters(triton_io.parameters(args), device=triton_io.device(args))
         self.engine = LanguageEngine(config)
-        slots = triton_io.Metric("triton_vlm_kv_slots_in_use", "KV-cache slots held by running sequences")
-        self.outbox = _Outbox(lambda: slots().set(self.engine.slots - self.engine.free_slots))
-        self.finished = triton_io.Metric("triton_vlm_finished_sequences_total",
-                                         "Sequences the language model ended, by finish_reason", counter=True)
+        self.metrics = metrics.EngineMetrics()
+        self.outbox = _Outbox(lambda: self.metrics.publish(self.engine.stats()))
 
     def execute(self, requests):
+        arrival_s = time.time()  # when preprocess did not say (a caller of this model itself)
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -133,11 +134,11 @@ class TritonPythonModel:
                 self.engine.submit(
                     LanguageRequest(request_id, arrays[I.INPUT_IDS], triton_io.input_tensor(request, I.IMAGE_EMBEDS),
                                     arrays[I.IMAGE_GRID_THW], sampling),
-                    _Sender(self.engine, self.outbox, self.finished, request_id, sender, sampling.stream,
-                            len(arrays[I.INPUT_IDS])),
+                    _Sender(self.engine, self.outbox, self.metrics, request_id, sender, sampling.stream,
+                            len(arrays[I.INPUT_IDS]), sampling.arrival_s or arrival_s),
                 )
             except Exception as e:
-                sender.send(triton_io.error_response(e), flags=triton_io.FINAL)
+                sender.send(triton_io.error_response(e, "language_model"), flags=triton_io.FINAL)
         return None
 
     def finalize(self):

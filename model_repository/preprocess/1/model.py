@@ -4,6 +4,8 @@ else empty), _IMAGE_KEYS [N] (content keys for the embedding cache), in one FINA
 gets INVALID_ARG naming its problem. Decoupled so that a request waiting on a slow image URL never holds
 the instance (the fetch waits on an I/O thread)."""
 
+import time
+
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
@@ -24,9 +26,9 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 arrays = triton_io.inputs(request, I.PUBLIC_INPUTS)
-                parsed = request_from_arrays(arrays, self.engine.default_sampling)
+                parsed = request_from_arrays(arrays, self.engine.default_sampling.with_overrides(arrival_s=time.time()))
             except Exception as e:  # RequestError -> INVALID_ARG; anything else must not kill the instance
-                sender.send(triton_io.error_response(e), flags=triton_io.FINAL)
+                sender.send(triton_io.error_response(e, "preprocess"), flags=triton_io.FINAL)
                 continue
             self.stage.submit(parsed, _Reply(request, sender))
         return None
@@ -55,6 +57,6 @@ class _Reply:
                 triton_io.bytes_tensor(I.IMAGE_KEYS, out.image_keys),
             ])
         except Exception as e:
-            response = triton_io.error_response(e)
+            response = triton_io.error_response(e, "preprocess")
         self.sender.send(response, flags=triton_io.FINAL)
         self.request = None

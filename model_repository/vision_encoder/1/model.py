@@ -4,7 +4,7 @@ On a KIND_GPU instance the embeddings stay on that instance's GPU (DLPack)."""
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
-from triton_vlm import triton_io
+from triton_vlm import metrics, triton_io
 from triton_vlm.config import EncoderConfig
 from triton_vlm.encoder import VisionEncoder
 
@@ -15,13 +15,16 @@ class TritonPythonModel:
         config = EncoderConfig.from_parameters(triton_io.parameters(args), device=triton_io.device(args),
                                               instances=triton_io.instance_count(args))
         self.engine = VisionEncoder(config)
+        self.metrics = metrics.ReplicaMetrics(args["model_instance_name"])
 
     def execute(self, requests):
         responses = []
         for request in requests:
             try:
-                embeds = self.engine.encode(triton_io.input_tensor(request, I.PIXEL_VALUES),
-                                            triton_io.inputs(request, [I.IMAGE_GRID_THW])[I.IMAGE_GRID_THW])
+                pixels = triton_io.input_tensor(request, I.PIXEL_VALUES)
+                grid = triton_io.inputs(request, [I.IMAGE_GRID_THW])[I.IMAGE_GRID_THW]
+                embeds = self.engine.encode(pixels, grid)
+                self.metrics.encoded(len(grid), pixels.shape[0])
                 responses.append(pb_utils.InferenceResponse([triton_io.output(I.IMAGE_EMBEDS, embeds)]))
             except Exception as e:
                 responses.append(triton_io.error_response(e))

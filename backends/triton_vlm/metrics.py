@@ -1,0 +1,174 @@
+"""Our Prometheus metrics, as python-backend custom metrics on Triton's metrics port (next to Triton's own
+`nv_*`). Each stage makes the families it updates; a family made in several processes is one series set
+per label values (an instance's own labels keep them apart where they would collide)."""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Sequence
+
+import triton_python_backend_utils as pb_utils
+
+TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+SHARD_BUCKETS = (1, 2, 3, 4, 6, 8, 16)
+
+
+class Metric:
+    """A metric family; `metric(**labels)` is one series.
+
+    Every update goes through one lock per process: the python backend's metric calls are not
+    thread-safe (concurrent updates from the encode stage's worker threads crashed tritonserver with
+    boost::interprocess::lock_exception and std::bad_alloc)."""
+
+    _lock = threading.Lock()
+
+    def __init__(self, name: str, description: str, counter: bool = False,
+                 buckets: Sequence[float] | None = None) -> None:
+        """A gauge; a counter; or, with `buckets` (upper bounds), a histogram."""
+        kind = (pb_utils.MetricFamily.HISTOGRAM if buckets is not None else
+                pb_utils.MetricFamily.COUNTER if counter else pb_utils.MetricFamily.GAUGE)
+        with Metric._lock:
+            self.family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+        self.buckets = None if buckets is None else [float(b) for b in buckets]
+        self._series: dict = {}  # the family must outlive its series: both are kept
+
+    def __call__(self, **labels: str) -> _Series:
+        key = tuple(sorted(labels.items()))
+        with Metric._lock:
+            if key not in self._series:
+                extra = {} if self.buckets is None else {"buckets": self.buckets}
+                self._series[key] = _Series(self.family.Metric(labels=labels, **extra))
+            return self._series[key]
+
+
+class _Series:
+    def __init__(self, metric) -> None:
+        self.metric = metric
+
+    def increment(self, value: float) -> None:
+        with Metric._lock:
+            self.metric.increment(value)
+
+    def set(self, value: float) -> None:
+        with Metric._lock:
+            self.metric.set(value)
+
+    def observe(self, value: float) -> None:
+        with Metric._lock:
+            self.metric.observe(value)
+
+
+@functools.cache
+def request_errors() -> Metric:
+    return Metric("triton_vlm_request_errors_total", "Requests a step ended with an error, by step and kind "
+                  "(invalid_request, unavailable, internal_error)", counter=True)
+
+
+def embedding_cache(megabytes: int, redis_url: str = "", tier: str = "local"):
+    """The encode stage's embedding cache with its metrics (hits by tier, misses, bytes), or None when off.
+    `tier`: what this server's own cache is called (an E/PD encoder server's is "encoder")."""
+    from .embedding_cache import EmbeddingCache
+    from .redis_tier import RedisTier
+
+    if megabytes <= 0 and not redis_url:
+        return None
+    hits = Metric("triton_vlm_embedding_cache_hits_total", "Images whose embeddings came from a cache tier "
+                  "(a repeat inside one request counts as a hit of this server's own tier)", counter=True)
+    misses = Metric("triton_vlm_embedding_cache_misses_total", "Images encoded", counter=True)
+    in_use = Metric("triton_vlm_embedding_cache_bytes", "Bytes this server's own embedding cache holds")
+
+    def counted(tier_hits: dict[str, int], n_misses: int) -> None:
+        for name, n in tier_hits.items():
+            hits(tier=tier if name == "local" else name).increment(n)
+        misses(tier=tier).increment(n_misses)
+        in_use(tier=tier).set(cache.bytes)
+
+    cache = EmbeddingCache(megabytes * 2**20, RedisTier(redis_url) if redis_url else None, on_lookup=counted)
+    return cache
+
+
+class EncodeMetrics:
+    """The encode stage: shards per request that encoded anything."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.shards = Metric("triton_vlm_encode_shards", "Shards a request's images (the cache's misses) were "
+                             "split into", buckets=SHARD_BUCKETS)
+
+    def encoded(self, shards: int) -> None:
+        self.shards(stage=self.stage).observe(shards)
+
+
+class ReplicaMetrics:
+    """One vision encoder replica (a Triton instance): the images and patches it encoded."""
+
+    def __init__(self, replica: str) -> None:
+        self.replica = replica
+        self.images = Metric("triton_vlm_encoder_images_total", "Images this replica encoded", counter=True)
+        self.patches = Metric("triton_vlm_encoder_patches_total", "Patches this replica encoded", counter=True)
+
+    def encoded(self, images: int, patches: int) -> None:
+        self.images(replica=self.replica).increment(images)
+        self.patches(replica=self.replica).increment(patches)
+
+
+class RemoteEncoderMetrics:
+    """E/PD: each encoder server's patches in flight from this server, and whether its last answer (or
+    probe) was good (every `interval_s`, from `state() -> {url: (patches in flight, up)}`)."""
+
+    def __init__(self, state, interval_s: float = 1.0) -> None:
+        self.in_flight = Metric("triton_vlm_remote_encoder_in_flight_patches",
+                                "Patches this server has in flight on each encoder server")
+        self.up = Metric("triton_vlm_remote_encoder_up", "1 if an encoder server's last answer was good, 0 if "
+                         "it failed or timed out")
+        self.state, self.interval_s = state, interval_s
+        self._stop = threading.Event()
+        self.publish()
+        threading.Thread(target=self._run, name="remote-encoder-metrics", daemon=True).start()
+
+    def publish(self) -> None:
+        for url, (patches, up) in self.state().items():
+            self.in_flight(encoder=url).set(patches)
+            self.up(encoder=url).set(1 if up else 0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.publish()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class EngineMetrics:
+    """The language engine: running and waiting sequences, KV slots in use, prefill and decode tokens,
+    finished sequences by reason, and time to first token (from the request's arrival at the server)."""
+
+    def __init__(self) -> None:
+        self.running = Metric("triton_vlm_running_sequences", "Sequences in the running batch")
+        self.waiting = Metric("triton_vlm_waiting_sequences", "Requests accepted and waiting for a KV slot")
+        self.slots = Metric("triton_vlm_kv_slots_in_use", "KV-cache slots held by running sequences")
+        self.prefill = Metric("triton_vlm_prefill_tokens_total", "Prompt tokens prefilled", counter=True)
+        self.decode = Metric("triton_vlm_decode_tokens_total", "Tokens produced by decode steps", counter=True)
+        self.finished = Metric("triton_vlm_finished_sequences_total",
+                               "Sequences the language model ended, by finish_reason", counter=True)
+        self.ttft = Metric("triton_vlm_time_to_first_token_seconds", "From a request's arrival at the server "
+                           "(preprocess) to its first token", buckets=TTFT_BUCKETS_S)
+        self._published = (0, 0)  # the token totals as last published (publish runs on one thread)
+
+    def publish(self, stats) -> None:
+        """`stats`: the engine's `EngineStats`."""
+        self.running().set(stats.running)
+        self.waiting().set(stats.waiting)
+        self.slots().set(stats.slots_in_use)
+        prefill, decode = self._published
+        self.prefill().increment(stats.prefill_tokens - prefill)
+        self.decode().increment(stats.decode_tokens - decode)
+        self._published = (stats.prefill_tokens, stats.decode_tokens)
+
+    def first_token(self, arrival_s: float) -> None:
+        self.ttft().observe(max(0.0, time.time() - arrival_s))
+
+    def ended(self, finish_reason: str) -> None:
+        self.finished(finish_reason=finish_reason).increment(1)
