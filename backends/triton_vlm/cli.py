@@ -10,12 +10,13 @@ import tempfile
 from pathlib import Path
 
 from . import env
+from .models import FAMILIES
 
 
 def _make_tiny_model(args) -> int:
     from .tiny_model import make_tiny_model
 
-    print(make_tiny_model(args.out, size=args.size, seed=args.seed))
+    print(make_tiny_model(args.out, size=args.size, seed=args.seed, family=args.family))
     return 0
 
 
@@ -180,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="triton-vlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("make-tiny-model", help="write a small random-weight Qwen2.5-VL checkpoint")
+    p = sub.add_parser("make-tiny-model", help="write a small random-weight checkpoint of a model family")
     p.add_argument("out")
     p.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny")
+    p.add_argument("--family", choices=list(FAMILIES), default="qwen2_5_vl", help="model_type (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_make_tiny_model)
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from .launcher import MODEL_CONTROL
 from .repository import COMMITTED, render
 
-CUDA_MEMORY_POOL_MB = 256  # per GPU; in-flight embeddings between steps live here (Triton's default is 64)
+CUDA_MEMORY_POOL_MB = 256  # per GPU and embedding block; in-flight embeddings between steps live here (Triton's
+# default is 64 in all): a family's extra features (Qwen3-VL's 3 deepstack blocks) get as much again each
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,7 @@ class Deployment:
     encoder_threads: int | None = None  # torch threads per encoder instance; 0: cores / instances
     gpus: tuple[int, ...] = ()  # () = CPU; else encoder instances spread over these, language from the first
     tensor_parallel: int | None = None  # language model ranks (one Triton instance; rank r on GPU first + r)
-    cuda_memory_pool_mb: int = CUDA_MEMORY_POOL_MB
+    cuda_memory_pool_mb: int | None = None  # default: CUDA_MEMORY_POOL_MB per embedding block
     mode: str = "colocated"  # colocated | encoder (image_encoder + vision_encoder only) | language (E/PD)
     encoder_urls: tuple[str, ...] = ()  # language mode: gRPC addresses of the encoder servers
     encoder_urls_file: str | None = None  # language mode: a file listing them, watched (live scaling)
@@ -104,5 +105,10 @@ class Deployment:
         return repo
 
     def server_args(self) -> list[str]:
-        pool = self.cuda_memory_pool_mb * 2**20
+        pool = self.cuda_memory_pool_mb
+        if pool is None and self.gpus:
+            from .models import load_family
+
+            pool = CUDA_MEMORY_POOL_MB * (1 + load_family(self.model).extra_features)
+        pool = (pool or 0) * 2**20
         return [*MODEL_CONTROL, *(f"--cuda-memory-pool-byte-size={gpu}:{pool}" for gpu in self.gpus)]

@@ -55,11 +55,11 @@ def _numbered_as(indices: list[int]):
 
 class ShardedEncode:
     def __init__(self, run_shard: RunShard, split: Split, tokens_per_image: Callable[[np.ndarray], np.ndarray],
-                 hidden_size: int, max_requests: int = 64, max_shards: int = 8,
+                 width: int, max_requests: int = 64, max_shards: int = 8,
                  cache: EmbeddingCache | None = None, on_split: Callable[[int], None] | None = None) -> None:
         """`on_split(shards)`: told how many shards each encoding is split into (a metric)."""
         self.run_shard, self.split, self.tokens_per_image = run_shard, split, tokens_per_image
-        self.hidden_size, self.cache, self.on_split = hidden_size, cache, on_split
+        self.width, self.cache, self.on_split = width, cache, on_split  # width: columns of an embedding row
         # requests and the extra shards of a request get separate pools: a request thread waits on its
         # shards, and a shard never waits on anything, so the pools cannot deadlock. Threads start lazily.
         self._requests = ThreadPoolExecutor(max_requests, thread_name_prefix="encode-request")
@@ -69,7 +69,7 @@ class ShardedEncode:
         """A request's images -> embeddings [sum tokens, H], image after image. With `keys` (one content
         key per image) and a cache, only the images not cached are encoded, each distinct one once."""
         if len(images) == 0:  # text only: nothing to run
-            return torch.zeros((0, self.hidden_size), dtype=torch.float32)
+            return torch.zeros((0, self.width), dtype=torch.float32)
         if len(keys) != len(images):
             return self._encode(images)
         images = dataclasses.replace(images, keys=tuple(keys))  # the shards carry them (E/PD: to the encoders)

@@ -19,9 +19,10 @@ class VisionEncoder:
         self.model = self.family.load_vision(config.device, torch_dtype(config.dtype, config.device))
 
     def encode(self, pixel_values: np.ndarray | torch.Tensor, grid_thw: np.ndarray) -> torch.Tensor:
-        """pixel_values: [P, D]; grid_thw: [N, 3] -> [sum tokens_per_image, H] on the encoder's device."""
-        grid = torch.as_tensor(np.asarray(grid_thw, np.int64)).reshape(-1, 3)
+        """pixel_values: [P, D]; grid_thw: [N, 3] -> [sum tokens_per_image, embedding_width] (the embeddings
+        and the family's extra features) on the encoder's device."""
+        grid = torch.as_tensor(np.array(grid_thw, np.int64)).reshape(-1, 3)  # a copy: it may be read-only
         if grid.shape[0] == 0:
-            return torch.zeros((0, self.family.hidden_size), dtype=torch.float32, device=self.device)
+            return torch.zeros((0, self.family.embedding_width), dtype=torch.float32, device=self.device)
         pixels = torch.as_tensor(pixel_values).to(self.device)
         return self.family.encode(self.model, pixels, grid.to(self.device)).float()

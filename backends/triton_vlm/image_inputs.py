@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import AutoImageProcessor
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from .errors import InvalidRequest
 from .images import ImageLimits, decode_image
@@ -47,25 +46,27 @@ class Images:
 
 
 class ImageProcessing:
-    """The model's image processor (the slow one: the fast one needs torchvision)."""
+    """The model's image processor (the slow one: the fast one needs torchvision), set up by the family to
+    resize as the checkpoint's own processor does."""
 
-    def __init__(self, model_path) -> None:
-        self.processor = AutoImageProcessor.from_pretrained(model_path, use_fast=False)
+    def __init__(self, model_path, family=None) -> None:
+        from .models import load_family
+
+        self.family = family or load_family(model_path)
+        self.processor = AutoImageProcessor.from_pretrained(model_path, use_fast=False,
+                                                            **self.family.image_processor_kwargs())
         p = self.processor
         self.patch_dim = 3 * p.temporal_patch_size * p.patch_size**2
 
     def grid(self, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
         """(width, height) per image -> image_grid_thw [N, 3], exactly as the processor would resize them."""
-        p = self.processor
         rows = []
-        for index, (width, height) in enumerate(sizes):
+        for index, size in enumerate(sizes):
             try:
-                h, w = smart_resize(height, width, factor=p.patch_size * p.merge_size,
-                                    min_pixels=p.size["shortest_edge"], max_pixels=p.size["longest_edge"])
+                rows.append(self.family.layout_from_sizes(self.processor, [size]))
             except ValueError as e:  # e.g. an aspect ratio over 200
-                raise InvalidRequest(f"image {index} ({width}x{height}) cannot be used: {e}") from None
-            rows.append((1, h // p.patch_size, w // p.patch_size))
-        return np.asarray(rows, np.int64).reshape(-1, 3)
+                raise InvalidRequest(f"image {index} ({size[0]}x{size[1]}) cannot be used: {e}") from None
+        return np.concatenate(rows).astype(np.int64) if rows else np.zeros((0, 3), np.int64)
 
     def pixels(self, pictures: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         """Decoded pictures -> (pixel_values [P, D] float32, image_grid_thw [N, 3] int64)."""

@@ -33,8 +33,9 @@ from .config import LanguageConfig, torch_dtype, usable_cores
 from .detokenizer import IncrementalDetokenizer
 from .errors import InvalidRequest, RequestError, Unavailable
 from .models import load_family
+from .models.layers import head_dim
 from .protocol import SamplingParams
-from .runner import ModelRunner
+from .runner import ModelRunner, PromptInputs
 from .sampling import make_generator, sample
 from .stop_strings import StopStrings
 
@@ -178,9 +179,8 @@ class LanguageEngine:
                            self._decode_tokens)
 
     def _slot_len_for_budget(self, tp_size: int, dtype: torch.dtype) -> int:
-        text = self.family.config.text_config
-        head_dim = text.hidden_size // text.num_attention_heads
-        per_token = 2 * text.num_hidden_layers * (text.num_key_value_heads // tp_size) * head_dim
+        text = self.family.text_config
+        per_token = 2 * text.num_hidden_layers * (text.num_key_value_heads // tp_size) * head_dim(text)
         per_token *= torch.finfo(dtype).bits // 8
         return max(1, self.config.kv_cache_mb * 2**20 // (per_token * self.slots))
 
@@ -275,7 +275,7 @@ class LanguageEngine:
     def _admit(self, waiting: deque, running: list[_Sequence]) -> None:
         """Prefill waiting requests together while slots are free and `max_prefill_tokens` allows (the
         first always goes); each emits its first token."""
-        batch: list[tuple[LanguageRequest, Callback, tuple]] = []
+        batch: list[tuple[LanguageRequest, Callback, PromptInputs]] = []
         tokens = 0
         while waiting and len(batch) < len(self._free):
             request, callback = waiting[0]
@@ -302,14 +302,14 @@ class LanguageEngine:
         if batch:
             self._prefill(batch, running)
 
-    def _prefill(self, batch: list[tuple[LanguageRequest, Callback, tuple]], running: list[_Sequence]) -> None:
+    def _prefill(self, batch: list[tuple[LanguageRequest, Callback, PromptInputs]], running: list[_Sequence]) -> None:
         """The batch's sequences join `running` (owning their slots) before anything can fail, so every
         one of them ends in `_fail` or a finish, and its slot goes back."""
         seqs = []
-        for request, callback, (_, _, delta) in batch:
+        for request, callback, prompt in batch:
             with self._lock:
                 slot = self._free.pop()
-            seq = _Sequence(request, callback, slot, len(request.input_ids), delta,
+            seq = _Sequence(request, callback, slot, len(request.input_ids), prompt.delta,
                             make_generator(request.sampling), IncrementalDetokenizer(self.tokenizer),
                             StopStrings(request.sampling.stop))
             running.append(seq)
@@ -318,9 +318,7 @@ class LanguageEngine:
         self._prefill_tokens += sum(seq.prompt_len for seq in seqs)
 
         def forward(group: list[_Sequence]) -> torch.Tensor:
-            return self.runner.prefill(torch.cat([inputs[s.slot][0] for s in group], dim=1),
-                                       torch.cat([inputs[s.slot][1] for s in group], dim=2),
-                                       [s.slot for s in group], [s.prompt_len for s in group])
+            return self.runner.prefill([inputs[s.slot] for s in group], [s.slot for s in group])
 
         for seq, row in self._isolated(forward, seqs, "prefill"):
             self._guarded(seq, self._sample_and_emit, row, None)
@@ -364,19 +362,21 @@ class LanguageEngine:
             self._free.append(seq.slot)
             self._aborted.discard(seq.request.request_id)
 
-    def prompt_inputs(self, req: LanguageRequest) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Token embeddings with the image embeddings spliced over the image tokens [1, S, H], M-RoPE
-        positions [3, 1, S], and the position delta for decoding."""
+    def prompt_inputs(self, req: LanguageRequest) -> PromptInputs:
+        """Token embeddings with the image embeddings spliced over the image tokens, the image tokens'
+        extra features, rotary positions and the position delta for decoding."""
         ids = torch.as_tensor(req.input_ids, dtype=torch.long)[None]  # [1, S]
         embeds = self.runner.embed(ids)  # [1, S, H]
         mask = (ids == self.family.image_token_id).to(embeds.device)
-        image_embeds = req.image_embeds.to(device=embeds.device, dtype=embeds.dtype)
-        if int(mask.sum()) != image_embeds.shape[0]:
-            raise InvalidRequest(
-                f"the prompt has {int(mask.sum())} image tokens but {image_embeds.shape[0]} image embeddings came")
+        rows = req.image_embeds.to(device=embeds.device, dtype=embeds.dtype)
+        if int(mask.sum()) != rows.shape[0] or rows.shape[1] != self.family.embedding_width:
+            raise InvalidRequest(f"the prompt has {int(mask.sum())} image tokens of width "
+                                 f"{self.family.embedding_width}, but image embeddings {list(rows.shape)} came")
+        image_embeds, extras = self.family.split_features(rows)
         embeds = embeds.masked_scatter(mask[..., None], image_embeds)
         positions, delta = self.family.positions(req.input_ids, req.image_grid_thw)
-        return embeds, torch.as_tensor(positions)[:, None, :], delta
+        at = mask[0].nonzero()[:, 0] if extras is not None else None
+        return PromptInputs(embeds, torch.as_tensor(positions)[:, None, :], delta, at, extras)
 
     def _decode(self, running: list[_Sequence]) -> None:
         """One token for every running sequence, in one batched step."""

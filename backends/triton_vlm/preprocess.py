@@ -51,8 +51,7 @@ class Preprocessor:
         self.config = config
         self.family = load_family(config.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-        self.images = ImageProcessing(config.model_path)
-        self.image_pad = self.tokenizer.convert_ids_to_tokens(self.family.image_token_id)
+        self.images = ImageProcessing(config.model_path, self.family)
         self.max_model_len = config.max_model_len or self.family.max_model_len
         self.default_sampling = default_sampling(config.model_path)
         self.fingerprint = model_fingerprint(config.model_path)
@@ -94,11 +93,12 @@ class Preprocessor:
         raw = isinstance(conversation, str)
         prompt = conversation if raw else self.tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=True)
-        pieces = prompt.split(self.image_pad)
+        pieces = prompt.split(self.family.image_placeholder)
         if len(pieces) - 1 != len(grid_thw):
             raise InvalidRequest("the image placeholders in the prompt do not match the images sent")
         counts = self.family.tokens_per_image(grid_thw)
-        prompt = pieces[0] + "".join(self.image_pad * int(n) + p for n, p in zip(counts, pieces[1:], strict=True))
+        prompt = pieces[0] + "".join(self.family.expand_placeholder(int(n)) + p
+                                     for n, p in zip(counts, pieces[1:], strict=True))
         input_ids = np.asarray(self.tokenizer(prompt, add_special_tokens=raw).input_ids, np.int64)
         if len(input_ids) >= self.max_model_len:
             raise InvalidRequest(

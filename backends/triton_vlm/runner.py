@@ -2,14 +2,31 @@
 
 On rank 0 (the engine) each call is first broadcast to the other ranks, which run the same call on
 their shards (`serve_forever`); the all-reduces inside the layers keep them in step. Small step
-arguments travel as Python objects, prompt embeddings as one tensor broadcast.
+arguments travel as Python objects, prompt embeddings (and image extras) as tensor broadcasts.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .tp import TensorParallel
+
+
+@dataclass
+class PromptInputs:
+    """One prompt, ready to prefill."""
+
+    embeds: torch.Tensor  # [1, S, H], image embeddings spliced in
+    positions: torch.Tensor  # [3, 1, S]
+    delta: int  # a generated token at index i >= S has position i + delta
+    extra_at: torch.Tensor | None = None  # [n] the image tokens' indices, when the family has extras
+    extras: torch.Tensor | None = None  # [k, n, H] (Qwen3-VL's deepstack features)
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[1]
 
 
 class ModelRunner:
@@ -18,20 +35,34 @@ class ModelRunner:
         self.model = family.load_decoder(device, dtype, tp)
         self.cache = self.model.new_cache(slots, slot_len)
         self.hidden_size = self.model.config.hidden_size
+        self.extra_features = family.extra_features
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed(ids.to(self.device))
 
-    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, slots: list[int],
-                lengths: list[int]) -> torch.Tensor:
-        """Prompts one after another: embeds [1, T, H], positions [3, 1, T] -> logits [len(slots), V]."""
+    def prefill(self, prompts: list[PromptInputs], slots: list[int]) -> torch.Tensor:
+        """Prompts one after another in one forward -> logits [len(slots), V]; prompt i fills slots[i]."""
+        lengths = [p.length for p in prompts]
+        embeds = torch.cat([p.embeds for p in prompts], dim=1)
+        positions = torch.cat([p.positions for p in prompts], dim=2)
+        at, extras = None, None
+        if self.extra_features:  # every prompt's image tokens, as indices into the joined prompts
+            starts = [sum(lengths[:i]) for i in range(len(prompts))]
+            at = torch.cat([p.extra_at.to(self.device) + s for p, s in zip(prompts, starts, strict=True)])
+            extras = torch.cat([p.extras for p in prompts], dim=1).to(self.dtype)
         if self.tp.size > 1:
-            self.tp.broadcast(("prefill", slots, lengths, positions.tolist()))
+            self.tp.broadcast(("prefill", slots, lengths, positions.tolist(), None if at is None else at.tolist()))
             self.tp.broadcast_tensor(embeds, None, None, None)
-        return self.model.prefill(embeds, positions.to(self.device), self.cache, slots, lengths)
+            if extras is not None:
+                self.tp.broadcast_tensor(extras, None, None, None)
+        return self._prefill(embeds, positions, slots, lengths, at, extras)
+
+    def _prefill(self, embeds, positions, slots, lengths, at, extras) -> torch.Tensor:
+        deepstack = None if at is None or not len(at) else (at, extras)
+        return self.model.prefill(embeds, positions.to(self.device), self.cache, slots, lengths, deepstack)
 
     def decode(self, ids: list[int], positions: list[int], slots: list[int], lengths: list[int]) -> torch.Tensor:
-        """One token for each of b sequences -> logits [b, V]. positions: the M-RoPE text position (t=h=w)."""
+        """One token for each of b sequences -> logits [b, V]. positions: the text position (t=h=w)."""
         self.tp.broadcast(("decode", ids, positions, slots, lengths))
         return self._decode(ids, positions, slots, lengths)
 
@@ -51,8 +82,13 @@ class ModelRunner:
             if command[0] == "stop":
                 return
             if command[0] == "prefill":
-                _, slots, lengths, positions = command
+                _, slots, lengths, positions, at = command
                 embeds = self.tp.broadcast_tensor(None, (1, sum(lengths), self.hidden_size), self.dtype, self.device)
-                self.model.prefill(embeds, torch.tensor(positions, device=self.device), self.cache, slots, lengths)
+                extras = None
+                if at is not None:
+                    at = torch.tensor(at, dtype=torch.long, device=self.device)
+                    extras = self.tp.broadcast_tensor(None, (self.extra_features, len(at), self.hidden_size),
+                                                      self.dtype, self.device)
+                self._prefill(embeds, torch.tensor(positions, device=self.device), slots, lengths, at, extras)
             else:
                 self._decode(*command[1:])

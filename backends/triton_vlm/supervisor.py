@@ -11,8 +11,8 @@ abstract socket name; the kernel frees it when that stub dies, and the next one 
 the server's stub processes: a stub that became a zombie (killed, not unloaded: Triton reaps the stubs
 it stops) gets its model reloaded, once, and its shared-memory region unlinked (Triton never unloads
 the broken instance, so nothing else would). Every supervisor also watches its own parent, on a thread
-of its own (a reload in flight when the server dies never returns): a stub whose server died unlinks its
-region and exits, instead of running on as an orphan.
+of its own (a reload in flight when the server dies never returns): a stub whose server died unlinks the
+server's regions and exits, instead of running on as an orphan.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SHM = Path("/dev/shm")
 UUID_CHARS = 36
 LEARN_EVERY = 5  # rounds between the scans of a stub that does not lead
+PARENT_POLL_S = 0.1  # how often a stub asks whether its server still runs (one getppid)
 
 
 def _stat(pid: int) -> tuple[str, int] | None:
@@ -105,7 +106,7 @@ class StubSupervisor:
                 log.exception("stub supervisor check failed")
 
     def _watch_parent(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.wait(PARENT_POLL_S):
             if os.getppid() != self.server_pid:
                 self._orphaned()
 
@@ -172,7 +173,9 @@ class StubSupervisor:
         return dead
 
     def _orphaned(self) -> None:
-        """The server is gone: free this stub's shared memory and exit now."""
-        for path in [*([SHM / self.region] if self.region else []), *own_regions(self.prefix, os.getpid())]:
+        """The server is gone: free its shared memory and exit now. Every region under the server's prefix
+        is garbage now, its siblings' too: a stub whose python backend noticed first exits without us."""
+        regions = SHM.glob(f"{self.prefix}*") if self.region else own_regions(self.prefix, os.getpid())
+        for path in regions:
             path.unlink(missing_ok=True)
         os._exit(1)

@@ -1,9 +1,10 @@
-"""Write a small random-weight Qwen2.5-VL checkpoint that loads with `from_pretrained`.
+"""Write a small random-weight checkpoint of a family that loads with `from_pretrained`.
 
 No model hub is reachable from our machines, so tests and benchmarks build their
-model here: a byte-level BPE tokenizer trained on a fixed corpus (with Qwen's
-special tokens and chat template), `Qwen2_5_VLConfig`, random weights from the
-seed, a `Qwen2VLImageProcessor` config and a generation config.
+model here: a byte-level BPE tokenizer trained on a fixed corpus (with the family's
+special tokens and chat template), then the family's `write_tiny`: its real config
+class and parameter names, random weights from the seed, a slow image processor
+config and a generation config.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import itertools
 import json
 from pathlib import Path
 
-# Qwen2-VL's chat template (images/videos as parts of a content list).
-CHAT_TEMPLATE = (
+# Qwen2-VL's chat template (images/videos as parts of a content list), Qwen2.5-VL's too.
+QWEN2_VL_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
@@ -87,7 +88,7 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def _build_tokenizer(vocab: int, seed: int):
+def _build_tokenizer(vocab: int, seed: int, chat_template: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -109,61 +110,33 @@ def _build_tokenizer(vocab: int, seed: int):
         model_max_length=32768,
         model_input_names=["input_ids", "attention_mask"],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     return fast
 
 
-def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0) -> Path:
-    """Write the checkpoint to `out` and return its path. Same seed -> same files."""
-    import torch
-    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0, family: str = "qwen2_5_vl") -> Path:
+    """Write a checkpoint of `family` (a model_type) to `out` and return its path. Same seed -> same files."""
+    from .models import family_class
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
-    shape = SIZES[size]
+    builder = family_class(family)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-
-    tokenizer = _build_tokenizer(shape["vocab"], seed)
+    tokenizer = _build_tokenizer(SIZES[size]["vocab"], seed, builder.chat_template)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text = dict(shape["text"])
-    mrope_section = text.pop("mrope_section")
-    vocab_size = (len(tokenizer) + 63) // 64 * 64
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab_size,
-            rope_theta=1000000.0,
-            rope_scaling={"type": "mrope", "mrope_section": mrope_section},
-            tie_word_embeddings=False,
-            **text,
-        ),
-        vision_config=dict(out_hidden_size=text["hidden_size"], window_size=112, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2, **shape["vision"]),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
-        pad_token_id=ids["<|endoftext|>"],
-        do_sample=False,
-    )
-    model.save_pretrained(out, safe_serialization=True)
+    builder.write_tiny(out, size, seed, ids, vocab_size=(len(tokenizer) + 63) // 64 * 64)
     tokenizer.save_pretrained(out)
-    # A 1280x720 image becomes ~1200 tokens; cap pixels so one image stays cheap on a CPU.
-    Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=1280 * 28 * 28).save_pretrained(out)
-    (out / "triton_vlm.json").write_text(json.dumps({"generator": "triton-vlm make-tiny-model",
+    (out / "triton_vlm.json").write_text(json.dumps({"generator": "triton-vlm make-tiny-model", "family": family,
                                                      "size": size, "seed": seed}) + "\n")
     return out
+
+
+def generation_config(ids: dict[str, int]):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
+                            do_sample=False)
 
 
 def ensure_model(model: str | Path | None) -> Path:

@@ -28,7 +28,8 @@ from . import stages
 from .client import stream
 from .images import synthetic_image
 
-SMALL_MODEL = Path.home() / ".cache" / "triton-vlm" / "models" / "small-qwen2_5_vl"
+MODELS = Path.home() / ".cache" / "triton-vlm" / "models"
+SMALL_MODEL = MODELS / "small-qwen2_5_vl"
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,9 @@ def table(rows: list[dict], configs: list[Config], metric: str, ratios: list[tup
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=SMALL_MODEL,
-                        help="model folder (default: the `small` random model, built if missing)")
+    parser.add_argument("--model", type=Path,
+                        help="model folder (default: the `small` random model of --family, built if missing)")
+    parser.add_argument("--family", default="qwen2_5_vl", help="of the default model (default: %(default)s)")
     parser.add_argument("--configs", default="dp1t1,dp2t1,dp1t2",
                         type=lambda s: [Config.parse(c) for c in s.split(",")])
     parser.add_argument("--images", default="1,4,8", type=lambda s: [int(n) for n in s.split(",")])
@@ -109,11 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 
-    if not (args.model / "config.json").exists():
-        from triton_vlm.tiny_model import make_tiny_model
+    if args.model is None:
+        args.model = MODELS / f"small-{args.family}"
+        if not (args.model / "config.json").exists():
+            from triton_vlm.tiny_model import make_tiny_model
 
-        print(f"building the small model in {args.model}", file=sys.stderr)
-        make_tiny_model(args.model, size="small")
+            print(f"building the small model in {args.model}", file=sys.stderr)
+            make_tiny_model(args.model, size="small", family=args.family)
     start = time.perf_counter()
     rows = run(args.model, args.configs, args.images, args.resolutions, args.repeats)
     names = {c.name for c in args.configs}

@@ -1,18 +1,21 @@
 """The naive baseline: plain transformers `generate`, in-process, one request at a time.
 
-Uses only transformers (the tokenizer, the image processor and Qwen2.5-VL's own placeholder
-expansion), none of triton-vlm's serving code, so it is also the yardstick of the parity tests.
+Uses only transformers (the tokenizer, the slow image processor and the Qwen-VL processors' own
+placeholder expansion), none of triton-vlm's serving code, so it is also the yardstick of the parity tests.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+import transformers
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 
@@ -38,11 +41,26 @@ class _Clock(BaseStreamer):
         pass
 
 
+MODELS = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+          "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+
+
+def slow_processor_kwargs(path) -> dict:
+    """Qwen3-VL's processor configs give the pixel budget only as `size`; the fast processor (which needs
+    torchvision) honours it and the slow one in transformers 4.57 drops it, so tell the slow one."""
+    config = json.loads((Path(path) / "preprocessor_config.json").read_text())
+    size = config.get("size") or {}
+    if "min_pixels" in config or not {"shortest_edge", "longest_edge"} <= size.keys():
+        return {}
+    return {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+
+
 class HFModel:
     def __init__(self, path, dtype=torch.float32) -> None:
-        self.model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
+        model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+        self.model = getattr(transformers, MODELS[model_type]).from_pretrained(path, dtype=dtype).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.processor = AutoImageProcessor.from_pretrained(path, use_fast=False)
+        self.processor = AutoImageProcessor.from_pretrained(path, use_fast=False, **slow_processor_kwargs(path))
 
     def inputs(self, prompt: str, images: list[bytes]) -> dict:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
@@ -53,7 +71,7 @@ class HFModel:
             pics = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
             vision = self.processor(images=pics, return_tensors="pt")
             merge = self.model.config.vision_config.spatial_merge_size
-            # Qwen2.5-VL's processor: each <|image_pad|> becomes one token per merged patch
+            # the Qwen-VL processors: each <|image_pad|> becomes one token per merged patch
             for grid in vision["image_grid_thw"]:
                 n = int(grid.prod()) // merge**2
                 text = text.replace("<|image_pad|>", "<|placeholder|>" * n, 1)

@@ -134,8 +134,7 @@ def test_two_ranks_give_the_same_logits_and_ids_as_one(parts, engine, tp2):
         assert lm.running == 0
     logits = []
     for lm in (engine, tp2):
-        embeds, positions, _ = lm.prompt_inputs(req)
-        logits.append(lm.runner.prefill(embeds, positions, [0], [embeds.shape[1]])[0])
+        logits.append(lm.runner.prefill([lm.prompt_inputs(req)], [0])[0])
     np.testing.assert_allclose(logits[1].numpy(), logits[0].numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -145,13 +144,11 @@ def test_prompts_prefilled_together_equal_each_alone(parts, engine):
     requests = [make_request(parts, i, p, n_images=i % 2) for i, p in enumerate(PROMPTS[:3])]
     assert engine.running == 0
     runner, inputs = engine.runner, [engine.prompt_inputs(r) for r in requests]
-    lengths = [embeds.shape[1] for embeds, _, _ in inputs]
+    lengths = [prompt.length for prompt in inputs]
     alone = []
-    for slot, (embeds, positions, _) in enumerate(inputs):
-        alone.append((runner.prefill(embeds, positions, [slot], [lengths[slot]])[0],
-                      runner.cache.k[:, slot, :, :lengths[slot]].clone()))
-    together = runner.prefill(torch.cat([e for e, _, _ in inputs], 1), torch.cat([p for _, p, _ in inputs], 2),
-                              [5, 6, 7], lengths)
+    for slot, prompt in enumerate(inputs):
+        alone.append((runner.prefill([prompt], [slot])[0], runner.cache.k[:, slot, :, :lengths[slot]].clone()))
+    together = runner.prefill(inputs, [5, 6, 7])
     for i, (logits, keys) in enumerate(alone):
         torch.testing.assert_close(together[i], logits, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(runner.cache.k[:, 5 + i, :, :lengths[i]], keys, rtol=1e-4, atol=1e-5)
@@ -162,11 +159,11 @@ def test_decoding_scattered_slots_equals_slots_in_a_row(parts, engine):
     requests = [make_request(parts, i, p) for i, p in enumerate(PROMPTS[:2])]
     assert engine.running == 0
     runner, inputs = engine.runner, [engine.prompt_inputs(r) for r in requests]
-    lengths = [embeds.shape[1] for embeds, _, _ in inputs]
-    positions = [n + delta for n, (_, _, delta) in zip(lengths, inputs, strict=True)]
+    lengths = [prompt.length for prompt in inputs]
+    positions = [prompt.length + prompt.delta for prompt in inputs]
     logits = []
     for slots in ([3, 4], [6, 1]):
-        runner.prefill(torch.cat([e for e, _, _ in inputs], 1), torch.cat([p for _, p, _ in inputs], 2), slots, lengths)
+        runner.prefill(inputs, slots)
         logits.append(runner.decode([5, 7], positions, slots, lengths))
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-6)
 
@@ -215,10 +212,10 @@ def test_a_failing_prefill_fails_that_request_only(parts, engine, monkeypatch):
     bad = make_request(parts, 7, "a prompt the model cannot take, for this test " * 3, max_tokens=8)
     real = engine.runner.prefill
 
-    def prefill(embeds, positions, slots, lengths):
-        if len(bad.input_ids) in lengths:
+    def prefill(prompts, slots):
+        if len(bad.input_ids) in [prompt.length for prompt in prompts]:
             raise RuntimeError("prefill broke on this prompt")
-        return real(embeds, positions, slots, lengths)
+        return real(prompts, slots)
 
     monkeypatch.setattr(engine.runner, "prefill", prefill)
     results = run_concurrently(engine, [good[0], bad, *good[1:]])

@@ -1,17 +1,30 @@
-"""Registry of model families: one small adapter per family, chosen by `model_type`."""
+"""Registry of model families, chosen by config.json's `model_type`; a family's module is imported only
+when a checkpoint of it is loaded."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .qwen2_5_vl import Qwen2_5_VL
+if TYPE_CHECKING:
+    from .family import Family
 
-FAMILIES = {cls.model_type: cls for cls in (Qwen2_5_VL,)}
+FAMILIES = {  # model_type -> "module:class" in this package
+    "qwen2_5_vl": "qwen2_5_vl:Qwen2_5_VL",
+    "qwen3_vl": "qwen3_vl:Qwen3VL",
+    "qwen3_vl_moe": "qwen3_vl:Qwen3VLMoe",
+}
 
 
-def load_family(model_path: str | Path):
-    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+def family_class(model_type: str | None) -> type[Family]:
     if model_type not in FAMILIES:
-        raise ValueError(f"model type {model_type!r} is not supported; supported: {sorted(FAMILIES)}")
-    return FAMILIES[model_type](model_path)
+        raise ValueError(f"model type {model_type!r} is not supported; supported families: {', '.join(FAMILIES)}")
+    module, name = FAMILIES[model_type].split(":")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def load_family(model_path: str | Path) -> Family:
+    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+    return family_class(model_type)(model_path)

@@ -48,8 +48,7 @@ class TritonPythonModel:
             fallback = local if config.encoder_fallback == "local" else None
             remote = RemoteEncoders(config.remote_encoders, fallback=fallback, timeout_s=config.encoder_timeout_s,
                                     local_below=config.local_encode_below, transport=config.encoder_transport,
-                                    embedding_bytes=lambda images: 4 * family.hidden_size * int(
-                                        family.tokens_per_image(images.grid_thw).sum()))
+                                    embedding_bytes=lambda images: family.embedding_bytes(images.grid_thw))
             self.remote = remote
             elsewhere = "the other encoders or the local encoder" if fallback else "the others"
             for url, ready in remote.probe().items():
@@ -62,7 +61,7 @@ class TritonPythonModel:
             run, split = remote, remote.split
         else:
             run, split, self.remote = local, even(config.data_parallel), None
-        self.stage = ShardedEncode(run, split, family.tokens_per_image, family.hidden_size,
+        self.stage = ShardedEncode(run, split, family.tokens_per_image, family.embedding_width,
                                    cache=metrics.embedding_cache(config.embedding_cache_mb,
                                                                  config.embedding_cache_redis),
                                    on_split=metrics.EncodeMetrics("encode").encoded)

@@ -25,7 +25,7 @@ class TritonPythonModel:
         family = load_family(encode.model_path)
         self.processing = ImageProcessing(encode.model_path)
         self.stage = ShardedEncode(self._run_shard, even(encode.data_parallel), family.tokens_per_image,
-                                   family.hidden_size,
+                                   family.embedding_width,
                                    cache=metrics.embedding_cache(encode.embedding_cache_mb,
                                                                  encode.embedding_cache_redis, tier="encoder"),
                                    on_split=metrics.EncodeMetrics("image_encoder").encoded)

@@ -1,0 +1,194 @@
+"""The shared layers our decoders are built from (tensor-parallel, over a slot KV cache).
+
+- `Rotary`: 1D RoPE, M-RoPE (Qwen2-VL sections) or interleaved M-RoPE (Qwen3-VL), transformers' own
+  frequency code; `positions` are always [3, b, s] (1D RoPE reads the first row).
+- `Attention`: column-parallel q/k/v (by heads) with optional bias and optional q/k RMSNorm, an explicit
+  `head_dim`, row-parallel o_proj and one all-reduce; prefill into slots and batched decode over them.
+- `MLP` (dense, gate/up column- and down row-parallel) and `MoE` (top-k routed experts, each expert's
+  intermediate dimension split over the ranks, so every rank holds a slice of every expert).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm as RMSNorm
+
+from ..tp import TensorParallel
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What differs between the decoders of our families (the config gives the sizes)."""
+
+    rotary: str = "mrope"  # "1d" | "mrope" | "mrope_interleaved"
+    qkv_bias: bool = True
+    qk_norm: bool = False
+    moe: bool = False  # sparse MoE blocks where the config puts them (else dense MLPs)
+    deepstack: int = 0  # extra feature blocks added to the image positions after the first layers
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class KVCache:
+    """Per layer, keys and values of `slots` sequences of up to `slot_len` tokens (this rank's heads)."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, slot_len: int, head_dim: int, dtype, device) -> None:
+        shape = (layers, slots, kv_heads, slot_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.slots, self.slot_len = slots, slot_len
+
+
+class Rotary(nn.Module):
+    def __init__(self, config, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        if kind == "mrope_interleaved":
+            from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding as Embedding
+        elif kind == "mrope":
+            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding as Embedding
+        elif kind == "1d":
+            from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding as Embedding
+        else:
+            raise ValueError(f"unknown rotary embedding {kind!r}")
+        self.embedding = Embedding(config)
+        self.mrope_section = (config.rope_scaling or {}).get("mrope_section")
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [3, b, s] -> (cos, sin) for `apply`."""
+        return self.embedding(x, positions[0] if self.kind == "1d" else positions)
+
+    def apply(self, q, k, cos, sin):
+        if self.kind == "mrope":
+            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_multimodal_rotary_pos_emb
+
+            return apply_multimodal_rotary_pos_emb(q, k, cos, sin, self.mrope_section)
+        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+        return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, spec: DecoderSpec, tp: TensorParallel, layer: int, rotary: Rotary) -> None:
+        super().__init__()
+        self.head_dim = head_dim(config)
+        self.heads = config.num_attention_heads // tp.size
+        self.kv_heads = config.num_key_value_heads // tp.size
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.qk_norm, self.rotary = spec.qk_norm, [rotary]  # a list: the rotary is the body's, not a child
+        self.tp, self.layer = tp, layer
+
+    def _qkv(self, x, cos, sin):
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.rotary[0].apply(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        return q, k, v  # [b, heads, s, d]
+
+    def _out(self, o):
+        b, _, s, _ = o.shape
+        return self.tp.all_reduce(self.o_proj(o.transpose(1, 2).reshape(b, s, -1)))
+
+    def prefill(self, x, cos, sin, cache: KVCache, slots: list[int], lengths: list[int]):
+        """x: [1, T, hidden], the prompts of len(slots) sequences one after another (T = sum(lengths)).
+        The projections run on all T tokens at once; each prompt attends only to itself."""
+        q, k, v = self._qkv(x, cos, sin)
+        outputs, start = [], 0
+        for slot, n in zip(slots, lengths, strict=True):
+            end = start + n
+            cache.k[self.layer, slot, :, :n] = k[0, :, start:end]
+            cache.v[self.layer, slot, :, :n] = v[0, :, start:end]
+            outputs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
+                                                          is_causal=True, enable_gqa=True))
+            start = end
+        return self._out(torch.cat(outputs, dim=2))
+
+    def decode(self, x, cos, sin, cache: KVCache, slots: torch.Tensor, rows, lengths: torch.Tensor):
+        """x: [b, 1, hidden]; slots, lengths: [b] (tokens already in each slot = this token's index);
+        rows: the slots as a slice when they are in a row (a view of the cache, no gather)."""
+        q, k, v = self._qkv(x, cos, sin)
+        cache.k[self.layer, slots, :, lengths] = k[:, :, 0]
+        cache.v[self.layer, slots, :, lengths] = v[:, :, 0]
+        span = int(lengths.max()) + 1
+        keys, values = cache.k[self.layer, rows, :, :span], cache.v[self.layer, rows, :, :span]
+        mask = (torch.arange(span, device=x.device)[None, :] <= lengths[:, None])[:, None, None, :]
+        return self._out(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True))
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TensorParallel) -> None:
+        super().__init__()
+        inter = intermediate_size // tp.size
+        self.gate_proj = nn.Linear(hidden_size, inter, bias=False)
+        self.up_proj = nn.Linear(hidden_size, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden_size, bias=False)
+        self.tp = tp
+
+    def forward(self, x):
+        return self.tp.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class Experts(nn.Module):
+    """Fused expert weights, HF's layout: gate_up_proj [E, H, 2*I] (gate then up), down_proj [E, I, H];
+    this rank holds I/tp of each."""
+
+    def __init__(self, config, tp: TensorParallel) -> None:
+        super().__init__()
+        inter = config.moe_intermediate_size // tp.size
+        self.gate_up_proj = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, 2 * inter))
+        self.down_proj = nn.Parameter(torch.empty(config.num_experts, inter, config.hidden_size))
+
+
+class MoE(nn.Module):
+    """Top-k routing (softmax, the k best renormalized: Qwen3's rule); only the experts some token chose run."""
+
+    def __init__(self, config, tp: TensorParallel) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Experts(config, tp)
+        self.tp = tp
+
+    def forward(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        weights = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        weights, chosen = torch.topk(weights, self.top_k, dim=-1)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for expert in chosen.unique().tolist():
+            token, slot = torch.where(chosen == expert)
+            gate, up = (x[token] @ self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = (F.silu(gate) * up) @ self.experts.down_proj[expert]
+            out.index_add_(0, token, y * weights[token, slot, None])
+        return self.tp.all_reduce(out).reshape(shape)
+
+
+class Layer(nn.Module):
+    def __init__(self, config, spec: DecoderSpec, tp: TensorParallel, layer: int, rotary: Rotary) -> None:
+        super().__init__()
+        self.self_attn = Attention(config, spec, tp, layer, rotary)
+        sparse = spec.moe and layer not in (getattr(config, "mlp_only_layers", None) or []) and \
+            config.num_experts > 0 and (layer + 1) % config.decoder_sparse_step == 0
+        self.mlp = MoE(config, tp) if sparse else MLP(config.hidden_size, config.intermediate_size, tp)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, attend):
+        x = x + attend(self.self_attn, self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,154 @@
+"""Qwen3-VL and Qwen3-VL-MoE: Qwen2.5-VL's layout (t/h/w grids; patch 16, merge 2), transformers' own
+vision tower (learned position embeddings interpolated per image, and the deepstack mergers), and our
+decoder with Qwen3 attention (q/k RMSNorm, no qkv bias, explicit head_dim), interleaved M-RoPE and the
+deepstack features added at the image positions after the first layers; MoE blocks for `qwen3_vl_moe`.
+
+The deepstack features ride with the embeddings as `extra_features` column blocks.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .layers import DecoderSpec
+from .qwen2_5_vl import Qwen2_5_VL
+
+# Qwen3-VL-Instruct's chat format (no default system message), for the parts our requests use.
+QWEN3_VL_TEMPLATE = (
+    "{%- for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{%- if message['content'] is string %}{{ message['content'] }}"
+    "{%- else %}{%- for content in message['content'] %}"
+    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{ content['text'] }}{%- endif %}{%- endfor %}{%- endif %}<|im_end|>\n"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+# (vision, text) shapes of the tiny checkpoints; deepstack after 3 vision blocks, as the real ones have.
+SHAPES = {
+    "tiny": (dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[1, 2, 3]),
+             dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, mrope_section=[6, 5, 5], max_position_embeddings=4096)),
+    "small": (dict(depth=6, hidden_size=256, intermediate_size=1024, num_heads=4, num_position_embeddings=256,
+                   deepstack_visual_indexes=[1, 3, 5]),
+              dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=2, head_dim=64, mrope_section=[12, 10, 10], max_position_embeddings=32768)),
+    "medium": (dict(depth=6, hidden_size=256, intermediate_size=1024, num_heads=4, num_position_embeddings=256,
+                    deepstack_visual_indexes=[1, 3, 5]),
+               dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                    num_key_value_heads=4, head_dim=128, mrope_section=[24, 20, 20], max_position_embeddings=32768)),
+}
+INIT_RANGE = 0.1  # wider random weights than HF's 0.02 (see `write_tiny`)
+MOE = dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+
+
+class Qwen3VL(Qwen2_5_VL):
+    model_type = "qwen3_vl"
+    chat_template = QWEN3_VL_TEMPLATE
+    decoder_spec = DecoderSpec(rotary="mrope_interleaved", qkv_bias=False, qk_norm=True)
+
+    def __init__(self, model_path) -> None:
+        super().__init__(model_path)
+        text = self.config.text_config
+        if getattr(text, "attention_bias", False):
+            raise ValueError(f"{self.model_type} with attention_bias is not supported")
+        self.extra_features = len(self.config.vision_config.deepstack_visual_indexes)
+        self.decoder_spec = DecoderSpec(**{**self.decoder_spec.__dict__, "deepstack": self.extra_features})
+
+    def image_processor_kwargs(self) -> dict:
+        """Real checkpoints give the pixel budget only as `size`, which the fast processor honours and the
+        slow one (transformers 4.57) drops for its defaults: hand it over as min/max pixels."""
+        config = json.loads((self.path / "preprocessor_config.json").read_text())
+        size = config.get("size") or {}
+        if "min_pixels" in config or "shortest_edge" not in size or "longest_edge" not in size:
+            return {}
+        return {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+
+    def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+        return self._vision(Qwen3VLVisionModel, device, dtype)
+
+    @classmethod
+    def write_tiny(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
+        """Real config fields and parameter names (`model.visual.*`, `model.language_model.*`; the dense
+        model ties its embeddings, as the 2B/4B checkpoints do), and a real-style slow processor config
+        whose pixel budget is given only as `size`."""
+        from ..tiny_model import generation_config
+
+        vision, text = (dict(part) for part in SHAPES[size])
+        mrope_section = text.pop("mrope_section")
+        moe = cls.decoder_spec.moe
+        text.update(vocab_size=vocab_size, rope_theta=5000000.0, attention_bias=False, rms_norm_eps=1e-6,
+                    initializer_range=INIT_RANGE,
+                    rope_scaling={"rope_type": "default", "mrope_section": mrope_section, "mrope_interleaved": True},
+                    tie_word_embeddings=not moe)
+        if moe:
+            text.update(MOE, moe_intermediate_size=text["intermediate_size"] // 2)
+        config = cls._config_class()(
+            text_config=text,
+            vision_config=dict(out_hidden_size=text["hidden_size"], patch_size=16, spatial_merge_size=2,
+                               temporal_patch_size=2, **vision),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=not moe, torch_dtype="float32",
+        )
+        torch.manual_seed(seed)
+        model = cls._model_class()(config).eval()
+        with torch.no_grad():  # random norm gains too: with all of them 1 the tiny model only repeats a token
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.normal_(1.0, 0.5)
+        model.generation_config = generation_config(ids)
+        model.save_pretrained(out, safe_serialization=True)
+        (out / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True,
+            "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 3,
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "patch_size": 16, "temporal_patch_size": 2,
+            "merge_size": 2, "size": {"shortest_edge": 64 * 32 * 32 // 16, "longest_edge": 1024 * 32 * 32},
+        }, indent=2) + "\n")
+
+    @staticmethod
+    def _config_class():
+        from transformers import Qwen3VLConfig
+
+        return Qwen3VLConfig
+
+    @staticmethod
+    def _model_class():
+        from transformers import Qwen3VLForConditionalGeneration
+
+        return Qwen3VLForConditionalGeneration
+
+    @torch.inference_mode()
+    def encode(self, vision: torch.nn.Module, pixel_values: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        """-> [sum tokens, H * (1 + deepstack layers)]: the embeddings, then each deepstack feature."""
+        embeds, deepstack = vision(pixel_values.to(vision.dtype), grid_thw=layout)
+        return torch.cat([embeds, *deepstack], dim=1)
+
+
+class Qwen3VLMoe(Qwen3VL):
+    model_type = "qwen3_vl_moe"
+    decoder_spec = DecoderSpec(rotary="mrope_interleaved", qkv_bias=False, qk_norm=True, moe=True)
+
+    def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
+
+        return self._vision(Qwen3VLMoeVisionModel, device, dtype)
+
+    @staticmethod
+    def _config_class():
+        from transformers import Qwen3VLMoeConfig
+
+        return Qwen3VLMoeConfig
+
+    @staticmethod
+    def _model_class():
+        from transformers import Qwen3VLMoeForConditionalGeneration
+
+        return Qwen3VLMoeForConditionalGeneration

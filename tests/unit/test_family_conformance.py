@@ -1,0 +1,89 @@
+"""Every registered family through the same interface checks, on its tiny checkpoint, against transformers:
+the layout from an image's size alone equals the image processor's; the expanded prompt has as many image
+tokens as the encoder gives rows; positions equal the model's own `get_rope_index`; extras have the
+embeddings' rows. And a family we do not serve fails at start, naming the ones we do."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import make_image
+from tests.reference import reference_inputs
+from triton_vlm.config import EncoderConfig, PreprocessConfig
+from triton_vlm.encoder import VisionEncoder
+from triton_vlm.image_inputs import ImageProcessing
+from triton_vlm.models import FAMILIES, load_family
+from triton_vlm.preprocess import Preprocessor
+from triton_vlm.protocol import GenerateRequest
+from triton_vlm.tiny_model import make_tiny_model
+from triton_vlm_clients.hf_baseline import HFModel
+
+SIZES = [(1, 1), (28, 28), (64, 48), (100, 3), (3, 100), (300, 200), (640, 480), (1280, 720), (200, 1500),
+         (2400, 1800)]
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family_model(request, tmp_path_factory):
+    return request.param, make_tiny_model(tmp_path_factory.mktemp(request.param) / "model", family=request.param)
+
+
+def test_layout_from_size_equals_the_image_processor(family_model):
+    _, path = family_model
+    processing = ImageProcessing(path)
+    pictures = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
+    _, decoded = processing.decode(pictures, PreprocessConfig(model_path=path).image_limits)
+    assert np.array_equal(processing.grid(SIZES), decoded)
+    # and what transformers' own processor (told the checkpoint's pixel budget) makes of the same pictures
+    reference = HFModel(path).processor
+    expected = reference(images=[Image.open(io.BytesIO(p)).convert("RGB") for p in pictures],
+                         return_tensors="np", input_data_format="channels_last")["image_grid_thw"]
+    assert np.array_equal(decoded, expected)
+
+
+def test_expanded_prompt_tokens_positions_and_extras_match_the_encoder_and_transformers(family_model):
+    name, path = family_model
+    family = load_family(path)
+    pictures = [make_image(300, 200), make_image(100, 400, seed=1), make_image(64, 64, seed=2)]
+    pre = Preprocessor(PreprocessConfig(model_path=path))(GenerateRequest(text_input="compare these", images=pictures))
+    rows = VisionEncoder(EncoderConfig(model_path=path)).encode(pre.pixel_values, pre.image_grid_thw)
+    assert int((pre.input_ids == family.image_token_id).sum()) == rows.shape[0]
+    is_image = np.concatenate([[0], (pre.input_ids == family.image_token_id).astype(int), [0]])
+    starts, ends = np.flatnonzero(np.diff(is_image) == 1), np.flatnonzero(np.diff(is_image) == -1)
+    assert list(ends - starts) == list(family.tokens_per_image(pre.image_grid_thw)), "one run per image"
+    embeds, extras = family.split_features(rows)
+    assert embeds.shape == (rows.shape[0], family.hidden_size) and rows.shape[1] == family.embedding_width
+    if family.extra_features:
+        assert extras.shape == (family.extra_features, rows.shape[0], family.hidden_size)
+    assert family.embedding_bytes(pre.image_grid_thw) == rows.numel() * 4
+
+    model = HFModel(path).model
+    inputs = reference_inputs(path, "compare these", pictures)
+    assert np.array_equal(pre.input_ids, inputs["input_ids"][0].numpy()), "the same prompt as transformers builds"
+    expected, delta = model.model.get_rope_index(inputs["input_ids"], inputs["image_grid_thw"])
+    positions, our_delta = family.positions(pre.input_ids, pre.image_grid_thw)
+    assert np.array_equal(positions, expected[:, 0].numpy()) and our_delta == int(delta[0, 0])
+
+
+def test_qwen3_vl_ships_its_three_deepstack_blocks_with_the_embeddings(tmp_path):
+    """Memory sizing counts the extras: 3 deepstack layers are 4x the embeddings' bytes, in the E/PD
+    shared-memory estimate and in the CUDA memory pool a GPU deployment asks for."""
+    from triton_vlm.deployment import CUDA_MEMORY_POOL_MB, Deployment
+
+    path = make_tiny_model(tmp_path / "q3", family="qwen3_vl")
+    family = load_family(path)
+    grid = np.array([[1, 30, 40]])
+    assert family.extra_features == 3
+    assert family.embedding_bytes(grid) == 4 * (4 * family.hidden_size * int(family.tokens_per_image(grid)[0]))
+    pool = next(a for a in Deployment(path, gpus=(0,)).server_args() if a.startswith("--cuda-memory-pool"))
+    assert pool.endswith(f":{4 * CUDA_MEMORY_POOL_MB * 2**20}")
+
+
+def test_an_unsupported_family_fails_clearly_naming_the_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    with pytest.raises(ValueError, match="'llava' is not supported; supported families: qwen2_5_vl, qwen3_vl"):
+        load_family(tmp_path)
