@@ -18,7 +18,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A random-weight Qwen2.5-VL checkpoint written by our own generator, loaded like a real one."""
-    from triton_vlm.tiny_model import make_tiny_model
+    from triton_vlm.models.tiny_model import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", size="tiny", seed=0)
 
@@ -60,7 +60,7 @@ def redis_server(port: int | None = None):
     """A real redis-server on a free loopback port, no persistence; always stopped. -> (url, port)."""
     import redis
 
-    from triton_vlm.server import free_port
+    from triton_vlm.deploy.server import free_port
 
     port = port or free_port()
     process = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",

@@ -14,7 +14,7 @@ from .models import FAMILIES
 
 
 def _make_tiny_model(args) -> int:
-    from .tiny_model import make_tiny_model
+    from .models.tiny_model import make_tiny_model
 
     print(make_tiny_model(args.out, size=args.size, seed=args.seed, family=args.family))
     return 0
@@ -29,8 +29,8 @@ def _gpus(value: str) -> tuple[int, ...]:
 
 
 def _deployment(args):
-    from .deployment import Deployment
-    from .tiny_model import ensure_model
+    from .deploy.deployment import Deployment
+    from .models.tiny_model import ensure_model
 
     try:
         return Deployment(ensure_model(args.model), encoder_dp=args.encoder_dp, encoder_threads=args.encoder_threads,
@@ -53,7 +53,7 @@ def deployment_from_args(argv: list[str]):
 def server_from_args(argv: list[str], folder: Path, **server_options):
     """A TritonServer (not started) of a deployment from `triton-vlm serve` options, its repository
     rendered into `folder` and its log written there (benchmarks, the soak)."""
-    from .server import TritonServer
+    from .deploy.server import TritonServer
 
     deployment = deployment_from_args(argv)
     repo = deployment.render(Path(folder) / "repository")
@@ -62,7 +62,7 @@ def server_from_args(argv: list[str], folder: Path, **server_options):
 
 
 def _source(args) -> Path:
-    from .repository import COMMITTED
+    from .deploy.repository import COMMITTED
 
     return Path(args.model_repository or COMMITTED)
 
@@ -75,7 +75,7 @@ def _render(args) -> int:
 
 
 def _serve(args) -> int:
-    from .server import TritonServer, stop_process
+    from .deploy.server import TritonServer, stop_process
 
     deployment = _deployment(args)
     model = deployment.model
@@ -118,27 +118,10 @@ def _openai(args) -> int:
     return 0
 
 
-def _bench(argv: list[str]) -> int:
-    from triton_vlm_clients.bench import main as bench
-
-    return bench(argv)
-
-
-def _infer(args) -> int:
-    from triton_vlm_clients.client import infer, read_image, stream
-
-    request = dict(prompt=args.prompt, images=[read_image(i) for i in args.image], max_tokens=args.max_tokens,
-                   temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    if args.stream:
-        answer = stream(args.url, on_delta=lambda text, ids: print(text, end="", flush=True), **request)
-        print()
-    else:
-        answer = infer(args.url, protocol=args.protocol, **request)
-        print(answer.text)
-    print(f"output_ids: {answer.output_ids}\nfinish_reason: {answer.finish_reason}", file=sys.stderr)
-    if answer.ttft_s is not None:
-        print(f"time to first token: {answer.ttft_s * 1000:.0f} ms", file=sys.stderr)
-    return 0
+def _client(module: str, argv: list[str]) -> int:
+    """`bench` and `infer` are client programs (`triton_vlm_clients`): run, not imported, since server code
+    must not import client code (the clients import ours)."""
+    return subprocess.call([sys.executable, "-m", f"triton_vlm_clients.{module}", *argv])
 
 
 def _deployment_args(p: argparse.ArgumentParser) -> None:
@@ -176,8 +159,8 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        return _bench(argv[1:])
+    if argv[:1] in (["bench"], ["infer"]):
+        return _client(argv[0], argv[1:])
     parser = argparse.ArgumentParser(prog="triton-vlm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -212,21 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     _deployment_args(p)
     p.set_defaults(func=_render)
 
-    # listed for --help; main() hands `bench ...` to the benchmark's own parser
+    # listed for --help; main() hands `bench ...` and `infer ...` to the client programs' own parsers
     sub.add_parser("bench", help="serving benchmark of image workloads (see `triton-vlm bench --help`)")
 
-    p = sub.add_parser("infer", help="send one request with tritonclient")
-    p.add_argument("--url", default="127.0.0.1:8001", help="gRPC address (HTTP address with --protocol http)")
-    p.add_argument("--image", action="append", default=[], help="file, http(s) URL or data: URL; repeatable")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-tokens", type=int, default=None)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stream", action="store_true", help="stream from `vlm` over gRPC")
-    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc", help="for the unary `vlm_unary` call")
-    p.set_defaults(func=_infer)
+    sub.add_parser("infer", help="send one request with tritonclient (see `triton-vlm infer --help`)")
 
     args = parser.parse_args(argv)
     return args.func(args)

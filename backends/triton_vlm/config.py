@@ -10,8 +10,8 @@ import torch
 
 from . import env
 from .errors import InvalidRequest
-from .images import ImageLimits
-from .url_fetch import FetchPolicy
+from .preprocess.images import ImageLimits
+from .preprocess.url_fetch import FetchPolicy
 
 
 def read_parameters(model_config: dict) -> dict[str, str]:

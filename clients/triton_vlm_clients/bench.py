@@ -203,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from triton_vlm.tiny_model import ensure_model
+    from triton_vlm.models.tiny_model import ensure_model
 
     args.model = ensure_model(args.model)
     requests = make_dataset(args.model, args.num_prompts, args.input_len, args.output_len, args.image_count,

@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from triton_vlm.deployment import Deployment
-from triton_vlm.server import TritonServer
+from triton_vlm.deploy.deployment import Deployment
+from triton_vlm.deploy.server import TritonServer
 
 from . import stages
 from .client import stream
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         args.model = MODELS / f"small-{args.family}"
         if not (args.model / "config.json").exists():
-            from triton_vlm.tiny_model import make_tiny_model
+            from triton_vlm.models.tiny_model import make_tiny_model
 
             print(f"building the small model in {args.model}", file=sys.stderr)
             make_tiny_model(args.model, size="small", family=args.family)

@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from triton_vlm.deployment import Deployment
-from triton_vlm.server import TritonServer
+from triton_vlm.deploy.deployment import Deployment
+from triton_vlm.deploy.server import TritonServer
 
 from .bench import compare_table, report, run_server, run_transformers
 from .bench_encoder import SMALL_MODEL
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     if not (args.model / "config.json").exists():
-        from triton_vlm.tiny_model import make_tiny_model
+        from triton_vlm.models.tiny_model import make_tiny_model
 
         make_tiny_model(args.model, size=args.size)
     requests = make_dataset(args.model, args.num_prompts, args.input_len, args.output_len, args.image_count,

@@ -7,9 +7,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from triton_vlm.repository import render
-from triton_vlm.server import TritonServer
-from triton_vlm.tiny_model import ensure_model
+from triton_vlm.deploy.repository import render
+from triton_vlm.deploy.server import TritonServer
+from triton_vlm.models.tiny_model import ensure_model
 
 from .client import stream
 from .images import synthetic_image

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from triton_vlm.repository import COMMITTED
-from triton_vlm.server import TritonServer
+from triton_vlm.deploy.repository import COMMITTED
+from triton_vlm.deploy.server import TritonServer
 
 
 @pytest.fixture(scope="session")

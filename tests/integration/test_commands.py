@@ -11,8 +11,8 @@ import openai
 import tritonclient.http as httpclient
 
 from tests.conftest import make_image
-from triton_vlm.repository import COMMITTED
-from triton_vlm.server import free_ports, stop_process_group, wait_ready
+from triton_vlm.deploy.repository import COMMITTED
+from triton_vlm.deploy.server import free_ports, stop_process_group, wait_ready
 from triton_vlm_clients.client import infer
 
 BIN = Path(sys.executable).parent

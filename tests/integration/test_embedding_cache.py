@@ -8,8 +8,8 @@ import time
 
 from tests.conftest import make_image, redis_server, server_metric
 from tests.reference import reference_generate
-from triton_vlm.deployment import Deployment
-from triton_vlm.server import TritonServer, free_port
+from triton_vlm.deploy.deployment import Deployment
+from triton_vlm.deploy.server import TritonServer, free_port
 from triton_vlm_clients.client import stream
 
 HITS = ("triton_vlm_embedding_cache_hits_total", 'tier="local"')

@@ -11,8 +11,8 @@ import tritonclient.grpc as grpcclient
 
 from tests.conftest import make_image, server_metric, server_series
 from tests.reference import reference_generate
-from triton_vlm.deployment import Deployment
-from triton_vlm.server import TritonServer
+from triton_vlm.deploy.deployment import Deployment
+from triton_vlm.deploy.server import TritonServer
 from triton_vlm_clients import stages
 from triton_vlm_clients.client import stream
 

@@ -15,8 +15,8 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import make_image, server_metric, wait_until
 from tests.reference import reference_generate
-from triton_vlm.deployment import Deployment
-from triton_vlm.server import TritonServer, free_port
+from triton_vlm.deploy.deployment import Deployment
+from triton_vlm.deploy.server import TritonServer, free_port
 from triton_vlm_clients.client import stream
 
 MIXED = [(640, 480), (300, 200), (800, 600), (200, 500)]

@@ -18,9 +18,9 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import make_image, wait_until
-from triton_vlm.deployment import Deployment
-from triton_vlm.server import TritonServer
-from triton_vlm.supervisor import stub_model
+from triton_vlm.deploy.deployment import Deployment
+from triton_vlm.deploy.server import TritonServer
+from triton_vlm.serving.supervisor import stub_model
 from triton_vlm_clients.client import stream
 
 INNOCENT = [("describe the picture", [(160, 120)]), ("hello there", []), ("what color is it", [(200, 150)]),

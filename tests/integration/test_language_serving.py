@@ -13,15 +13,15 @@ import pytest
 
 from tests.conftest import make_image, server_metric, wait_until
 from tests.reference import reference_generate
-from triton_vlm.deployment import Deployment
-from triton_vlm.server import TritonServer
+from triton_vlm.deploy.deployment import Deployment
+from triton_vlm.deploy.server import TritonServer
 from triton_vlm_clients.client import stream
 
 CASES = {"text-only": [], "one-image": [(640, 480)], "three-images": [(300, 200), (800, 600), (200, 500)]}
 
 
 def _tp_workers() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "triton_vlm.tp_worker"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", "triton_vlm.engine.tp_worker"], capture_output=True, text=True)
     return {int(p) for p in out.stdout.split()}
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import make_image, server_metric, wait_until
 from tests.reference import reference_generate, reference_inputs
-from triton_vlm.server import free_port, stop_process_group
+from triton_vlm.deploy.server import free_port, stop_process_group
 from triton_vlm_clients.client import stream
 
 BIN = Path(sys.executable).parent

@@ -13,10 +13,10 @@ import pytest
 from tests.conftest import make_image
 from tests.reference import reference_generate
 from triton_vlm.config import EncoderConfig
-from triton_vlm.deployment import Deployment
-from triton_vlm.encoder import VisionEncoder
-from triton_vlm.server import TritonServer
-from triton_vlm.tiny_model import make_tiny_model
+from triton_vlm.deploy.deployment import Deployment
+from triton_vlm.deploy.server import TritonServer
+from triton_vlm.encode.encoder import VisionEncoder
+from triton_vlm.models.tiny_model import make_tiny_model
 from triton_vlm_clients import stages
 from triton_vlm_clients.client import stream
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import shutil
 import socket
 
-from triton_vlm.repository import render
-from triton_vlm.server import TritonServer, free_ports
+from triton_vlm.deploy.repository import render
+from triton_vlm.deploy.server import TritonServer, free_ports
 
 
 def test_free_ports_differ():

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from triton_vlm.balance import balance, gather
+from triton_vlm.encode.balance import balance, gather
 
 
 def test_the_architecture_example():

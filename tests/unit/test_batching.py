@@ -12,9 +12,9 @@ import torch
 
 from tests.conftest import make_image
 from triton_vlm.config import EncoderConfig, LanguageConfig, PreprocessConfig
-from triton_vlm.encoder import VisionEncoder
-from triton_vlm.language import LanguageEngine, LanguageRequest
-from triton_vlm.preprocess import Preprocessor
+from triton_vlm.encode.encoder import VisionEncoder
+from triton_vlm.engine.language import LanguageEngine, LanguageRequest
+from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest, SamplingParams
 
 PROMPTS = ["hi", "describe the picture in detail", "what color is the sky", "one two three four five six",
@@ -180,7 +180,7 @@ def test_tp_workers_exit_with_the_engine(tp2):  # last: it shuts the shared TP e
     assert workers and all(w.poll() is None for w in workers)
     tp2.shutdown()
     assert all(w.poll() is not None for w in workers)
-    out = subprocess.run(["pgrep", "-f", "triton_vlm.tp_worker"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-f", "triton_vlm.engine.tp_worker"], capture_output=True, text=True)
     assert str(workers[0].pid) not in out.stdout.split()
 
 

@@ -12,8 +12,8 @@ from tritonclient.grpc import model_config_pb2
 from triton_vlm import config as config_module
 from triton_vlm import interface as I
 from triton_vlm.config import EncoderConfig
-from triton_vlm.deployment import Deployment
-from triton_vlm.repository import COMMITTED, render
+from triton_vlm.deploy.deployment import Deployment
+from triton_vlm.deploy.repository import COMMITTED, render
 
 FIELD_ORDER = ["name", "backend", "platform", "max_batch_size", "model_transaction_policy", "dynamic_batching",
                "input", "output", "ensemble_scheduling", "instance_group", "parameters"]
@@ -161,7 +161,7 @@ def test_epd_modes_render_their_servers(tmp_path):
 
 def test_the_docker_image_sets_the_launchers_malloc_knobs():
     """The image runs NGC's own tritonserver, not our launcher: it must set the same glibc knobs."""
-    from triton_vlm.launcher import MALLOC
+    from triton_vlm.deploy.launcher import MALLOC
 
     dockerfile = (COMMITTED.parent / "docker" / "Dockerfile").read_text()
     line = next(x for x in dockerfile.splitlines() if x.startswith("ENV MALLOC_"))

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from tests.conftest import make_image
-from triton_vlm.balance import balance
 from triton_vlm.config import EncoderConfig, PreprocessConfig
-from triton_vlm.dispatch import ShardedEncode, even
-from triton_vlm.encoder import VisionEncoder
+from triton_vlm.encode.balance import balance
+from triton_vlm.encode.dispatch import ShardedEncode, even
+from triton_vlm.encode.encoder import VisionEncoder
 from triton_vlm.errors import InvalidRequest
-from triton_vlm.image_inputs import Images
-from triton_vlm.preprocess import Preprocessor
+from triton_vlm.preprocess.image_inputs import Images
+from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest
 
 SIZES = [(640, 480), (300, 200), (1280, 720), (100, 100)]

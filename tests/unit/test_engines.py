@@ -9,10 +9,10 @@ import torch
 from tests.conftest import make_image
 from tests.reference import reference_generate
 from triton_vlm.config import EncoderConfig, LanguageConfig, PreprocessConfig
-from triton_vlm.encoder import VisionEncoder
+from triton_vlm.encode.encoder import VisionEncoder
+from triton_vlm.engine.language import LanguageEngine, LanguageRequest
 from triton_vlm.errors import InvalidRequest
-from triton_vlm.language import LanguageEngine, LanguageRequest
-from triton_vlm.preprocess import Preprocessor
+from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest, SamplingParams
 
 

@@ -15,12 +15,12 @@ from PIL import Image
 from tests.conftest import make_image
 from tests.reference import reference_inputs
 from triton_vlm.config import EncoderConfig, PreprocessConfig
-from triton_vlm.encoder import VisionEncoder
-from triton_vlm.image_inputs import ImageProcessing
+from triton_vlm.encode.encoder import VisionEncoder
 from triton_vlm.models import FAMILIES, load_family
-from triton_vlm.preprocess import Preprocessor
+from triton_vlm.models.tiny_model import make_tiny_model
+from triton_vlm.preprocess.image_inputs import ImageProcessing
+from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest
-from triton_vlm.tiny_model import make_tiny_model
 from triton_vlm_clients.hf_baseline import HFModel
 
 SIZES = [(1, 1), (28, 28), (64, 48), (100, 3), (3, 100), (300, 200), (640, 480), (1280, 720), (200, 1500),
@@ -72,7 +72,7 @@ def test_expanded_prompt_tokens_positions_and_extras_match_the_encoder_and_trans
 def test_qwen3_vl_ships_its_three_deepstack_blocks_with_the_embeddings(tmp_path):
     """Memory sizing counts the extras: 3 deepstack layers are 4x the embeddings' bytes, in the E/PD
     shared-memory estimate and in the CUDA memory pool a GPU deployment asks for."""
-    from triton_vlm.deployment import CUDA_MEMORY_POOL_MB, Deployment
+    from triton_vlm.deploy.deployment import CUDA_MEMORY_POOL_MB, Deployment
 
     path = make_tiny_model(tmp_path / "q3", family="qwen3_vl")
     family = load_family(path)

@@ -12,9 +12,9 @@ import torch
 from tests.conftest import make_image
 from triton_vlm.config import PreprocessConfig
 from triton_vlm.errors import InvalidRequest
-from triton_vlm.image_inputs import ImageProcessing, Images
-from triton_vlm.images import ImageLimits
-from triton_vlm.preprocess import Preprocessor
+from triton_vlm.preprocess.image_inputs import ImageProcessing, Images
+from triton_vlm.preprocess.images import ImageLimits
+from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest
 
 SIZES = [(640, 480), (300, 200), (1280, 720), (100, 100), (29, 31), (1, 150), (3000, 40), (4000, 3000), (57, 1999)]

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import make_image
-from triton_vlm.chat import build_conversation
 from triton_vlm.errors import InvalidRequest
-from triton_vlm.images import ImageLimits, load_image
+from triton_vlm.preprocess.chat import build_conversation
+from triton_vlm.preprocess.images import ImageLimits, load_image
 from triton_vlm.protocol import GenerateRequest, SamplingParams, request_from_arrays
 
 

@@ -10,7 +10,7 @@ import redis
 import torch
 
 from tests.conftest import redis_server
-from triton_vlm.redis_tier import PREFIX, RedisTier, pack, unpack
+from triton_vlm.encode.redis_tier import PREFIX, RedisTier, pack, unpack
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

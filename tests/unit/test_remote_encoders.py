@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from triton_vlm.encode.remote_encoders import LOCAL, RemoteEncoders
 from triton_vlm.errors import Unavailable
-from triton_vlm.image_inputs import Images
-from triton_vlm.remote_encoders import LOCAL, RemoteEncoders
+from triton_vlm.preprocess.image_inputs import Images
 
 
 def test_each_healthy_encoder_gets_a_shard_weighted_by_its_load():

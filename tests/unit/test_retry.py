@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from triton_vlm.retry import retry
+from triton_vlm.serving.retry import retry
 
 
 def _flaky(failures: list[Exception]):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from triton_vlm.engine.stop_strings import StopStrings
 from triton_vlm.errors import InvalidRequest
 from triton_vlm.protocol import SamplingParams
-from triton_vlm.stop_strings import StopStrings
 
 
 def stream(stops, pieces):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from triton_vlm.errors import InvalidRequest
-from triton_vlm.url_fetch import FetchPolicy, fetch_url
+from triton_vlm.preprocess.url_fetch import FetchPolicy, fetch_url
 
 BODY = b"\x89PNG" + b"x" * 5000
 

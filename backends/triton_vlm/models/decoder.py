@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..tp import TensorParallel
+from ..engine.tp import TensorParallel
 from .layers import DecoderSpec, KVCache, Layer, RMSNorm, Rotary
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..tp import TensorParallel
+from ..engine.tp import TensorParallel
 
 
 class Family:

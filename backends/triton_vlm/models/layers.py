@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm as RMSNorm
 
-from ..tp import TensorParallel
+from ..engine.tp import TensorParallel
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ import torch
 from transformers import AutoConfig
 from transformers.modeling_utils import no_init_weights
 
-from ..tiny_model import QWEN2_VL_TEMPLATE
-from ..tp import TensorParallel
-from ..weights import load_renamed
+from ..engine.tp import TensorParallel
 from .decoder import load_decoder
 from .family import Family
 from .layers import DecoderSpec
 from .mrope import mrope_positions
+from .tiny_model import QWEN2_VL_TEMPLATE
+from .weights import load_renamed
 
 # Checkpoints come in two layouts: legacy (`visual.*`, `model.*`) and transformers>=4.52
 # (`model.visual.*`, `model.language_model.*`).
@@ -86,7 +86,7 @@ class Qwen2_5_VL(Family):
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-        from ..tiny_model import SIZES, generation_config
+        from .tiny_model import SIZES, generation_config
 
         text = dict(SIZES[size]["text"])
         mrope_section = text.pop("mrope_section")

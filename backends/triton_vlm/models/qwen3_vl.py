@@ -79,7 +79,7 @@ class Qwen3VL(Qwen2_5_VL):
         """Real config fields and parameter names (`model.visual.*`, `model.language_model.*`; the dense
         model ties its embeddings, as the 2B/4B checkpoints do), and a real-style slow processor config
         whose pixel budget is given only as `size`."""
-        from ..tiny_model import generation_config
+        from .tiny_model import generation_config
 
         vision, text = (dict(part) for part in SHAPES[size])
         mrope_section = text.pop("mrope_section")

@@ -13,58 +13,24 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
-from triton_vlm import metrics, triton_io
 from triton_vlm.config import EncodeConfig
-from triton_vlm.dispatch import ShardedEncode, even
-from triton_vlm.image_inputs import ImageProcessing, Images
-from triton_vlm.images import ImageLimits
-from triton_vlm.models import load_family
-from triton_vlm.remote_encoders import RemoteEncoders
+from triton_vlm.encode.stage import encode_stage
+from triton_vlm.preprocess.image_inputs import Images
+from triton_vlm.serving import metrics, triton_io
 
 _PASS_THROUGH = [I.INPUT_IDS, I.IMAGE_GRID_THW, I.SAMPLING]
-_CHECKED = ImageLimits(max_bytes=2**62, max_pixels=2**62)  # preprocess checked them against the limits
-
-
-class _LocalEncoder:
-    """The `vision_encoder` instances of this server; image files are preprocessed here first."""
-
-    def __init__(self, model_path):
-        self.processing = ImageProcessing(model_path)
-
-    def __call__(self, images, target=None):
-        pixels, grid = images.pixel_values, images.grid_thw
-        if images.files is not None:
-            pixels, grid = self.processing.decode(images.files, _CHECKED)
-        return triton_io.encode_on_replicas(pixels, grid)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
         config = EncodeConfig.from_parameters(triton_io.parameters(args))
-        family = load_family(config.model_path)
-        local = _LocalEncoder(config.model_path)
-        if config.remote_encoders or config.encoder_urls_file:
-            fallback = local if config.encoder_fallback == "local" else None
-            remote = RemoteEncoders(config.remote_encoders, fallback=fallback, timeout_s=config.encoder_timeout_s,
-                                    local_below=config.local_encode_below, transport=config.encoder_transport,
-                                    embedding_bytes=lambda images: family.embedding_bytes(images.grid_thw))
-            self.remote = remote
-            elsewhere = "the other encoders or the local encoder" if fallback else "the others"
-            for url, ready in remote.probe().items():
-                if not ready:
-                    pb_utils.Logger.log_warn(f"encoder server {url} is unreachable at start; its shards go to "
-                                             f"{elsewhere}")
-            if config.encoder_urls_file:
-                remote.watch(config.encoder_urls_file, _log_encoders)
-            self.remote_metrics = metrics.RemoteEncoderMetrics(remote.state)
-            run, split = remote, remote.split
-        else:
-            run, split, self.remote = local, even(config.data_parallel), None
-        self.stage = ShardedEncode(run, split, family.tokens_per_image, family.embedding_width,
-                                   cache=metrics.embedding_cache(config.embedding_cache_mb,
-                                                                 config.embedding_cache_redis),
-                                   on_split=metrics.EncodeMetrics("encode").encoded)
+        self.stage, self.remote = encode_stage(
+            config, triton_io.encode_on_replicas,
+            cache=metrics.embedding_cache(config.embedding_cache_mb, config.embedding_cache_redis),
+            on_split=metrics.EncodeMetrics("encode").encoded,
+            warn=pb_utils.Logger.log_warn, info=pb_utils.Logger.log_info)
+        self.remote_metrics = metrics.RemoteEncoderMetrics(self.remote.state) if self.remote else None
 
     def execute(self, requests):
         for request in requests:
@@ -89,10 +55,6 @@ class TritonPythonModel:
         if self.remote is not None:
             self.remote_metrics.stop()
             self.remote.close()
-
-
-def _log_encoders(urls):
-    pb_utils.Logger.log_info(f"encoder servers now: {', '.join(urls) or 'none (local fallback)'}")
 
 
 class _Reply:

@@ -8,12 +8,12 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
-from triton_vlm import metrics, triton_io
 from triton_vlm.config import EncodeConfig, PreprocessConfig
-from triton_vlm.dispatch import ShardedEncode, even
-from triton_vlm.image_inputs import ImageProcessing, Images
-from triton_vlm.images import open_image
+from triton_vlm.encode.dispatch import ShardedEncode, even
 from triton_vlm.models import load_family
+from triton_vlm.preprocess.image_inputs import ImageProcessing, Images
+from triton_vlm.preprocess.images import open_image
+from triton_vlm.serving import metrics, triton_io
 
 
 class TritonPythonModel:

@@ -9,10 +9,10 @@ import time
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
-from triton_vlm import triton_io
 from triton_vlm.config import PreprocessConfig
-from triton_vlm.preprocess import Preprocessor, PreprocessStage
+from triton_vlm.preprocess.stage import Preprocessor, PreprocessStage
 from triton_vlm.protocol import request_from_arrays
+from triton_vlm.serving import triton_io
 
 
 class TritonPythonModel:

@@ -4,9 +4,9 @@ On a KIND_GPU instance the embeddings stay on that instance's GPU (DLPack)."""
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
-from triton_vlm import metrics, triton_io
 from triton_vlm.config import EncoderConfig
-from triton_vlm.encoder import VisionEncoder
+from triton_vlm.encode.encoder import VisionEncoder
+from triton_vlm.serving import metrics, triton_io
 
 
 class TritonPythonModel:

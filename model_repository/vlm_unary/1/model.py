@@ -5,7 +5,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
-from triton_vlm import triton_io
+from triton_vlm.serving import triton_io
 
 
 class TritonPythonModel:

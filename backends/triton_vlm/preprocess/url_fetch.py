@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 
 @dataclass(frozen=True)

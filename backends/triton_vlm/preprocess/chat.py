@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .errors import InvalidRequest
-from .protocol import GenerateRequest
+from ..errors import InvalidRequest
+from ..protocol import GenerateRequest
 
 _ROLES = ("system", "user", "assistant")
 

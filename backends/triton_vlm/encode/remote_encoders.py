@@ -29,9 +29,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..errors import InvalidRequest, Unavailable, strip_label
+from ..preprocess.image_inputs import Images
 from .balance import balance
-from .errors import InvalidRequest, Unavailable, strip_label
-from .image_inputs import Images
 from .shm_outputs import ShmOutputs
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""A tensor-parallel rank > 0 of the language model: `python -m triton_vlm.tp_worker ...`, started by rank 0.
+"""A tensor-parallel rank > 0 of the language model: `python -m triton_vlm.engine.tp_worker ...`, started by rank 0.
 
 It loads its shard, joins the process group and runs what rank 0 broadcasts until told to stop. It
 exits by itself when rank 0's process goes away (unload, server stop or crash): no orphans.
@@ -32,7 +32,7 @@ def start_workers(size: int, init_method: str, model_path: Path, device: str, dt
     for rank in range(1, size):
         rank_device = f"cuda:{int(device.split(':')[1]) + rank}" if device.startswith("cuda") else device
         workers.append(subprocess.Popen([
-            str(python), "-m", "triton_vlm.tp_worker", "--rank", str(rank), "--size", str(size),
+            str(python), "-m", "triton_vlm.engine.tp_worker", "--rank", str(rank), "--size", str(size),
             "--init", init_method, "--model", str(model_path), "--device", rank_device, "--dtype", dtype,
             "--slots", str(slots), "--slot-len", str(slot_len), "--threads", str(threads), "--parent", str(os.getpid()),
         ]))
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_exit_with_parent, args=(args.parent,), daemon=True).start()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    from .config import torch_dtype
-    from .models import load_family
+    from ..config import torch_dtype
+    from ..models import load_family
     from .runner import ModelRunner
     from .tp import init
 

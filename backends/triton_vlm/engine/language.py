@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from .config import LanguageConfig, torch_dtype, usable_cores
+from ..config import LanguageConfig, torch_dtype, usable_cores
+from ..errors import InvalidRequest, RequestError, Unavailable
+from ..models import load_family
+from ..models.layers import head_dim
+from ..protocol import SamplingParams
 from .detokenizer import IncrementalDetokenizer
-from .errors import InvalidRequest, RequestError, Unavailable
-from .models import load_family
-from .models.layers import head_dim
-from .protocol import SamplingParams
 from .runner import ModelRunner, PromptInputs
 from .sampling import make_generator, sample
 from .stop_strings import StopStrings

@@ -107,7 +107,7 @@ class Deployment:
     def server_args(self) -> list[str]:
         pool = self.cuda_memory_pool_mb
         if pool is None and self.gpus:
-            from .models import load_family
+            from ..models import load_family
 
             pool = CUDA_MEMORY_POOL_MB * (1 + load_family(self.model).extra_features)
         pool = (pool or 0) * 2**20

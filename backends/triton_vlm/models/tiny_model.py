@@ -116,7 +116,7 @@ def _build_tokenizer(vocab: int, seed: int, chat_template: str):
 
 def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0, family: str = "qwen2_5_vl") -> Path:
     """Write a checkpoint of `family` (a model_type) to `out` and return its path. Same seed -> same files."""
-    from .models import family_class
+    from . import family_class
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
@@ -141,7 +141,7 @@ def generation_config(ids: dict[str, int]):
 
 def ensure_model(model: str | Path | None) -> Path:
     """`model`, or the default model path; the default tiny model is built there if missing."""
-    from . import env
+    from .. import env
 
     path = Path(model) if model else env.default_model_path()
     if not (path / "config.json").exists():

@@ -15,7 +15,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from . import env
+from .. import env
 
 # Explicit model control, every model loaded at start: the same serving as the default mode, but a
 # model whose python-backend stub died can be reloaded (our stub supervisor does it; see supervisor.py)

@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..errors import InvalidRequest
+from ..preprocess.image_inputs import Images
 from .balance import balance, gather
 from .embedding_cache import EmbeddingCache
-from .errors import InvalidRequest
-from .image_inputs import Images
 
 Target = Hashable | None  # where a shard runs: None is "any local replica"
 Split = Callable[[list[int], tuple[bytes, ...]], list[tuple[Target, list[int]]]]  # (patches, keys) -> shards

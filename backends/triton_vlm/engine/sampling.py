@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .protocol import SamplingParams
+from ..protocol import SamplingParams
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

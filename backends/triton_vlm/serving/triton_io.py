@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from . import interface as I
-from .errors import RequestError, code_of, kind_of
+from .. import interface as I
+from ..errors import RequestError, code_of, kind_of
 from .retry import retry
 
 if TYPE_CHECKING:
@@ -112,7 +112,7 @@ def error_response(e: Exception, stage: str = "") -> pb_utils.InferenceResponse:
 
 
 def parameters(args: dict) -> dict[str, str]:
-    from .config import read_parameters
+    from ..config import read_parameters
 
     return read_parameters(json.loads(args["model_config"]))
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 from .images import ImageLimits, decode_image
 
 
@@ -50,7 +50,7 @@ class ImageProcessing:
     resize as the checkpoint's own processor does."""
 
     def __init__(self, model_path, family=None) -> None:
-        from .models import load_family
+        from ..models import load_family
 
         self.family = family or load_family(model_path)
         self.processor = AutoImageProcessor.from_pretrained(model_path, use_fast=False,

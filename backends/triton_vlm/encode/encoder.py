@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .config import EncoderConfig, torch_dtype
-from .models import load_family
+from ..config import EncoderConfig, torch_dtype
+from ..models import load_family
 
 
 class VisionEncoder:

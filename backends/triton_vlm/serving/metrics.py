@@ -69,8 +69,8 @@ def request_errors() -> Metric:
 def embedding_cache(megabytes: int, redis_url: str = "", tier: str = "local"):
     """The encode stage's embedding cache with its metrics (hits by tier, misses, bytes), or None when off.
     `tier`: what this server's own cache is called (an E/PD encoder server's is "encoder")."""
-    from .embedding_cache import EmbeddingCache
-    from .redis_tier import RedisTier
+    from ..encode.embedding_cache import EmbeddingCache
+    from ..encode.redis_tier import RedisTier
 
     if megabytes <= 0 and not redis_url:
         return None

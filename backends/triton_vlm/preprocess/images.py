@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 from .url_fetch import FetchPolicy, fetch_url
 
 _DATA_URL = re.compile(rb"^data:([\w/+.-]*)(;[\w=.-]+)*;base64,", re.IGNORECASE)

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 from transformers import AutoTokenizer, GenerationConfig
 
+from ..config import PreprocessConfig
+from ..encode.embedding_cache import image_key, model_fingerprint
+from ..errors import InvalidRequest
+from ..models import load_family
+from ..protocol import GenerateRequest, SamplingParams
 from .chat import build_conversation
-from .config import PreprocessConfig
-from .embedding_cache import image_key, model_fingerprint
-from .errors import InvalidRequest
 from .image_inputs import ImageProcessing
 from .images import is_url, open_image, read_source
-from .models import load_family
-from .protocol import GenerateRequest, SamplingParams
 
 
 @dataclass

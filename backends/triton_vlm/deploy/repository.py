@@ -6,7 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
-COMMITTED = Path(__file__).resolve().parents[2] / "model_repository"
+COMMITTED = Path(__file__).resolve().parents[3] / "model_repository"
 
 
 def set_parameter(config_text: str, key: str, value: str) -> str:

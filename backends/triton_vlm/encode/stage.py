@@ -1,0 +1,60 @@
+"""The encode stage wired for one server: local replicas, or E/PD encoder servers with the local replicas
+as the fallback. Triton-free: `encode_on_replicas(pixels, grid)` (BLS to this server's `vision_encoder`)
+and the log functions come from the caller."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from ..config import EncodeConfig
+from ..models import load_family
+from ..preprocess.image_inputs import ImageProcessing, Images
+from ..preprocess.images import ImageLimits
+from .dispatch import ShardedEncode, even
+from .embedding_cache import EmbeddingCache
+from .remote_encoders import RemoteEncoders
+
+log = logging.getLogger(__name__)
+
+CHECKED = ImageLimits(max_bytes=2**62, max_pixels=2**62)  # preprocess checked the files against the limits
+
+
+class LocalEncoder:
+    """This server's `vision_encoder` replicas; image files (E/PD's fallback) are preprocessed here first."""
+
+    def __init__(self, processing: ImageProcessing, encode_on_replicas: Callable) -> None:
+        self.processing, self.encode_on_replicas = processing, encode_on_replicas
+
+    def __call__(self, images: Images, target=None):
+        pixels, grid = images.pixel_values, images.grid_thw
+        if images.files is not None:
+            pixels, grid = self.processing.decode(images.files, CHECKED)
+        return self.encode_on_replicas(pixels, grid)
+
+
+def encode_stage(config: EncodeConfig, encode_on_replicas: Callable, cache: EmbeddingCache | None = None,
+                 on_split: Callable[[int], None] | None = None, warn: Callable[[str], None] = log.warning,
+                 info: Callable[[str], None] = log.info) -> tuple[ShardedEncode, RemoteEncoders | None]:
+    """-> (the stage, the encoder-server pool when `config` names encoder servers). Servers unreachable at
+    start are marked down and said so (`warn`); changes of a watched list are said with `info`."""
+    family = load_family(config.model_path)
+    local = LocalEncoder(ImageProcessing(config.model_path, family), encode_on_replicas)
+    remote = None
+    if config.remote_encoders or config.encoder_urls_file:
+        fallback = local if config.encoder_fallback == "local" else None
+        remote = RemoteEncoders(config.remote_encoders, fallback=fallback, timeout_s=config.encoder_timeout_s,
+                                local_below=config.local_encode_below, transport=config.encoder_transport,
+                                embedding_bytes=lambda images: family.embedding_bytes(images.grid_thw))
+        elsewhere = "the other encoders or the local encoder" if fallback else "the others"
+        for url, ready in remote.probe().items():
+            if not ready:
+                warn(f"encoder server {url} is unreachable at start; its shards go to {elsewhere}")
+        if config.encoder_urls_file:
+            remote.watch(config.encoder_urls_file,
+                         lambda urls: info(f"encoder servers now: {', '.join(urls) or 'none (local fallback)'}"))
+        run, split = remote, remote.split
+    else:
+        run, split = local, even(config.data_parallel)
+    return ShardedEncode(run, split, family.tokens_per_image, family.embedding_width, cache=cache,
+                         on_split=on_split), remote

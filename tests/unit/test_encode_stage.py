@@ -1,0 +1,57 @@
+"""The encode stage as a server wires it (`encode/stage.py`): local replicas, or encoder servers with the
+local replicas as the fallback, told at start which servers are unreachable."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import make_image
+from triton_vlm.config import EncodeConfig, EncoderConfig, PreprocessConfig
+from triton_vlm.deploy.server import free_port
+from triton_vlm.encode.encoder import VisionEncoder
+from triton_vlm.encode.stage import encode_stage
+from triton_vlm.preprocess.image_inputs import Images
+from triton_vlm.preprocess.stage import Preprocessor
+from triton_vlm.protocol import GenerateRequest
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model):
+    pre = Preprocessor(PreprocessConfig(model_path=tiny_model))
+    files = [make_image(300, 200), make_image(640, 480, seed=1), make_image(90, 150, seed=2)]
+    p = pre(GenerateRequest(text_input="hi", images=files))
+    return VisionEncoder(EncoderConfig(model_path=tiny_model)), files, p
+
+
+def test_local_replicas_get_balanced_shards_and_give_the_whole_encoding(tiny_model, parts):
+    encoder, _, p = parts
+    calls = []
+
+    def replicas(pixels, grid):
+        calls.append(grid.tolist())
+        return encoder.encode(pixels, grid)
+
+    stage, remote = encode_stage(EncodeConfig(model_path=tiny_model, data_parallel=2, embedding_cache_mb=0), replicas)
+    rows = stage.encode(Images(p.image_grid_thw, pixel_values=torch.as_tensor(p.pixel_values)))
+    assert remote is None and len(calls) == 2
+    torch.testing.assert_close(rows, encoder.encode(p.pixel_values, p.image_grid_thw), rtol=0, atol=1e-5)
+    stage.shutdown()
+
+
+@pytest.mark.parametrize(("fallback", "elsewhere"), [("local", "the other encoders or the local encoder"),
+                                                     ("none", "the others")])
+def test_an_unreachable_encoder_server_is_reported_and_the_local_replicas_take_over(tiny_model, parts, fallback,
+                                                                                    elsewhere):
+    encoder, files, p = parts
+    dead = f"127.0.0.1:{free_port()}"
+    warnings = []
+    config = EncodeConfig(model_path=tiny_model, encoder_urls=dead, encoder_fallback=fallback, encoder_timeout_s=2)
+    stage, remote = encode_stage(config, encoder.encode, warn=warnings.append)
+    assert warnings == [f"encoder server {dead} is unreachable at start; its shards go to {elsewhere}"]
+    assert remote.state() == {dead: (0, False)}
+    if fallback == "local":  # the files are decoded and encoded here
+        rows = stage.encode(Images(p.image_grid_thw, files=tuple(files)))
+        torch.testing.assert_close(rows, encoder.encode(p.pixel_values, p.image_grid_thw), rtol=0, atol=1e-5)
+    stage.shutdown()
+    remote.close()

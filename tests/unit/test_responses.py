@@ -1,0 +1,97 @@
+"""How a language request's outputs go back (`serving/responses.py`), with a recording response sender in
+place of Triton's: one FINAL always, deltas merged when the outbox falls behind, one answer when not
+streaming, and a client that left (cancelled, or a failing send) ends its generation."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from triton_vlm.engine.language import StepOutput
+from triton_vlm.errors import InvalidRequest
+from triton_vlm.serving.responses import Outbox, ResponseStream
+
+
+class Wire:
+    FINAL = 1
+
+    @staticmethod
+    def response(ids, text, finish_reason, num_input_tokens, num_output_tokens):
+        return ("response", list(ids), text, finish_reason, num_input_tokens, num_output_tokens)
+
+    @staticmethod
+    def error(e):
+        return ("error", str(e))
+
+
+class Sender:
+    def __init__(self, first_send_s: float = 0.0, fail: bool = False, cancelled: bool = False) -> None:
+        self.sent, self.first_send_s, self.fail, self.cancelled = [], first_send_s, fail, cancelled
+        self.done, self.started = threading.Event(), threading.Event()
+
+    def send(self, response, flags=0):
+        if self.fail:
+            raise RuntimeError("the client is gone")
+        if not self.sent:
+            self.started.set()
+            time.sleep(self.first_send_s)
+        self.sent.append((response, flags))
+        if flags == Wire.FINAL:
+            self.done.set()
+
+    def is_cancelled(self):
+        return self.cancelled
+
+
+class Engine:
+    def __init__(self) -> None:
+        self.aborted = []
+
+    def abort(self, request_id):
+        self.aborted.append(request_id)
+        return True
+
+
+def outputs(n: int, finish="length"):
+    return [StepOutput([i], f"t{i}", finish if i == n - 1 else None) for i in range(n)]
+
+
+def run(sender, stream=True, outs=None, engine=None):
+    outbox, engine = Outbox(), engine or Engine()
+    rs = ResponseStream(engine, outbox, Wire, sender, "r1", stream, num_input_tokens=7, arrival_s=time.time())
+    first, *rest = outs or outputs(6)
+    rs(first)
+    if sender.first_send_s:  # the rest queue up while the first is being sent
+        assert sender.started.wait(5)
+    for out in rest:
+        rs(out)
+    sender.done.wait(5)
+    outbox.close()
+    return sender.sent, engine
+
+
+def test_a_slow_send_merges_the_deltas_queued_behind_it_and_ends_with_one_final():
+    sent, _ = run(Sender(first_send_s=0.3))
+    assert [r[1] for r, _ in sent] == [[0], [1, 2, 3, 4, 5]]
+    assert sent[1][0][2] == "t1t2t3t4t5" and sent[1][0][3] == "length" and sent[1][0][5] == 6
+    assert [flags for _, flags in sent] == [0, Wire.FINAL]
+
+
+def test_without_streaming_one_answer_holds_everything():
+    sent, _ = run(Sender(), stream=False)
+    assert sent == [(("response", [0, 1, 2, 3, 4, 5], "t0t1t2t3t4t5", "length", 7, 6), Wire.FINAL)]
+
+
+def test_an_error_is_the_final_response():
+    sent, _ = run(Sender(), outs=[StepOutput([], "", "error", InvalidRequest("bad"))])
+    assert sent == [(("error", "bad"), Wire.FINAL)]
+
+
+def test_a_cancelled_or_failing_client_ends_its_generation():
+    for sender in (Sender(cancelled=True), Sender(fail=True)):
+        outbox, engine = Outbox(), Engine()
+        rs = ResponseStream(engine, outbox, Wire, sender, "r1", True, num_input_tokens=7, arrival_s=time.time())
+        rs.checked -= 1  # the last cancel check was long ago
+        rs(StepOutput([0], "t0"))  # not the end: the stream is asked whether its client is still there
+        outbox.close()
+        assert engine.aborted == ["r1"]
