@@ -228,7 +228,8 @@ def test_a_failing_prefill_fails_that_request_only(parts, engine, monkeypatch):
 def test_tiny_and_huge_temperatures_sample_without_failing(parts, engine):
     greedy = make_request(parts, 0, "tell a story", max_tokens=8)
     [(expected, _, _)] = run_concurrently(engine, [greedy])
-    odd = [make_request(parts, 0, "tell a story", max_tokens=8, temperature=t, seed=1) for t in (1e-45, 3e38)]
+    odd = [make_request(parts, 10 + k, "tell a story", max_tokens=8, temperature=t, seed=1)  # ids must differ
+           for k, t in enumerate((1e-45, 3e38))]
     (tiny, _, tiny_last), (_, _, huge_last) = run_concurrently(engine, odd)
     assert tiny == expected  # below SAMPLING_EPS is greedy
     assert tiny_last.finish_reason in ("stop", "length") and huge_last.finish_reason in ("stop", "length")

@@ -2,15 +2,17 @@
 (continuous) batching over a tensor-parallel decoder.
 
 One engine thread owns the model (rank 0; ranks 1..N-1 are worker processes that mirror each step).
-`submit` queues a request and returns at once. Every iteration the thread
-1. takes new requests and, while a KV cache slot is free and `max_prefill_tokens` allows, prefills
-   them together in one forward (image embeddings spliced over the image placeholder tokens, M-RoPE
-   positions from `image_grid_thw`) and emits each one's first token; requests that find no free
-   slot wait in the queue (admission control: queue, never fail);
-2. runs one decode step for every running sequence together, each attending to its own slot;
-3. emits each sequence's token; finished or cancelled sequences leave and free their slot.
+`submit` queues a request and returns at once. Every iteration (`_step`) the thread takes new requests,
+then runs two phases, each *schedule -> run -> postprocess* (nano-vllm's step):
+1. prefill: while a KV cache slot is free and `max_prefill_tokens` allows, waiting requests get a slot
+   and their prompt inputs (image embeddings spliced over the placeholder tokens, the family's
+   positions and extras); one forward runs them together; each emits its first token. Requests that
+   find no free slot wait in the queue (admission control: queue, never fail);
+2. decode: every running sequence runs one token together, each attending to its own slot, and emits
+   it; finished or cancelled sequences leave and free their slot.
 
-KV cache: fixed slots (`max_num_seqs`), each as long as the context (capped by `kv_cache_mb`).
+KV cache: fixed slots (`max_num_seqs`), each as long as the context (capped by `kv_cache_mb`), kept in
+one ledger (`slots.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..protocol import SamplingParams
 from .detokenizer import IncrementalDetokenizer
 from .runner import ModelRunner, PromptInputs
 from .sampling import make_generator, sample
+from .slots import SlotLedger
 from .stop_strings import StopStrings
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,7 @@ class _Sequence:
     stops: StopStrings
     generated: list[int] = field(default_factory=list)
     done: bool = False
+    prompt: PromptInputs | None = None  # until prefilled
 
     @property
     def cached(self) -> int:
@@ -123,15 +127,14 @@ class LanguageEngine:
         self._aborted: set[str] = set()
         self._live: Counter[str] = Counter()  # request id -> its unfinished requests
         self._lock = threading.Lock()
-        self._kv: dict[int, int] = {}  # slot -> tokens it holds, for the running sequences
-        self._free = list(range(self.slots))  # slots no sequence owns (the engine thread changes it)
+        self._slots = SlotLedger(self.slots)  # which slot each running sequence holds, and its tokens
         self.peak_batch = 0  # the most sequences decoded in one step so far (an engine stat)
         self._waiting = 0  # requests the engine thread holds back (it alone writes these three)
         self._prefill_tokens = self._decode_tokens = 0
         # The engine thread builds the model itself: torch ops run several times slower in a thread other
         # than the one whose OpenMP team first touched the weights (measured: 4.9 vs 1.7 ms a step).
         built: queue.Queue[BaseException | None] = queue.Queue()  # None: built
-        self._thread = threading.Thread(target=self._run, name="language-engine", daemon=True,
+        self._thread = threading.Thread(target=self._main, name="language-engine", daemon=True,
                                         args=(built, dtype, init_method, threads))
         self._thread.start()
         failure = built.get()
@@ -140,7 +143,7 @@ class LanguageEngine:
                 worker.kill()
             raise failure
 
-    def _run(self, built: queue.Queue, dtype: torch.dtype, init_method: str, threads: int) -> None:
+    def _main(self, built: queue.Queue, dtype: torch.dtype, init_method: str, threads: int) -> None:
         from .tp import init
 
         torch.set_num_threads(threads)  # on the thread that runs the model
@@ -157,25 +160,21 @@ class LanguageEngine:
     @property
     def kv_tokens_in_use(self) -> int:
         """Tokens held in KV cache slots right now (an engine stat; 0 when idle)."""
-        with self._lock:
-            return sum(self._kv.values())
+        return self._slots.tokens
 
     @property
     def running(self) -> int:
-        """Sequences in the running batch."""
-        with self._lock:
-            return len(self._kv)
+        """Sequences in the running batch (each holds a slot)."""
+        return self._slots.held
 
     @property
     def free_slots(self) -> int:
         """KV cache slots no sequence holds (an engine stat; all of them when idle)."""
-        with self._lock:
-            return len(self._free)
+        return self._slots.free
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            running, in_use = len(self._kv), self.slots - len(self._free)
-        return EngineStats(running, self._waiting + self._queue.qsize(), in_use, self._prefill_tokens,
+        held = self._slots.held
+        return EngineStats(held, self._waiting + self._queue.qsize(), held, self._prefill_tokens,
                            self._decode_tokens)
 
     def _slot_len_for_budget(self, tp_size: int, dtype: torch.dtype) -> int:
@@ -242,9 +241,7 @@ class LanguageEngine:
         running: list[_Sequence] = []
         while self._take_new(waiting, block=not (running or waiting)):
             try:
-                self._admit(waiting, running)
-                self._waiting = len(waiting)
-                self._decode(running)
+                self._step(waiting, running)
             except Exception as e:  # unreachable unless a bug escapes the per-sequence guards
                 log.exception("engine step failed")
                 for seq in running:
@@ -256,6 +253,15 @@ class LanguageEngine:
             if not seq.done:
                 _call(seq.callback, StepOutput([], "", "cancelled"))
         self.runner.stop()
+
+    def _step(self, waiting: deque, running: list[_Sequence]) -> None:
+        """One iteration: new sequences are prefilled (each emits its first token), then every running
+        sequence decodes one token. Each phase: schedule, run, postprocess."""
+        admitted = self._schedule_prefill(waiting)
+        running += admitted
+        self._waiting = len(waiting)
+        self._postprocess(self._run(admitted, self._prefill_forward, "prefill"))
+        self._postprocess(self._run(self._schedule_decode(running), self._decode_forward, "decode"))
 
     def _take_new(self, waiting: deque, block: bool) -> bool:
         """Move queued requests into `waiting` (waiting for one only if `block`); False on shutdown."""
@@ -272,14 +278,16 @@ class LanguageEngine:
         with self._lock:
             return request_id in self._aborted
 
-    def _admit(self, waiting: deque, running: list[_Sequence]) -> None:
-        """Prefill waiting requests together while slots are free and `max_prefill_tokens` allows (the
-        first always goes); each emits its first token."""
-        batch: list[tuple[LanguageRequest, Callback, PromptInputs]] = []
+    # --- schedule -----------------------------------------------------------
+    def _schedule_prefill(self, waiting: deque) -> list[_Sequence]:
+        """Waiting requests that start now, each with its slot and prompt inputs: while slots are free and
+        `max_prefill_tokens` allows (the first always goes). A cancelled request ends here; one whose
+        inputs fail ends with its error; the others wait (admission control: queue, never fail)."""
+        admitted: list[_Sequence] = []
         tokens = 0
-        while waiting and len(batch) < len(self._free):
+        while waiting and self._slots.free:
             request, callback = waiting[0]
-            if batch and tokens + len(request.input_ids) > self.config.max_prefill_tokens:
+            if admitted and tokens + len(request.input_ids) > self.config.max_prefill_tokens:
                 break
             waiting.popleft()
             if self._is_aborted(request.request_id):
@@ -291,42 +299,47 @@ class LanguageEngine:
                 if len(request.input_ids) >= self.max_model_len:
                     raise InvalidRequest(f"the prompt is {len(request.input_ids)} tokens; "
                                          f"the model context is {self.max_model_len}")
-                batch.append((request, callback, self.prompt_inputs(request)))
+                prompt = self.prompt_inputs(request)
             except Exception as e:  # a request's bad inputs fail that request only
                 if not isinstance(e, RequestError):
                     log.exception("inputs of %s failed", request.request_id)
                     e = RequestError(str(e))
                 _call(callback, StepOutput([], "", "error", e))
                 continue
+            admitted.append(_Sequence(request, callback, self._slots.take(), len(request.input_ids), prompt.delta,
+                                      make_generator(request.sampling), IncrementalDetokenizer(self.tokenizer),
+                                      StopStrings(request.sampling.stop), prompt=prompt))
             tokens += len(request.input_ids)
-        if batch:
-            self._prefill(batch, running)
+        self._prefill_tokens += tokens
+        return admitted
 
-    def _prefill(self, batch: list[tuple[LanguageRequest, Callback, PromptInputs]], running: list[_Sequence]) -> None:
-        """The batch's sequences join `running` (owning their slots) before anything can fail, so every
-        one of them ends in `_fail` or a finish, and its slot goes back."""
-        seqs = []
-        for request, callback, prompt in batch:
-            with self._lock:
-                slot = self._free.pop()
-            seq = _Sequence(request, callback, slot, len(request.input_ids), prompt.delta,
-                            make_generator(request.sampling), IncrementalDetokenizer(self.tokenizer),
-                            StopStrings(request.sampling.stop))
-            running.append(seq)
-            seqs.append(seq)
-        inputs = {seq.slot: inputs for seq, (_, _, inputs) in zip(seqs, batch, strict=True)}
-        self._prefill_tokens += sum(seq.prompt_len for seq in seqs)
+    def _schedule_decode(self, running: list[_Sequence]) -> list[_Sequence]:
+        """Every unfinished sequence, by slot (slots in a row are read as a view of the cache)."""
+        active = sorted((seq for seq in running if not seq.done), key=lambda seq: seq.slot)
+        self.peak_batch = max(self.peak_batch, len(active))
+        self._decode_tokens += len(active)
+        return active
 
-        def forward(group: list[_Sequence]) -> torch.Tensor:
-            return self.runner.prefill([inputs[s.slot] for s in group], [s.slot for s in group])
+    # --- run ----------------------------------------------------------------
+    def _prefill_forward(self, group: list[_Sequence]) -> torch.Tensor:
+        return self.runner.prefill([s.prompt for s in group], [s.slot for s in group])
 
-        for seq, row in self._isolated(forward, seqs, "prefill"):
-            self._guarded(seq, self._sample_and_emit, row, None)
+    def _decode_forward(self, group: list[_Sequence]) -> torch.Tensor:
+        return self.runner.decode([s.generated[-1] for s in group], [s.cached + s.delta for s in group],
+                                  [s.slot for s in group], [s.cached for s in group])
+
+    def _run(self, seqs: list[_Sequence], forward: Callable[[list[_Sequence]], torch.Tensor],
+             what: str) -> list[tuple[_Sequence, torch.Tensor, int | None]]:
+        """(sequence, logits row, its argmax) for `forward` over all of `seqs` at once; when that fails,
+        each sequence alone, so a failure fails only the sequences that fail on their own."""
+        if not seqs:
+            return []
+        rows = list(self._isolated(forward, seqs, what))
+        greedy = torch.stack([row for _, row in rows]).argmax(dim=-1).tolist() if rows else []  # one call for all
+        return [(seq, row, best) for (seq, row), best in zip(rows, greedy, strict=True)]
 
     def _isolated(self, forward: Callable[[list[_Sequence]], torch.Tensor], seqs: list[_Sequence],
                   what: str) -> Iterator[tuple[_Sequence, torch.Tensor]]:
-        """(sequence, logits row) for `forward` over all of `seqs` at once; when that fails, each sequence
-        alone, so a failure fails only the sequences that fail on their own."""
         try:
             yield from zip(seqs, forward(seqs), strict=True)
             return
@@ -339,13 +352,16 @@ class LanguageEngine:
         for seq in seqs:
             yield from self._isolated(forward, [seq], what)
 
-    def _guarded(self, seq: _Sequence, step: Callable[..., None], *args) -> None:
-        """`step(seq, *args)`; an exception ends that sequence only."""
-        try:
-            step(seq, *args)
-        except Exception as e:
-            log.exception("sequence %s failed", seq.request.request_id)
-            self._fail(seq, RequestError(str(e)))
+    # --- postprocess ----------------------------------------------------------
+    def _postprocess(self, rows: list[tuple[_Sequence, torch.Tensor, int | None]]) -> None:
+        """Sample each sequence's token and emit it; an exception ends that sequence only."""
+        for seq, logits, greedy in rows:
+            seq.prompt = None  # prefilled: its inputs are no longer needed
+            try:
+                self._sample_and_emit(seq, logits, greedy)
+            except Exception as e:
+                log.exception("sequence %s failed", seq.request.request_id)
+                self._fail(seq, RequestError(str(e)))
 
     def _fail(self, seq: _Sequence, error: RequestError) -> None:
         """End `seq` with `error` unless it already ended; its slot goes back at once."""
@@ -357,9 +373,8 @@ class LanguageEngine:
 
     def _release(self, seq: _Sequence) -> None:
         """A finished sequence gives its slot back, before its final output: whoever sees it sees the slot free."""
+        self._slots.release(seq.slot)
         with self._lock:
-            self._kv.pop(seq.slot, None)
-            self._free.append(seq.slot)
             self._aborted.discard(seq.request.request_id)
 
     def prompt_inputs(self, req: LanguageRequest) -> PromptInputs:
@@ -377,23 +392,6 @@ class LanguageEngine:
         positions, delta = self.family.positions(req.input_ids, req.image_grid_thw)
         at = mask[0].nonzero()[:, 0] if extras is not None else None
         return PromptInputs(embeds, torch.as_tensor(positions)[:, None, :], delta, at, extras)
-
-    def _decode(self, running: list[_Sequence]) -> None:
-        """One token for every running sequence, in one batched step."""
-        active = sorted((seq for seq in running if not seq.done), key=lambda seq: seq.slot)  # slots in a row: a view
-        if not active:
-            return
-        self.peak_batch = max(self.peak_batch, len(active))
-        self._decode_tokens += len(active)
-
-        def forward(group: list[_Sequence]) -> torch.Tensor:
-            return self.runner.decode([s.generated[-1] for s in group], [s.cached + s.delta for s in group],
-                                      [s.slot for s in group], [s.cached for s in group])
-
-        rows = list(self._isolated(forward, active, "decode"))
-        greedy = torch.stack([row for _, row in rows]).argmax(dim=-1).tolist() if rows else []  # one call for all
-        for (seq, row), best in zip(rows, greedy, strict=True):
-            self._guarded(seq, self._sample_and_emit, row, best)
 
     def _sample_and_emit(self, seq: _Sequence, logits: torch.Tensor, greedy: int | None) -> None:
         """logits: [V]; `greedy`: their argmax when the batch computed it already."""
@@ -415,9 +413,8 @@ class LanguageEngine:
         if seq.done:
             self._release(seq)
         else:
-            with self._lock:
-                self._kv[seq.slot] = seq.cached + 1
-        seq.callback(StepOutput([token], text, finish))  # raising here ends this sequence (`_guarded`)
+            self._slots.cached(seq.slot, seq.cached + 1)
+        seq.callback(StepOutput([token], text, finish))  # raising here ends this sequence (`_postprocess`)
 
     def _finish_reason(self, seq: _Sequence, token: int) -> str | None:
         if token in self.eos_ids and not seq.request.sampling.ignore_eos:
