@@ -128,7 +128,7 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"model folder (default {env.default_model_path()}, built if missing)")
     p.add_argument("--model-repository", help="repository to render from (default: the committed one)")
     p.add_argument("--encoder-dp", type=int, help="vision encoder replicas; a request's images are split "
-                   "over them by patch count (default: the repository's, 2; on GPUs one per GPU)")
+                   "over them by image tokens (default: the repository's, 2; on GPUs one per GPU)")
     p.add_argument("--encoder-threads", type=int, help="torch threads per encoder replica (default: cores / replicas)")
     p.add_argument("--mode", choices=["colocated", "encoder", "language"], default="colocated",
                    help="encoder: only preprocess + vision_encoder (an E/PD encoder server); language: encode "

@@ -70,3 +70,13 @@ def test_render_prints_the_tritonserver_arguments(tiny_model, tmp_path):
                                   "--cuda-memory-pool-byte-size=1:268435456"]
     config = (tmp_path / "repo" / "vision_encoder" / "config.pbtxt").read_text()
     assert "{ count: 1 kind: KIND_GPU gpus: [ 0 ] }, { count: 1 kind: KIND_GPU gpus: [ 1 ] }" in config
+
+
+def test_serve_refuses_a_family_we_do_not_serve_naming_the_ones_we_do(tiny_model, tmp_path):
+    model = tmp_path / "llava"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llava"}')
+    out = subprocess.run([str(BIN / "triton-vlm"), "serve", "--model", str(model)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0
+    assert "model type 'llava' is not supported; supported families: qwen2_5_vl, qwen3_vl, qwen3_vl_moe" in out.stderr

@@ -78,7 +78,7 @@ def test_remote_encoder_gauges_say_both_are_up_and_idle(epd):
     for e in encoders:  # published every second
         series = f'encoder="{e.grpc_url}"'
         wait_until(lambda s=series: (server_metric(language, "triton_vlm_remote_encoder_up", s),
-                                     server_metric(language, "triton_vlm_remote_encoder_in_flight_patches", s))
+                                     server_metric(language, "triton_vlm_remote_encoder_in_flight_tokens", s))
                    == (1, 0), 10, f"{e.grpc_url} up and idle")
 
 
@@ -244,4 +244,4 @@ def test_killing_an_encoder_under_load_loses_no_request(epd, tiny_model):  # las
     assert encoder_shards(encoders[1].grpc_url) > before
     wait_until(lambda: [server_metric(language, "triton_vlm_remote_encoder_up", f'encoder="{e.grpc_url}"')
                         for e in encoders] == [0, 1], 10, "the killed encoder's gauge to say so")
-    wait_until(lambda: server_metric(language, "triton_vlm_remote_encoder_in_flight_patches") == 0, 10, "idle")
+    wait_until(lambda: server_metric(language, "triton_vlm_remote_encoder_in_flight_tokens") == 0, 10, "idle")

@@ -10,7 +10,7 @@ import contextlib
 import numpy as np
 import pytest
 
-from tests.conftest import make_image
+from tests.conftest import make_image, server_metric
 from tests.reference import reference_generate
 from triton_vlm.config import EncoderConfig
 from triton_vlm.deploy.deployment import Deployment
@@ -96,3 +96,13 @@ def test_two_replicas_gather_embeddings_and_deepstack_features_in_image_order(se
                                                                                 pre["_IMAGE_GRID_THW"])
     assert rows.shape == (int(np.prod(pre["_IMAGE_GRID_THW"], axis=1).sum()) // 4, 4 * 64)
     np.testing.assert_allclose(rows, whole.numpy(), rtol=0, atol=1e-5)
+
+
+def test_a_cached_image_keeps_its_deepstack_features(servers, expected):
+    """`dense-tp2` keeps the default embedding cache: a repeated request is 4 hits, and the same ids."""
+    server = servers["dense-tp2"]
+    stream(server.grpc_url, prompt=PROMPT, images=images("four-images"), max_tokens=12)
+    hits = server_metric(server, "triton_vlm_embedding_cache_hits_total", 'tier="local"')
+    answer = stream(server.grpc_url, prompt=PROMPT, images=images("four-images"), max_tokens=12)
+    assert server_metric(server, "triton_vlm_embedding_cache_hits_total", 'tier="local"') == hits + 4
+    assert answer.output_ids == expected[("qwen3_vl", "four-images")]

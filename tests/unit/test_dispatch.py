@@ -30,17 +30,17 @@ def parts(tiny_model):
 def pixels_and_grid(pre, n):
     images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES[:n])]
     p = pre(GenerateRequest(text_input="hi", images=images))
-    return Images(p.image_grid_thw, pixel_values=torch.as_tensor(p.pixel_values))
+    return Images.of(pre.family, p.image_grid_thw, pixel_values=torch.as_tensor(p.pixel_values))
 
 
 def stage(encoder, shards, run=None, calls=None, on_split=None):
     def run_shard(images, target):
         assert target is None, "local replicas: Triton picks the instance"
         if calls is not None:
-            calls.append(images.grid_thw.copy())
-        return (run or encoder.encode)(images.pixel_values, images.grid_thw)
+            calls.append(images.layout.copy())
+        return (run or encoder.encode)(images.pixel_values, images.layout)
 
-    return ShardedEncode(run_shard, even(shards), encoder.family.tokens_per_image, encoder.family.hidden_size,
+    return ShardedEncode(run_shard, even(shards), encoder.family.embedding_width,
                          on_split=on_split)
 
 
@@ -49,13 +49,13 @@ def stage(encoder, shards, run=None, calls=None, on_split=None):
 def test_sharded_equals_unsharded_and_follows_the_balancer(parts, n_images, shards):
     pre, encoder = parts
     images = pixels_and_grid(pre, n_images)
-    pixels, grid = images.pixel_values, images.grid_thw
+    pixels, grid = images.pixel_values, images.layout
     calls, splits = [], []
     sharded = stage(encoder, shards, calls=calls, on_split=splits.append).encode(images)
     whole = encoder.encode(pixels, grid)
     assert sharded.shape == whole.shape
     torch.testing.assert_close(sharded, whole, rtol=0, atol=1e-5)
-    expected, _ = balance(np.prod(grid, axis=1).tolist(), min(shards, n_images))
+    expected, _ = balance(images.tokens.tolist(), min(shards, n_images))  # by tokens
     assert sorted(map(np.ndarray.tolist, calls)) == sorted(grid[s].tolist() for s in expected if s)
     assert splits == [len(calls)], "the shards metric hears of each split"
 
@@ -64,11 +64,11 @@ def test_text_only_runs_nothing_and_one_image_runs_unsplit(parts):
     pre, encoder = parts
     calls = []
     s = stage(encoder, 4, calls=calls)
-    empty = s.encode(Images(np.zeros((0, 3), np.int64), pixel_values=torch.zeros((0, 1176))))
+    empty = s.encode(Images.of(encoder.family, np.zeros((0, 3), np.int64), pixel_values=torch.zeros((0, 1176))))
     assert empty.shape == (0, encoder.family.hidden_size) and calls == []
     one = pixels_and_grid(pre, 1)
     s.encode(one)
-    assert [c.tolist() for c in calls] == [one.grid_thw.tolist()]
+    assert [c.tolist() for c in calls] == [one.layout.tolist()]
 
 
 def _submit_all(s, requests, timeout=30):
@@ -133,7 +133,7 @@ def test_a_failing_shard_fails_its_request_only(parts):
 
 def test_a_bad_image_in_a_shard_is_named_by_its_place_in_the_request(parts):
     pre, encoder = parts
-    images = pixels_and_grid(pre, 4)  # 1564, 308, 4784 and 64 patches: shards [2] and [0, 1, 3]
+    images = pixels_and_grid(pre, 4)  # 391, 77, 1196 and 16 tokens: shards [2] and [0, 1, 3]
 
     def run(pixels, grid):
         if len(grid) == 3:  # the shard's image 2 is the request's image 3

@@ -27,7 +27,7 @@ def request(pre, order):
     """The images of SIZES at `order` (repeats allowed): (Images, content keys)."""
     files = [make_image(*SIZES[i], seed=i) for i in order]
     p = pre(GenerateRequest(text_input="hi", images=files))
-    return Images(p.image_grid_thw, pixel_values=torch.as_tensor(p.pixel_values)), p.image_keys
+    return Images.of(pre.family, p.image_grid_thw, pixel_values=torch.as_tensor(p.pixel_values)), p.image_keys
 
 
 def cached_stage(encoder, cache):
@@ -35,12 +35,12 @@ def cached_stage(encoder, cache):
 
     def run_shard(images, target):
         encoded.append(len(images))
-        return encoder.encode(images.pixel_values, images.grid_thw)
+        return encoder.encode(images.pixel_values, images.layout)
 
     counts = []
     if cache is not None:
         cache.on_lookup = lambda hits, misses: counts.append((hits, misses))
-    stage = ShardedEncode(run_shard, even(2), encoder.family.tokens_per_image, encoder.family.hidden_size,
+    stage = ShardedEncode(run_shard, even(2), encoder.family.embedding_width,
                           cache=cache)
     return stage, encoded, counts
 
@@ -57,7 +57,7 @@ def test_a_repeated_request_is_not_encoded_again_and_gets_the_same_embeddings(pa
     stage, encoded, counts = cached_stage(encoder, EmbeddingCache(2**30))
     images, keys = request(pre, [0, 1, 2, 3])
     first = stage.encode(images, keys)
-    assert torch.equal(first, encoder.encode(images.pixel_values, images.grid_thw))
+    assert torch.equal(first, encoder.encode(images.pixel_values, images.layout))
     calls = len(encoded)
     again = stage.encode(images, keys)
     assert torch.equal(again, first) and len(encoded) == calls and counts == [({"local": 0}, 4), ({"local": 4}, 0)]
@@ -70,7 +70,7 @@ def test_mixed_order_new_images_and_repeats_inside_a_request(parts):
     images, keys = request(pre, [1, 2, 2, 0])  # cached 1 and 0, a new 2 twice
     encoded.clear()
     out = stage.encode(images, keys)
-    assert torch.equal(out, encoder.encode(images.pixel_values, images.grid_thw))
+    assert torch.equal(out, encoder.encode(images.pixel_values, images.layout))
     assert encoded == [1] and counts[-1] == ({"local": 3}, 1), "the new image, once"
 
 
@@ -86,8 +86,8 @@ def test_without_a_cache_every_image_is_encoded(parts):
 def test_eviction_keeps_the_cache_within_its_budget(parts):
     pre, encoder = parts
     images, keys = request(pre, [0, 1, 2, 3])
-    sizes = [t.numel() * 4 for t in torch.split(encoder.encode(images.pixel_values, images.grid_thw),
-                                                 encoder.family.tokens_per_image(images.grid_thw).tolist())]
+    sizes = [t.numel() * 4 for t in torch.split(encoder.encode(images.pixel_values, images.layout),
+                                                 encoder.family.tokens_per_image(images.layout).tolist())]
     cache = EmbeddingCache(sizes[2] + sizes[3])  # room for the last two only
     stage, _, counts = cached_stage(encoder, cache)
     stage.encode(images, keys)

@@ -33,7 +33,7 @@ def test_local_replicas_get_balanced_shards_and_give_the_whole_encoding(tiny_mod
         return encoder.encode(pixels, grid)
 
     stage, remote = encode_stage(EncodeConfig(model_path=tiny_model, data_parallel=2, embedding_cache_mb=0), replicas)
-    rows = stage.encode(Images(p.image_grid_thw, pixel_values=torch.as_tensor(p.pixel_values)))
+    rows = stage.encode(Images.of(encoder.family, p.image_grid_thw, pixel_values=torch.as_tensor(p.pixel_values)))
     assert remote is None and len(calls) == 2
     torch.testing.assert_close(rows, encoder.encode(p.pixel_values, p.image_grid_thw), rtol=0, atol=1e-5)
     stage.shutdown()
@@ -51,7 +51,7 @@ def test_an_unreachable_encoder_server_is_reported_and_the_local_replicas_take_o
     assert warnings == [f"encoder server {dead} is unreachable at start; its shards go to {elsewhere}"]
     assert remote.state() == {dead: (0, False)}
     if fallback == "local":  # the files are decoded and encoded here
-        rows = stage.encode(Images(p.image_grid_thw, files=tuple(files)))
+        rows = stage.encode(Images.of(encoder.family, p.image_grid_thw, files=tuple(files)))
         torch.testing.assert_close(rows, encoder.encode(p.pixel_values, p.image_grid_thw), rtol=0, atol=1e-5)
     stage.shutdown()
     remote.close()

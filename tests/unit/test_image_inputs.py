@@ -37,14 +37,14 @@ def test_an_aspect_ratio_the_processor_refuses_is_a_request_error(processing):
         processing.grid([(1, 300)])
 
 
-def test_select_takes_pixel_rows_or_files_per_image():
+def test_select_takes_pixel_rows_or_files_per_image(processing):
     grid = np.array([[1, 2, 2], [1, 4, 2], [1, 2, 4]])
     pixels = torch.arange(4 + 8 + 8).float()[:, None].repeat(1, 3)
-    part = Images(grid, pixel_values=pixels).select([2, 0])
-    assert part.grid_thw.tolist() == [[1, 2, 4], [1, 2, 2]]
+    part = Images.of(processing.family, grid, pixel_values=pixels).select([2, 0])
+    assert part.layout.tolist() == [[1, 2, 4], [1, 2, 2]] and part.tokens.tolist() == [2, 1]
     assert part.pixel_values[:, 0].tolist() == list(range(12, 20)) + list(range(0, 4))
-    files = Images(grid, files=(b"a", b"b", b"c")).select([1, 2])
-    assert files.files == (b"b", b"c") and files.pixel_values is None and files.patches.tolist() == [8, 8]
+    files = Images.of(processing.family, grid, files=(b"a", b"b", b"c")).select([1, 2])
+    assert files.files == (b"b", b"c") and files.pixel_values is None and files.pixel_rows.tolist() == [8, 8]
 
 
 def test_remote_preprocessing_sends_the_files_and_the_same_prompt(tiny_model):

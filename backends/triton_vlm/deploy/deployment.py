@@ -3,10 +3,12 @@ tritonserver arguments. Anything left as None keeps what the source repository s
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..models import family_class
 from .launcher import MODEL_CONTROL
 from .repository import COMMITTED, render
 
@@ -54,6 +56,9 @@ class Deployment:
             raise ValueError(f"tensor_parallel {self.tensor_parallel} needs as many GPUs; got {list(self.gpus)}")
         if self.encoder_threads is not None and self.encoder_threads < 0:
             raise ValueError(f"encoder_threads must be >= 0, got {self.encoder_threads}")
+        config = Path(self.model) / "config.json"
+        if config.exists():  # a family we do not serve fails here, not inside the server's model loads
+            family_class(json.loads(config.read_text()).get("model_type"))
 
     def encoder_groups(self, count: int) -> list[dict]:
         """`count` instances: KIND_CPU, or KIND_GPU spread as evenly as possible over the GPUs."""

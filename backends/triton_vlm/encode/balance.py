@@ -1,6 +1,6 @@
-"""Split a request's images into encoder shards balanced by patch count, and gather them back.
+"""Split a request's images into encoder shards balanced by their tokens (the work), and gather them back.
 
-Greedy largest-first (as SGLang and vLLM do): sort images by patch count, descending and stable;
+Greedy largest-first (as SGLang and vLLM do): sort images by tokens, descending and stable;
 give each to the shard with the smallest load so far (ties: lowest index). Empty shards run nothing.
 """
 

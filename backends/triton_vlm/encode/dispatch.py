@@ -1,7 +1,7 @@
-"""The encode stage: split a request's images into patch-balanced shards, run them in parallel on the
-vision encoder replicas, gather the embeddings back in image order.
+"""The encode stage: split a request's images into shards balanced by their tokens, run them in parallel
+on the vision encoder replicas, gather the embeddings (and their extras, as columns) back in image order.
 
-`ShardedEncode` knows nothing of Triton. `split(patches)` says which images go together and where
+`ShardedEncode` knows nothing of Triton. `split(images)` says which images go together and where
 (`even(n)`: n balanced shards for local replicas, Triton picks the instance; `RemoteEncoders.split`:
 one shard per encoder server, weighted by their load), and `run_shard(images, target) -> embeddings`
 runs one shard there. `submit` returns at once and answers through a callback, so one stage instance
@@ -17,7 +17,6 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 from ..errors import InvalidRequest
@@ -26,18 +25,18 @@ from .balance import balance, gather
 from .embedding_cache import EmbeddingCache
 
 Target = Hashable | None  # where a shard runs: None is "any local replica"
-Split = Callable[[list[int], tuple[bytes, ...]], list[tuple[Target, list[int]]]]  # (patches, keys) -> shards
+Split = Callable[[Images], list[tuple[Target, list[int]]]]  # images -> shards (image indices, where)
 RunShard = Callable[[Images, Target], torch.Tensor]
 Done = Callable[[torch.Tensor | None, Exception | None], None]
 
 
 def even(num_shards: int) -> Split:
-    """Up to `num_shards` patch-balanced shards, for local replicas (no target: Triton picks one)."""
+    """Up to `num_shards` token-balanced shards, for local replicas (no target: Triton picks one)."""
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
 
-    def split(patches: list[int], keys: tuple[bytes, ...] = ()) -> list[tuple[Target, list[int]]]:
-        shards, _ = balance(patches, min(num_shards, len(patches)) or 1)
+    def split(images: Images) -> list[tuple[Target, list[int]]]:
+        shards, _ = balance(images.tokens.tolist(), min(num_shards, len(images)) or 1)
         return [(None, s) for s in shards if s]
 
     return split
@@ -54,11 +53,10 @@ def _numbered_as(indices: list[int]):
 
 
 class ShardedEncode:
-    def __init__(self, run_shard: RunShard, split: Split, tokens_per_image: Callable[[np.ndarray], np.ndarray],
-                 width: int, max_requests: int = 64, max_shards: int = 8,
+    def __init__(self, run_shard: RunShard, split: Split, width: int, max_requests: int = 64, max_shards: int = 8,
                  cache: EmbeddingCache | None = None, on_split: Callable[[int], None] | None = None) -> None:
         """`on_split(shards)`: told how many shards each encoding is split into (a metric)."""
-        self.run_shard, self.split, self.tokens_per_image = run_shard, split, tokens_per_image
+        self.run_shard, self.split = run_shard, split
         self.width, self.cache, self.on_split = width, cache, on_split  # width: columns of an embedding row
         # requests and the extra shards of a request get separate pools: a request thread waits on its
         # shards, and a shard never waits on anything, so the pools cannot deadlock. Threads start lazily.
@@ -80,9 +78,8 @@ class ShardedEncode:
         first: dict[bytes, int] = {}  # key -> the image that is encoded for it
         misses = [i for i, key in enumerate(keys) if found[i] is None and first.setdefault(key, i) == i]
         if misses:
-            tokens = self.tokens_per_image(images.grid_thw)
             with _numbered_as(misses):
-                encoded = torch.split(self._encode(images.select(misses)), [int(tokens[i]) for i in misses])
+                encoded = torch.split(self._encode(images.select(misses)), [int(images.tokens[i]) for i in misses])
             for i, embeds in zip(misses, encoded, strict=True):
                 found[i] = embeds
                 self.cache.put(keys[i], embeds)
@@ -93,17 +90,15 @@ class ShardedEncode:
         return torch.cat([f if f is not None else found[first[key]] for f, key in zip(found, keys, strict=True)])
 
     def _encode(self, images: Images) -> torch.Tensor:
-        shards = self.split(images.patches.tolist(), images.keys)
+        shards = self.split(images)
         if self.on_split is not None:
             self.on_split(len(shards))
         if len(shards) == 1:  # one image, one replica or a small request: unsplit
             return self.run_shard(images, shards[0][0])
-        tokens = self.tokens_per_image(images.grid_thw)
-
         def run(target: Target, indices: list[int]) -> list[torch.Tensor]:
             with _numbered_as(indices):
                 embeds = self.run_shard(images.select(indices), target)
-            return list(torch.split(embeds, [int(tokens[i]) for i in indices]))
+            return list(torch.split(embeds, [int(images.tokens[i]) for i in indices]))
 
         others = [self._shards.submit(run, *shard) for shard in shards[1:]]
         first = run(*shards[0])  # this thread runs the first shard itself

@@ -5,8 +5,8 @@ over Triton gRPC, the server decodes, resizes, patchifies and encodes them, and 
 as binary tensors. So do the embeddings, or through system shared memory for encoders on this host
 (`transport` auto: loopback addresses; `shm_outputs.py`).
 
-`split` gives each healthy encoder one shard, balanced by patch count on top of the patches it
-already has in flight; small requests (`local_below` patches) stay here. An image that an encoder
+`split` gives each healthy encoder one shard, balanced by image tokens on top of the tokens it
+already has in flight; small requests (under `local_below` pixel patches) stay here. An image that an encoder
 encoded recently (by content key) goes back to it, where its embeddings are cached, unless that would
 load it more than the image itself above the least-loaded encoder (Dynamo's cache-aware routing).
 If a shard times out or fails, that encoder is marked down and the shard is retried on the next one, then on `fallback`
@@ -56,7 +56,7 @@ class RemoteEncoders:
         self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
         self.local_below = local_below if fallback is not None else 0
         self._lock = threading.Lock()
-        self.in_flight = {url: 0 for url in self.urls}  # patches being encoded there
+        self.in_flight = {url: 0 for url in self.urls}  # tokens being encoded there
         self.down_until = {url: 0.0 for url in self.urls}
         self.answered = {url: True for url in self.urls}  # whether its last answer (or probe) was good
         self._local = threading.local()  # one gRPC client per thread and encoder
@@ -117,15 +117,16 @@ class RemoteEncoders:
             return [u for u in self.urls if self.down_until[u] <= now]
 
     def state(self) -> dict[str, tuple[int, bool]]:
-        """{url: (patches in flight there, whether its last answer was good)} (the metrics' source)."""
+        """{url: (tokens in flight there, whether its last answer was good)} (the metrics' source)."""
         with self._lock:
             return {u: (self.in_flight[u], self.answered[u]) for u in self.urls}
 
-    def split(self, patches: list[int], keys: tuple[bytes, ...] = ()) -> list[tuple[str | None, list[int]]]:
-        """One shard per healthy encoder, balanced over the patches each already has in flight; images
-        an encoder has cached go to it while the balance allows."""
-        everything = list(range(len(patches)))
-        if sum(patches) < self.local_below:
+    def split(self, images: Images) -> list[tuple[str | None, list[int]]]:
+        """One shard per healthy encoder, balanced by tokens over the tokens each already has in flight;
+        images an encoder has cached go to it while the balance allows."""
+        weights, keys = images.tokens.tolist(), images.keys
+        everything = list(range(len(weights)))
+        if int(images.pixel_rows.sum()) < self.local_below:
             return [(LOCAL, everything)]
         healthy = self.healthy()
         if not healthy:
@@ -135,14 +136,14 @@ class RemoteEncoders:
             affine = {i: self._encoded_by.get(key) for i, key in enumerate(keys)}
         pinned: dict[str, list[int]] = {u: [] for u in healthy}
         rest = []
-        for i in sorted(everything, key=lambda i: -patches[i]):
+        for i in sorted(everything, key=lambda i: -weights[i]):
             url = affine.get(i)
-            if url in loads and loads[url] <= min(loads.values()) + patches[i]:
+            if url in loads and loads[url] <= min(loads.values()) + weights[i]:
                 pinned[url].append(i)
-                loads[url] += patches[i]
+                loads[url] += weights[i]
             else:
                 rest.append(i)
-        shards, _ = balance([patches[i] for i in rest], len(healthy), [loads[u] for u in healthy])
+        shards, _ = balance([weights[i] for i in rest], len(healthy), [loads[u] for u in healthy])
         return [(url, pinned[url] + [rest[j] for j in shard])
                 for url, shard in zip(healthy, shards, strict=True) if pinned[url] or shard]
 
@@ -154,7 +155,7 @@ class RemoteEncoders:
             while len(self._encoded_by) > AFFINITY_KEYS:
                 self._encoded_by.popitem(last=False)
 
-    def _pick(self, tried: set[str], prefer: str | None, patches: int) -> str | None:
+    def _pick(self, tried: set[str], prefer: str | None, tokens: int) -> str | None:
         now = time.monotonic()
         with self._lock:
             candidates = [u for u in self.urls if u not in tried and self.down_until[u] <= now]
@@ -162,7 +163,7 @@ class RemoteEncoders:
                 return None
             url = prefer if prefer in candidates else min(candidates, key=lambda u: (self.in_flight[u],
                                                                                     self.urls.index(u)))
-            self.in_flight[url] += patches
+            self.in_flight[url] += tokens
             return url
 
     def _client(self, url: str):
@@ -196,8 +197,8 @@ class RemoteEncoders:
         result = client.infer(MODEL, inputs, client_timeout=self.timeout_s,
                               outputs=[embeds, grpcclient.InferRequestedOutput("_IMAGE_GRID_THW")])
         grid = result.as_numpy("_IMAGE_GRID_THW")
-        if not np.array_equal(grid.reshape(-1, 3), np.asarray(images.grid_thw).reshape(-1, 3)):
-            raise RuntimeError(f"it returned image_grid_thw {grid.tolist()} for {images.grid_thw.tolist()} "
+        if not np.array_equal(grid.reshape(-1, 3), images.layout):
+            raise RuntimeError(f"it returned image_grid_thw {grid.tolist()} for {images.layout.tolist()} "
                                "(a different model or image processor?)")
         if region is not None:
             return torch.from_numpy(self.shm.read(region, list(result.get_output("_IMAGE_EMBEDS").shape)))
@@ -213,8 +214,8 @@ class RemoteEncoders:
             return self.fallback(images)
         tried: set[str] = set()
         errors = []
-        patches = int(images.patches.sum())
-        while (url := self._pick(tried, target, patches)) is not None:
+        tokens = int(images.tokens.sum())
+        while (url := self._pick(tried, target, tokens)) is not None:
             tried.add(url)
             try:
                 embeds = self._remote(url, images)
@@ -232,7 +233,7 @@ class RemoteEncoders:
                 continue
             finally:
                 with self._lock:
-                    self.in_flight[url] -= patches
+                    self.in_flight[url] -= tokens
             with self._lock:
                 self.answered[url] = True
             self._remember(url, images.keys)

@@ -27,7 +27,7 @@ class LocalEncoder:
         self.processing, self.encode_on_replicas = processing, encode_on_replicas
 
     def __call__(self, images: Images, target=None):
-        pixels, grid = images.pixel_values, images.grid_thw
+        pixels, grid = images.pixel_values, images.layout
         if images.files is not None:
             pixels, grid = self.processing.decode(images.files, CHECKED)
         return self.encode_on_replicas(pixels, grid)
@@ -45,7 +45,7 @@ def encode_stage(config: EncodeConfig, encode_on_replicas: Callable, cache: Embe
         fallback = local if config.encoder_fallback == "local" else None
         remote = RemoteEncoders(config.remote_encoders, fallback=fallback, timeout_s=config.encoder_timeout_s,
                                 local_below=config.local_encode_below, transport=config.encoder_transport,
-                                embedding_bytes=lambda images: family.embedding_bytes(images.grid_thw))
+                                embedding_bytes=lambda images: family.embedding_bytes(images.layout))
         elsewhere = "the other encoders or the local encoder" if fallback else "the others"
         for url, ready in remote.probe().items():
             if not ready:
@@ -56,5 +56,4 @@ def encode_stage(config: EncodeConfig, encode_on_replicas: Callable, cache: Embe
         run, split = remote, remote.split
     else:
         run, split = local, even(config.data_parallel)
-    return ShardedEncode(run, split, family.tokens_per_image, family.embedding_width, cache=cache,
-                         on_split=on_split), remote
+    return ShardedEncode(run, split, family.embedding_width, cache=cache, on_split=on_split), remote

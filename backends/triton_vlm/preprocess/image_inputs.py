@@ -2,8 +2,9 @@
 
 `Images` carries them either as pixel patches (preprocessed here) or as the encoded files themselves
 (E/PD: the encoder server decodes, resizes and patchifies, so only the files go out and only the
-embeddings come back). Either way `grid_thw` is known up front: the placeholder tokens need it, and
-`ImageProcessing.grid` gets it from each image's size alone, by the image processor's own resize rule.
+embeddings come back), with each image's layout as the family reads it (tokens, pixel rows). Either
+way the layout is known up front: the placeholder tokens need it, and `ImageProcessing.grid` gets it
+from each image's size alone, by the family's resize rule. On the wire it is `_IMAGE_GRID_THW` [N, 3].
 """
 
 from __future__ import annotations
@@ -22,27 +23,36 @@ from .images import ImageLimits, decode_image
 
 @dataclass(frozen=True)
 class Images:
-    grid_thw: np.ndarray  # [N, 3] int64, in patches
-    pixel_values: torch.Tensor | None = None  # [P, D]: every image's patches, image after image
+    """Images with their layout as the family reads it: `tokens` per image (the encoders' work: the
+    balancing weight, and the rows of each image's embeddings) and `pixel_rows` per image (its rows of
+    `pixel_values`). Make them with `of`."""
+
+    layout: np.ndarray  # [N, 3] int64: the family's per-image layout (Qwen: t/h/w patch grids)
+    tokens: np.ndarray  # [N]
+    pixel_rows: np.ndarray  # [N]
+    pixel_values: torch.Tensor | None = None  # [sum pixel_rows, D], image after image
     files: tuple[bytes, ...] | None = None  # or the encoded image files, checked by their headers
     keys: tuple[bytes, ...] = ()  # each image's content key (embedding cache), when known
 
-    def __len__(self) -> int:
-        return len(self.grid_thw)
+    @classmethod
+    def of(cls, family, layout, pixel_values: torch.Tensor | None = None, files: tuple[bytes, ...] | None = None,
+           keys: tuple[bytes, ...] = ()) -> Images:
+        layout = np.asarray(layout, np.int64).reshape(-1, 3)
+        return cls(layout, np.asarray(family.tokens_per_image(layout), np.int64),
+                   np.asarray(family.pixel_rows(layout), np.int64), pixel_values, files, tuple(keys))
 
-    @property
-    def patches(self) -> np.ndarray:
-        return np.prod(np.asarray(self.grid_thw, np.int64).reshape(-1, 3), axis=1)
+    def __len__(self) -> int:
+        return len(self.layout)
 
     def select(self, indices: Sequence[int]) -> Images:
         """The images at `indices`, in that order."""
-        grid = np.asarray(self.grid_thw).reshape(-1, 3)[list(indices)]
-        keys = tuple(self.keys[i] for i in indices) if self.keys else ()
+        at = list(indices)
+        keys = tuple(self.keys[i] for i in at) if self.keys else ()
+        parts = dict(layout=self.layout[at], tokens=self.tokens[at], pixel_rows=self.pixel_rows[at], keys=keys)
         if self.files is not None:
-            return Images(grid, files=tuple(self.files[i] for i in indices), keys=keys)
-        rows = np.concatenate([[0], np.cumsum(self.patches)])
-        return Images(grid, pixel_values=torch.cat([self.pixel_values[rows[i]:rows[i + 1]] for i in indices]),
-                      keys=keys)
+            return Images(**parts, files=tuple(self.files[i] for i in at))
+        rows = np.concatenate([[0], np.cumsum(self.pixel_rows)])
+        return Images(**parts, pixel_values=torch.cat([self.pixel_values[rows[i]:rows[i + 1]] for i in at]))
 
 
 class ImageProcessing:

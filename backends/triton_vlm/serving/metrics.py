@@ -115,12 +115,12 @@ class ReplicaMetrics:
 
 
 class RemoteEncoderMetrics:
-    """E/PD: each encoder server's patches in flight from this server, and whether its last answer (or
-    probe) was good (every `interval_s`, from `state() -> {url: (patches in flight, up)}`)."""
+    """E/PD: each encoder server's image tokens in flight from this server, and whether its last answer (or
+    probe) was good (every `interval_s`, from `state() -> {url: (tokens in flight, up)}`)."""
 
     def __init__(self, state, interval_s: float = 1.0) -> None:
-        self.in_flight = Metric("triton_vlm_remote_encoder_in_flight_patches",
-                                "Patches this server has in flight on each encoder server")
+        self.in_flight = Metric("triton_vlm_remote_encoder_in_flight_tokens",
+                                "Image tokens this server has in flight on each encoder server")
         self.up = Metric("triton_vlm_remote_encoder_up", "1 if an encoder server's last answer was good, 0 if "
                          "it failed or timed out")
         self.state, self.interval_s = state, interval_s
@@ -129,8 +129,8 @@ class RemoteEncoderMetrics:
         threading.Thread(target=self._run, name="remote-encoder-metrics", daemon=True).start()
 
     def publish(self) -> None:
-        for url, (patches, up) in self.state().items():
-            self.in_flight(encoder=url).set(patches)
+        for url, (tokens, up) in self.state().items():
+            self.in_flight(encoder=url).set(tokens)
             self.up(encoder=url).set(1 if up else 0)
 
     def _run(self) -> None:

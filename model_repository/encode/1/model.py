@@ -15,6 +15,7 @@ import triton_python_backend_utils as pb_utils
 from triton_vlm import interface as I
 from triton_vlm.config import EncodeConfig
 from triton_vlm.encode.stage import encode_stage
+from triton_vlm.models import load_family
 from triton_vlm.preprocess.image_inputs import Images
 from triton_vlm.serving import metrics, triton_io
 
@@ -25,6 +26,7 @@ class TritonPythonModel:
     def initialize(self, args):
         self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
         config = EncodeConfig.from_parameters(triton_io.parameters(args))
+        self.family = load_family(config.model_path)
         self.stage, self.remote = encode_stage(
             config, triton_io.encode_on_replicas,
             cache=metrics.embedding_cache(config.embedding_cache_mb, config.embedding_cache_redis),
@@ -40,9 +42,9 @@ class TritonPythonModel:
                 files = triton_io.inputs(request, [I.IMAGES]).get(I.IMAGES, np.zeros(0, np.object_))
                 grid = passed[I.IMAGE_GRID_THW]
                 if len(files):
-                    images = Images(grid, files=tuple(bytes(f) for f in files))
+                    images = Images.of(self.family, grid, files=tuple(bytes(f) for f in files))
                 else:
-                    images = Images(grid, pixel_values=triton_io.input_tensor(request, I.PIXEL_VALUES))
+                    images = Images.of(self.family, grid, pixel_values=triton_io.input_tensor(request, I.PIXEL_VALUES))
                 keys = triton_io.inputs(request, [I.IMAGE_KEYS]).get(I.IMAGE_KEYS, np.zeros(0, np.object_))
                 self.stage.submit(images, _Reply(request, sender, passed), keys=[bytes(k) for k in keys])
             except Exception as e:

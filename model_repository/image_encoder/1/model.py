@@ -22,10 +22,9 @@ class TritonPythonModel:
         params = triton_io.parameters(args)
         self.limits = PreprocessConfig.from_parameters(params)
         encode = EncodeConfig.from_parameters(params)
-        family = load_family(encode.model_path)
+        self.family = family = load_family(encode.model_path)
         self.processing = ImageProcessing(encode.model_path)
-        self.stage = ShardedEncode(self._run_shard, even(encode.data_parallel), family.tokens_per_image,
-                                   family.embedding_width,
+        self.stage = ShardedEncode(self._run_shard, even(encode.data_parallel), family.embedding_width,
                                    cache=metrics.embedding_cache(encode.embedding_cache_mb,
                                                                  encode.embedding_cache_redis, tier="encoder"),
                                    on_split=metrics.EncodeMetrics("image_encoder").encoded)
@@ -45,7 +44,7 @@ class TritonPythonModel:
             self.limits.check_image_count(len(files))
             limits = self.limits.image_limits
             grid = self.processing.grid([open_image(data, i, limits).size for i, data in enumerate(files)])
-            embeds = self.stage.encode(Images(grid, files=tuple(files)), keys)
+            embeds = self.stage.encode(Images.of(self.family, grid, files=tuple(files)), keys)
         except Exception as e:
             return triton_io.error_response(e, "image_encoder")
         return pb_utils.InferenceResponse([triton_io.output(I.IMAGE_EMBEDS, embeds),

@@ -1,0 +1,38 @@
+"""Qwen3-VL and Qwen3-VL-MoE in-process (preprocess, one vision encoder, the language engine: the colocated
+path without Triton) against transformers' own generate, built without our code (`tests/reference.py`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import make_image
+from tests.reference import reference_generate
+from triton_vlm.config import EncoderConfig, LanguageConfig, PreprocessConfig
+from triton_vlm.encode.encoder import VisionEncoder
+from triton_vlm.engine.language import LanguageEngine, LanguageRequest
+from triton_vlm.models.tiny_model import make_tiny_model
+from triton_vlm.preprocess.stage import Preprocessor
+from triton_vlm.protocol import GenerateRequest, SamplingParams
+
+CASES = {"text-only": [], "one-image": [(640, 480)], "two-sizes": [(300, 200), (200, 500)],
+         "four-images": [(640, 480), (300, 200), (800, 600), (200, 500)]}
+
+
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe"])
+def pipeline(request, tmp_path_factory):
+    path = make_tiny_model(tmp_path_factory.mktemp(request.param) / "model", family=request.param)
+    engine = LanguageEngine(LanguageConfig(model_path=path))
+    yield path, Preprocessor(PreprocessConfig(model_path=path)), VisionEncoder(EncoderConfig(model_path=path)), engine
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_ids_equal_transformers(pipeline, case):
+    path, pre, encoder, engine = pipeline
+    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case])]
+    p = pre(GenerateRequest(text_input="Describe the pictures.", images=images,
+                            sampling=SamplingParams(max_tokens=12)))
+    request = LanguageRequest(case, p.input_ids, encoder.encode(p.pixel_values, p.image_grid_thw), p.image_grid_thw,
+                              p.sampling)
+    ours = [t for out in engine.generate(request) for t in out.token_ids]
+    assert ours == reference_generate(path, "Describe the pictures.", images, max_new_tokens=12)
