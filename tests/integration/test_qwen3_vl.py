@@ -1,11 +1,12 @@
-"""Qwen3-VL (dense) and Qwen3-VL-MoE through the real server, in every deployment mode, against
-transformers' own `generate` on tiny checkpoints: encoder DP 2 (a request's images split over two
-replicas, their deepstack features gathered back in image order), tensor parallelism 2 (dense and MoE),
-and E/PD with one language server and two encoder servers over gRPC and over shared memory."""
+"""Qwen3-VL (dense) through the real server, in every deployment mode, against transformers' own
+`generate` on a tiny checkpoint: encoder DP 2 (a request's images split over two replicas, their
+deepstack features gathered back in image order), tensor parallelism 2, and E/PD with one language
+server and two encoder servers, over gRPC and over shared memory. The MoE: `test_qwen3_vl_moe.py`."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -29,23 +30,21 @@ def images(case: str) -> list[bytes]:
     return [make_image(w, h, seed=i, fmt="PNG" if i % 2 else "JPEG") for i, (w, h) in enumerate(CASES[case])]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qwen3")
-    return {family: make_tiny_model(root / family, family=family) for family in ("qwen3_vl", "qwen3_vl_moe")}
+FAMILY = "qwen3_vl"
 
 
-@pytest.fixture(scope="module")
-def expected(models):
-    return {(family, case): reference_generate(models[family], PROMPT, images(case), max_new_tokens=12)
-            for family in models for case in CASES}
+def tiny(family: str, tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp(family) / "model", family=family)
 
 
-@pytest.fixture(scope="module")
-def servers(models, tmp_path_factory):
-    """Every mode at once (the servers start together): name -> a running server."""
-    root = tmp_path_factory.mktemp("qwen3-servers")
-    dense, moe = models["qwen3_vl"], models["qwen3_vl_moe"]
+def expectations(model) -> dict[str, list[int]]:
+    return {case: reference_generate(model, PROMPT, images(case), max_new_tokens=12) for case in CASES}
+
+
+@contextlib.contextmanager
+def deployments(root, colocated: dict[str, Deployment], epd: dict[str, tuple[Deployment, Callable]]):
+    """Servers of every deployment, started together: name -> a running server. `epd`: name -> (the
+    encoder servers' deployment, encoder URLs -> the language server's); two encoder servers each."""
     with contextlib.ExitStack() as stack:
 
         def start(name: str, deployment: Deployment) -> TritonServer:
@@ -53,56 +52,65 @@ def servers(models, tmp_path_factory):
             stack.callback(server.stop)
             return server.start()
 
-        started = {
-            "dense-dp2": start("dense-dp2", Deployment(dense, encoder_dp=2, embedding_cache_mb=0, minimal=True)),
-            "dense-tp2": start("dense-tp2", Deployment(dense, encoder_dp=1, tensor_parallel=2, minimal=True)),
-            "moe-tp2": start("moe-tp2", Deployment(moe, encoder_dp=2, tensor_parallel=2, embedding_cache_mb=0,
-                                                   minimal=True)),
-        }
-        encoders = [start(f"encoder{i}", Deployment(dense, mode="encoder", encoder_dp=1, embedding_cache_mb=0))
-                    for i in range(2)]
-        for server in encoders:
-            server.wait_ready(300)
-        urls = tuple(e.grpc_url for e in encoders)
-        for transport in ("grpc", "shm"):
-            started[f"dense-epd-{transport}"] = start(f"epd-{transport}", Deployment(
-                dense, mode="language", encoder_dp=1, minimal=True, embedding_cache_mb=0, encoder_urls=urls,
-                encoder_transport=transport, encoder_fallback="none"))
+        started = {name: start(name, d) for name, d in colocated.items()}
+        encoders = {name: [start(f"{name}-encoder{i}", pair[0]) for i in range(2)] for name, pair in epd.items()}
+        for name, pair in epd.items():
+            for server in encoders[name]:
+                server.wait_ready(300)
+            urls = tuple(e.grpc_url for e in encoders[name])
+            started[name] = start(name, pair[1](urls))
         for server in started.values():
             server.wait_ready(300)
         yield started
 
 
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny(FAMILY, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    return expectations(model)
+
+
+@pytest.fixture(scope="module")
+def servers(model, tmp_path_factory):
+    encoder = Deployment(model, mode="encoder", encoder_dp=1, embedding_cache_mb=0)
+
+    def language(transport: str) -> Callable[[tuple[str, ...]], Deployment]:
+        return lambda urls: Deployment(model, mode="language", encoder_dp=1, minimal=True, embedding_cache_mb=0,
+                                       encoder_urls=urls, encoder_transport=transport, encoder_fallback="none")
+
+    with deployments(tmp_path_factory.mktemp("qwen3-servers"), {
+        "dp2": Deployment(model, encoder_dp=2, embedding_cache_mb=0, minimal=True),
+        "tp2": Deployment(model, encoder_dp=1, tensor_parallel=2, minimal=True),
+    }, {"epd-grpc": (encoder, language("grpc")), "epd-shm": (encoder, language("shm"))}) as started:
+        yield started
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_every_dense_mode_equals_transformers(servers, expected, case):
-    want = expected[("qwen3_vl", case)]
-    for name in ("dense-dp2", "dense-tp2", "dense-epd-grpc", "dense-epd-shm"):
+def test_every_mode_equals_transformers(servers, expected, case):
+    for name in ("dp2", "tp2", "epd-grpc", "epd-shm"):
         answer = stream(servers[name].grpc_url, prompt=PROMPT, images=images(case), max_tokens=12)
-        assert answer.output_ids == want, name
+        assert answer.output_ids == expected[case], name
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_moe_with_two_ranks_equals_transformers(servers, expected, case):
-    answer = stream(servers["moe-tp2"].grpc_url, prompt=PROMPT, images=images(case), max_tokens=12)
-    assert answer.output_ids == expected[("qwen3_vl_moe", case)]
-
-
-def test_two_replicas_gather_embeddings_and_deepstack_features_in_image_order(servers, models):
+def test_two_replicas_gather_embeddings_and_deepstack_features_in_image_order(servers, model):
     """The encode stage's rows are the embeddings and 3 deepstack blocks (4 x hidden wide), and the two
     replicas' shards come back exactly as one encoder gives them."""
-    pre = stages.preprocess(servers["dense-dp2"].grpc_url, PROMPT, images("four-images"))
-    rows, _ = stages.encode(servers["dense-dp2"].grpc_url, pre)
-    whole = VisionEncoder(EncoderConfig(model_path=models["qwen3_vl"])).encode(pre["_PIXEL_VALUES"],
-                                                                                pre["_IMAGE_GRID_THW"])
+    pre = stages.preprocess(servers["dp2"].grpc_url, PROMPT, images("four-images"))
+    rows, _ = stages.encode(servers["dp2"].grpc_url, pre)
+    whole = VisionEncoder(EncoderConfig(model_path=model)).encode(pre["_PIXEL_VALUES"], pre["_IMAGE_GRID_THW"])
     assert rows.shape == (int(np.prod(pre["_IMAGE_GRID_THW"], axis=1).sum()) // 4, 4 * 64)
     np.testing.assert_allclose(rows, whole.numpy(), rtol=0, atol=1e-5)
 
 
 def test_a_cached_image_keeps_its_deepstack_features(servers, expected):
-    """`dense-tp2` keeps the default embedding cache: a repeated request is 4 hits, and the same ids."""
-    server = servers["dense-tp2"]
+    """`tp2` keeps the default embedding cache: a repeated request is 4 hits, and the same ids."""
+    server = servers["tp2"]
     stream(server.grpc_url, prompt=PROMPT, images=images("four-images"), max_tokens=12)
     hits = server_metric(server, "triton_vlm_embedding_cache_hits_total", 'tier="local"')
     answer = stream(server.grpc_url, prompt=PROMPT, images=images("four-images"), max_tokens=12)
     assert server_metric(server, "triton_vlm_embedding_cache_hits_total", 'tier="local"') == hits + 4
-    assert answer.output_ids == expected[("qwen3_vl", "four-images")]
+    assert answer.output_ids == expected["four-images"]

@@ -36,3 +36,25 @@ def test_greedy_ids_equal_transformers(pipeline, case):
                               p.sampling)
     ours = [t for out in engine.generate(request) for t in out.token_ids]
     assert ours == reference_generate(path, "Describe the pictures.", images, max_new_tokens=12)
+
+
+def test_each_rank_reads_only_its_slice_of_every_expert(tmp_path):
+    """MoE tensor parallelism splits each expert's intermediate dimension: rank r holds gate and up
+    columns [r*I/2, (r+1)*I/2) of the fused gate_up_proj, and those rows of down_proj."""
+    import torch
+    from safetensors import safe_open
+
+    from triton_vlm.engine.tp import TensorParallel
+    from triton_vlm.models import load_family
+
+    path = make_tiny_model(tmp_path / "moe", family="qwen3_vl_moe")
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        gate_up = f.get_tensor("model.language_model.layers.1.mlp.experts.gate_up_proj")  # [E, H, 2I]
+        down = f.get_tensor("model.language_model.layers.1.mlp.experts.down_proj")  # [E, I, H]
+    inter, half = gate_up.shape[2] // 2, gate_up.shape[2] // 4
+    for rank in range(2):
+        decoder = load_family(path).load_decoder("cpu", torch.float32, TensorParallel(rank, 2))
+        experts = decoder.model.layers[1].mlp.experts
+        mine = slice(rank * half, (rank + 1) * half)
+        assert torch.equal(experts.gate_up_proj, torch.cat([gate_up[:, :, mine], gate_up[:, :, inter:][:, :, mine]], 2))
+        assert torch.equal(experts.down_proj, down[:, mine])

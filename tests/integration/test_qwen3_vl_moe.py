@@ -1,0 +1,42 @@
+"""Qwen3-VL-MoE through the real server against transformers' own `generate` on a tiny checkpoint: two
+tensor-parallel ranks (each holding a slice of every expert) with two encoder replicas, and E/PD with
+one language server and two encoder servers."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.test_qwen3_vl import CASES, PROMPT, deployments, expectations, images, tiny
+from triton_vlm.deploy.deployment import Deployment
+from triton_vlm_clients.client import stream
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny("qwen3_vl_moe", tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def expected(model):
+    return expectations(model)
+
+
+@pytest.fixture(scope="module")
+def servers(model, tmp_path_factory):
+    encoder = Deployment(model, mode="encoder", encoder_dp=1, embedding_cache_mb=0)
+
+    def language(urls):
+        return Deployment(model, mode="language", encoder_dp=1, minimal=True, embedding_cache_mb=0,
+                          encoder_urls=urls, encoder_fallback="none")
+
+    with deployments(tmp_path_factory.mktemp("qwen3-moe-servers"), {
+        "tp2": Deployment(model, encoder_dp=2, tensor_parallel=2, embedding_cache_mb=0, minimal=True),
+    }, {"epd": (encoder, language)}) as started:
+        yield started
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_mode_equals_transformers(servers, expected, case):
+    for name in ("tp2", "epd"):
+        answer = stream(servers[name].grpc_url, prompt=PROMPT, images=images(case), max_tokens=12)
+        assert answer.output_ids == expected[case], name
