@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.families import CASES, PROMPT, images
+from tests.reference import reference_generate
 from triton_vlm.deploy.repository import COMMITTED
 from triton_vlm.deploy.server import TritonServer
+from triton_vlm.models.tiny_model import make_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +25,16 @@ def server(tiny_model, tmp_path_factory):
         yield triton.start().wait_ready(timeout_s=300)
     finally:
         triton.stop()
+
+
+@pytest.fixture(scope="module")
+def family_model(request, tmp_path_factory):
+    """The tiny checkpoint of the test module's FAMILY (a model_type)."""
+    family = request.module.FAMILY
+    return make_tiny_model(tmp_path_factory.mktemp(family) / "model", family=family)
+
+
+@pytest.fixture(scope="module")
+def family_expected(family_model) -> dict[str, list[int]]:
+    """transformers' greedy ids for each of `families.CASES`."""
+    return {case: reference_generate(family_model, PROMPT, images(case), max_new_tokens=12) for case in CASES}

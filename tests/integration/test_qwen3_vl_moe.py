@@ -6,23 +6,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.test_qwen3_vl import CASES, PROMPT, deployments, expectations, images, tiny
+from tests.integration.families import CASES, PROMPT, deployments, images
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm_clients.client import stream
 
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny("qwen3_vl_moe", tmp_path_factory)
+FAMILY = "qwen3_vl_moe"
 
 
 @pytest.fixture(scope="module")
-def expected(model):
-    return expectations(model)
-
-
-@pytest.fixture(scope="module")
-def servers(model, tmp_path_factory):
+def servers(family_model, tmp_path_factory):
+    model = family_model
     encoder = Deployment(model, mode="encoder", encoder_dp=1, embedding_cache_mb=0)
 
     def language(urls):
@@ -36,7 +29,7 @@ def servers(model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_every_mode_equals_transformers(servers, expected, case):
+def test_every_mode_equals_transformers(servers, family_expected, case):
     for name in ("tp2", "epd"):
         answer = stream(servers[name].grpc_url, prompt=PROMPT, images=images(case), max_tokens=12)
-        assert answer.output_ids == expected[case], name
+        assert answer.output_ids == family_expected[case], name

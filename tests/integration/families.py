@@ -1,0 +1,42 @@
+"""What the family tests through the server share: the cases, their images, starting every deployment
+at once, and (`conftest.py`) the module's tiny checkpoint and transformers' answers for it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from tests.conftest import make_image
+from triton_vlm.deploy.deployment import Deployment
+from triton_vlm.deploy.server import TritonServer
+
+PROMPT = "Describe the pictures."
+CASES = {"text-only": [], "one-image": [(640, 480)], "two-sizes": [(300, 200), (200, 500)],
+         "four-images": [(640, 480), (300, 200), (800, 600), (200, 500)]}
+
+
+def images(case: str) -> list[bytes]:
+    return [make_image(w, h, seed=i, fmt="PNG" if i % 2 else "JPEG") for i, (w, h) in enumerate(CASES[case])]
+
+
+@contextlib.contextmanager
+def deployments(root, colocated: dict[str, Deployment], epd: dict[str, tuple[Deployment, Callable]]):
+    """Servers of every deployment, started together: name -> a running server. `epd`: name -> (the
+    encoder servers' deployment, encoder URLs -> the language server's); two encoder servers each."""
+    with contextlib.ExitStack() as stack:
+
+        def start(name: str, deployment: Deployment) -> TritonServer:
+            server = TritonServer(deployment.render(root / name), graceful_stop=False, log_file=root / f"{name}.log")
+            stack.callback(server.stop)
+            return server.start()
+
+        started = {name: start(name, d) for name, d in colocated.items()}
+        encoders = {name: [start(f"{name}-encoder{i}", pair[0]) for i in range(2)] for name, pair in epd.items()}
+        for name, pair in epd.items():
+            for server in encoders[name]:
+                server.wait_ready(300)
+            urls = tuple(e.grpc_url for e in encoders[name])
+            started[name] = start(name, pair[1](urls))
+        for server in started.values():
+            server.wait_ready(300)
+        yield started
