@@ -90,7 +90,7 @@ def _serve(args) -> int:
                 [sys.executable, "-m", "triton_vlm.cli", "openai", "--triton-url", server.grpc_url, "--port",
                  str(args.openai_port), "--host", args.openai_host, "--served-model-name", str(model)],
                 preexec_fn=_die_with_parent)
-        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        signal.signal(signal.SIGTERM, lambda *_: server.terminate())  # the wait below then returns
         try:
             server.wait_ready(args.ready_timeout)
             openai = f"; OpenAI API http://{args.openai_host}:{args.openai_port}/v1" if frontend else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,9 @@ def test_serve_with_encoder_replicas_the_openai_api_and_infer_commands(tiny_mode
             answer = client.chat.completions.create(model="m", max_tokens=4, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is this"}]}])
             assert answer.usage.completion_tokens >= 1 and answer.usage.prompt_tokens > 20
+            process.send_signal(signal.SIGTERM)  # as `docker stop` or systemd stop it: it ends, and ends the server
+            process.wait(timeout=60)
+            assert subprocess.run(["pgrep", "-f", f"grpc-port={grpc}"], capture_output=True).returncode == 1
         finally:
             stop_process_group(process)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -149,6 +150,13 @@ class TritonServer:
             return False
         text = self.log_file.read_text(errors="replace")
         return any(failure in text for failure in _BIND_FAILURES)
+
+    def terminate(self) -> None:
+        """SIGTERM the server's process group and return at once: safe in a signal handler, which must not
+        wait on the process (the interrupted `wait` holds Popen's lock, so a second one never returns)."""
+        if self.process is not None and self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
 
     def stop(self, timeout_s: float = 60, graceful: bool | None = None) -> None:
         """SIGTERM (Triton finishes in-flight requests and finalizes every model, several seconds), or with
