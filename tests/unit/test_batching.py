@@ -81,8 +81,8 @@ def test_stats_count_prefill_and_decode_tokens_and_the_waiting(parts, tiny_model
         stats = small.stats()
         assert stats.prefill_tokens == sum(len(r.input_ids) for r in requests)
         assert stats.decode_tokens == sum(len(ids) - 1 for ids, _, _ in results) + 7
-        assert (stats.running, stats.waiting, stats.slots_in_use) == (0, 0, 0)
-        assert max(s.waiting for s in seen) >= 1 and max(s.slots_in_use for s in seen) == 1, "one slot, a queue"
+        assert (stats.running, stats.waiting, small.free_slots) == (0, 0, 1)
+        assert max(s.waiting for s in seen) >= 1 and max(s.running for s in seen) == 1, "one slot, a queue"
     finally:
         small.shutdown()
 

@@ -32,7 +32,8 @@ def test_local_replicas_get_balanced_shards_and_give_the_whole_encoding(tiny_mod
         calls.append(grid.tolist())
         return encoder.encode(pixels, grid)
 
-    stage, remote = encode_stage(EncodeConfig(model_path=tiny_model, data_parallel=2, embedding_cache_mb=0), replicas)
+    config = EncodeConfig(model_path=tiny_model, data_parallel=2, embedding_cache_mb=0)
+    stage, remote = encode_stage(config, encoder.family, replicas)
     rows = stage.encode(Images.of(encoder.family, p.image_grid_thw, pixel_values=torch.as_tensor(p.pixel_values)))
     assert remote is None and len(calls) == 2
     torch.testing.assert_close(rows, encoder.encode(p.pixel_values, p.image_grid_thw), rtol=0, atol=1e-5)
@@ -47,7 +48,7 @@ def test_an_unreachable_encoder_server_is_reported_and_the_local_replicas_take_o
     dead = f"127.0.0.1:{free_port()}"
     warnings = []
     config = EncodeConfig(model_path=tiny_model, encoder_urls=dead, encoder_fallback=fallback, encoder_timeout_s=2)
-    stage, remote = encode_stage(config, encoder.encode, warn=warnings.append)
+    stage, remote = encode_stage(config, encoder.family, encoder.encode, warn=warnings.append)
     assert warnings == [f"encoder server {dead} is unreachable at start; its shards go to {elsewhere}"]
     assert remote.state() == {dead: (0, False)}
     if fallback == "local":  # the files are decoded and encoded here

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable
 
 from ..config import EncodeConfig
-from ..models import load_family
+from ..models.family import Family
 from ..preprocess.image_inputs import ImageProcessing, Images
 from ..preprocess.images import ImageLimits
 from .dispatch import ShardedEncode, even
@@ -33,12 +33,12 @@ class LocalEncoder:
         return self.encode_on_replicas(pixels, grid)
 
 
-def encode_stage(config: EncodeConfig, encode_on_replicas: Callable, cache: EmbeddingCache | None = None,
-                 on_split: Callable[[int], None] | None = None, warn: Callable[[str], None] = log.warning,
+def encode_stage(config: EncodeConfig, family: Family, encode_on_replicas: Callable,
+                 cache: EmbeddingCache | None = None, on_split: Callable[[int], None] | None = None,
+                 warn: Callable[[str], None] = log.warning,
                  info: Callable[[str], None] = log.info) -> tuple[ShardedEncode, RemoteEncoders | None]:
     """-> (the stage, the encoder-server pool when `config` names encoder servers). Servers unreachable at
     start are marked down and said so (`warn`); changes of a watched list are said with `info`."""
-    family = load_family(config.model_path)
     local = LocalEncoder(ImageProcessing(config.model_path, family), encode_on_replicas)
     remote = None
     if config.remote_encoders or config.encoder_urls_file:

@@ -75,9 +75,8 @@ Callback = Callable[[StepOutput], None]
 class EngineStats:
     """The engine now (the metrics' source): sequences running and waiting, slots held, and token totals."""
 
-    running: int
+    running: int  # each holds one KV-cache slot: also the slots in use
     waiting: int  # accepted, not yet prefilled (no free slot, or over max_prefill_tokens this step)
-    slots_in_use: int
     prefill_tokens: int  # prompt tokens prefilled so far
     decode_tokens: int  # tokens decode steps produced so far (each sequence's first comes from its prefill)
 
@@ -173,8 +172,7 @@ class LanguageEngine:
         return self._slots.free
 
     def stats(self) -> EngineStats:
-        held = self._slots.held
-        return EngineStats(held, self._waiting + self._queue.qsize(), held, self._prefill_tokens,
+        return EngineStats(self._slots.held, self._waiting + self._queue.qsize(), self._prefill_tokens,
                            self._decode_tokens)
 
     def _slot_len_for_budget(self, tp_size: int, dtype: torch.dtype) -> int:
@@ -258,9 +256,11 @@ class LanguageEngine:
         """One iteration: new sequences are prefilled (each emits its first token), then every running
         sequence decodes one token. Each phase: schedule, run, postprocess."""
         admitted = self._schedule_prefill(waiting)
-        running += admitted
+        running += admitted  # before anything can fail: each ends in `_fail` or a finish, and frees its slot
         self._waiting = len(waiting)
         self._postprocess(self._run(admitted, self._prefill_forward, "prefill"))
+        for seq in admitted:
+            seq.prompt = None  # prefilled: its inputs are no longer needed
         self._postprocess(self._run(self._schedule_decode(running), self._decode_forward, "decode"))
 
     def _take_new(self, waiting: deque, block: bool) -> bool:
@@ -356,7 +356,6 @@ class LanguageEngine:
     def _postprocess(self, rows: list[tuple[_Sequence, torch.Tensor, int | None]]) -> None:
         """Sample each sequence's token and emit it; an exception ends that sequence only."""
         for seq, logits, greedy in rows:
-            seq.prompt = None  # prefilled: its inputs are no longer needed
             try:
                 self._sample_and_emit(seq, logits, greedy)
             except Exception as e:

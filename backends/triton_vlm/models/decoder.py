@@ -26,8 +26,7 @@ class Body(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.rotary_emb = Rotary(config, spec.rotary)
-        self.layers = nn.ModuleList(Layer(config, spec, tp, i, self.rotary_emb)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Layer(config, spec, tp, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
 
@@ -134,9 +133,7 @@ def load_decoder(config, spec: DecoderSpec, state_of, device: str, dtype: torch.
     if "lm_head.weight" not in state and tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=False, assign=True)
-    model.model.rotary_emb = Rotary(config, spec.rotary)  # buffers, not weights
-    for layer in model.model.layers:
-        layer.self_attn.rotary = [model.model.rotary_emb]
+    model.model.rotary_emb = Rotary(config, spec.rotary)  # buffers, not weights: built off the meta device
     missing = {n for n, _ in model.named_parameters()} - set(state)
     if missing:
         raise ValueError(f"checkpoint lacks {sorted(missing)[:5]}")

@@ -28,7 +28,6 @@ class DecoderSpec:
     qkv_bias: bool = True
     qk_norm: bool = False
     moe: bool = False  # sparse MoE blocks where the config puts them (else dense MLPs)
-    deepstack: int = 0  # extra feature blocks added to the image positions after the first layers
 
 
 def head_dim(config) -> int:
@@ -46,6 +45,8 @@ class KVCache:
 
 
 class Rotary(nn.Module):
+    """(cos, sin) of the positions, computed once a step for every layer."""
+
     def __init__(self, config, kind: str) -> None:
         super().__init__()
         self.kind = kind
@@ -58,24 +59,26 @@ class Rotary(nn.Module):
         else:
             raise ValueError(f"unknown rotary embedding {kind!r}")
         self.embedding = Embedding(config)
-        self.mrope_section = (config.rope_scaling or {}).get("mrope_section")
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [3, b, s] -> (cos, sin) for `apply`."""
+        """positions [3, b, s] -> (cos, sin) for `rotate`."""
         return self.embedding(x, positions[0] if self.kind == "1d" else positions)
 
-    def apply(self, q, k, cos, sin):
-        if self.kind == "mrope":
-            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_multimodal_rotary_pos_emb
 
-            return apply_multimodal_rotary_pos_emb(q, k, cos, sin, self.mrope_section)
-        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+def rotate(config, kind: str):
+    """The function that applies `Rotary`'s (cos, sin) to q and k ([b, heads, s, d]) for this kind."""
+    if kind == "mrope":
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_multimodal_rotary_pos_emb
 
-        return apply_rotary_pos_emb(q, k, cos, sin)
+        section = config.rope_scaling["mrope_section"]
+        return lambda q, k, cos, sin: apply_multimodal_rotary_pos_emb(q, k, cos, sin, section)
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    return apply_rotary_pos_emb  # 1D, and interleaved M-RoPE (its cos/sin come interleaved already)
 
 
 class Attention(nn.Module):
-    def __init__(self, config, spec: DecoderSpec, tp: TensorParallel, layer: int, rotary: Rotary) -> None:
+    def __init__(self, config, spec: DecoderSpec, tp: TensorParallel, layer: int) -> None:
         super().__init__()
         self.head_dim = head_dim(config)
         self.heads = config.num_attention_heads // tp.size
@@ -87,7 +90,7 @@ class Attention(nn.Module):
         if spec.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-        self.qk_norm, self.rotary = spec.qk_norm, [rotary]  # a list: the rotary is the body's, not a child
+        self.qk_norm, self.rotate = spec.qk_norm, rotate(config, spec.rotary)
         self.tp, self.layer = tp, layer
 
     def _qkv(self, x, cos, sin):
@@ -97,7 +100,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self.rotary[0].apply(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         return q, k, v  # [b, heads, s, d]
 
     def _out(self, o):
@@ -180,9 +183,9 @@ class MoE(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, config, spec: DecoderSpec, tp: TensorParallel, layer: int, rotary: Rotary) -> None:
+    def __init__(self, config, spec: DecoderSpec, tp: TensorParallel, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config, spec, tp, layer, rotary)
+        self.self_attn = Attention(config, spec, tp, layer)
         sparse = spec.moe and layer not in (getattr(config, "mlp_only_layers", None) or []) and \
             config.num_experts > 0 and (layer + 1) % config.decoder_sparse_step == 0
         self.mlp = MoE(config, tp) if sparse else MLP(config.hidden_size, config.intermediate_size, tp)

@@ -58,7 +58,6 @@ class Qwen3VL(Qwen2_5_VL):
         if getattr(text, "attention_bias", False):
             raise ValueError(f"{self.model_type} with attention_bias is not supported")
         self.extra_features = len(self.config.vision_config.deepstack_visual_indexes)
-        self.decoder_spec = DecoderSpec(**{**self.decoder_spec.__dict__, "deepstack": self.extra_features})
 
     def image_processor_kwargs(self) -> dict:
         """Real checkpoints give the pixel budget only as `size`, which the fast processor honours and the

@@ -161,7 +161,7 @@ class EngineMetrics:
         """`stats`: the engine's `EngineStats`."""
         self.running().set(stats.running)
         self.waiting().set(stats.waiting)
-        self.slots().set(stats.slots_in_use)
+        self.slots().set(stats.running)  # a running sequence holds one slot
         prefill, decode = self._published
         self.prefill().increment(stats.prefill_tokens - prefill)
         self.decode().increment(stats.decode_tokens - decode)

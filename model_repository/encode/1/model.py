@@ -28,7 +28,7 @@ class TritonPythonModel:
         config = EncodeConfig.from_parameters(triton_io.parameters(args))
         self.family = load_family(config.model_path)
         self.stage, self.remote = encode_stage(
-            config, triton_io.encode_on_replicas,
+            config, self.family, triton_io.encode_on_replicas,
             cache=metrics.embedding_cache(config.embedding_cache_mb, config.embedding_cache_redis),
             on_split=metrics.EncodeMetrics("encode").encoded,
             warn=pb_utils.Logger.log_warn, info=pb_utils.Logger.log_info)
