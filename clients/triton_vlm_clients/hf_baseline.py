@@ -1,7 +1,8 @@
 """The naive baseline: plain transformers `generate`, in-process, one request at a time.
 
-Uses only transformers (the tokenizer, the slow image processor and the Qwen-VL processors' own
-placeholder expansion), none of triton-vlm's serving code, so it is also the yardstick of the parity tests.
+Uses only transformers (the tokenizer, the slow image processor and the processors' own placeholder
+expansion: InternVL's and GLM-4.1V's combined processors themselves, the Qwen-VL processors' rule),
+none of triton-vlm's serving code, so it is also the yardstick of the parity tests.
 """
 
 from __future__ import annotations
@@ -42,7 +43,20 @@ class _Clock(BaseStreamer):
 
 
 MODELS = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-          "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}
+          "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
+          "glm4v": "Glm4vForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration"}
+COMBINED = {"internvl": "InternVLProcessor", "glm4v": "Glm4vProcessor", "glm4v_moe": "Glm4vProcessor"}
+
+
+def combined_processor(path, model_type: str, image_processor, tokenizer):
+    """The family's own combined processor for images and text, without its video processor (which needs
+    torchvision)."""
+    base = getattr(transformers, COMBINED[model_type])
+    images_only = type(base.__name__, (base,), {"attributes": ["image_processor", "tokenizer"]})
+    config = Path(path) / "processor_config.json"
+    kwargs = json.loads(config.read_text()) if config.exists() else {}
+    kwargs.pop("processor_class", None)
+    return images_only(image_processor, tokenizer, None, **kwargs)
 
 
 def slow_processor_kwargs(path) -> dict:
@@ -57,19 +71,26 @@ def slow_processor_kwargs(path) -> dict:
 
 class HFModel:
     def __init__(self, path, dtype=torch.float32) -> None:
-        model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
-        self.model = getattr(transformers, MODELS[model_type]).from_pretrained(path, dtype=dtype).eval()
+        self.model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
+        self.model = getattr(transformers, MODELS[self.model_type]).from_pretrained(path, dtype=dtype).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.processor = AutoImageProcessor.from_pretrained(path, use_fast=False, **slow_processor_kwargs(path))
+        self.combined = None
+        if self.model_type in COMBINED:
+            self.combined = combined_processor(path, self.model_type, self.processor, self.tokenizer)
 
     def inputs(self, prompt: str, images: list[bytes]) -> dict:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
         inputs: dict = {}
+        pics = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+        if self.combined is not None:
+            # RGB pictures are channels-last; left to guess, a 1x1 picture is taken as channels-first
+            return dict(self.combined(images=pics or None, text=text, return_tensors="pt",
+                                      input_data_format="channels_last"))
         if images:
-            pics = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
-            vision = self.processor(images=pics, return_tensors="pt")
+            vision = self.processor(images=pics, return_tensors="pt", input_data_format="channels_last")
             merge = self.model.config.vision_config.spatial_merge_size
             # the Qwen-VL processors: each <|image_pad|> becomes one token per merged patch
             for grid in vision["image_grid_thw"]:

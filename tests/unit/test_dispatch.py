@@ -142,3 +142,25 @@ def test_a_bad_image_in_a_shard_is_named_by_its_place_in_the_request(parts):
 
     with pytest.raises(InvalidRequest, match="^image 3 could not be decoded: truncated$"):
         stage(encoder, 2, run=run).encode(images)
+
+
+def test_one_internvl_image_is_spread_over_replicas_by_tiles_and_comes_back_in_order(tmp_path):
+    """InternVL's tiles encode independently: a 1280x720 image's tiles are shared out over 3 replicas
+    (each gets some), and the gathered rows equal the whole image encoded at once."""
+    from triton_vlm.models.tiny_model import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "internvl", family="internvl")
+    pre, encoder = Preprocessor(PreprocessConfig(model_path=path)), VisionEncoder(EncoderConfig(model_path=path))
+    p = pre(GenerateRequest(text_input="hi", images=[make_image(1280, 720), make_image(300, 200, seed=1)]))
+    images = Images.of(pre.family, p.image_grid_thw, pixel_values=torch.as_tensor(p.pixel_values))
+    calls = []
+
+    def run_shard(shard, target):
+        calls.append(len(shard))
+        return encoder.encode(shard.pixel_values, shard.layout)
+
+    sharded = ShardedEncode(run_shard, even(3), encoder.family.embedding_width,
+                            pieces=lambda i: i.pieces(encoder.family)).encode(images)
+    tiles = int(images.pixel_rows.sum())
+    assert tiles > 10 and len(calls) == 3 and sum(calls) == tiles and min(calls) >= tiles // 3
+    torch.testing.assert_close(sharded, encoder.encode(p.pixel_values, p.image_grid_thw), rtol=0, atol=1e-5)

@@ -1,5 +1,7 @@
 """The encode stage: split a request's images into shards balanced by their tokens, run them in parallel
 on the vision encoder replicas, gather the embeddings (and their extras, as columns) back in image order.
+Images as pixels are split into the family's pieces first (InternVL: tiles), so one image's encoding
+may be spread over several replicas; its rows come back in order all the same.
 
 `ShardedEncode` knows nothing of Triton. `split(images)` says which images go together and where
 (`even(n)`: n balanced shards for local replicas, Triton picks the instance; `RemoteEncoders.split`:
@@ -28,6 +30,7 @@ Target = Hashable | None  # where a shard runs: None is "any local replica"
 Split = Callable[[Images], list[tuple[Target, list[int]]]]  # images -> shards (image indices, where)
 RunShard = Callable[[Images, Target], torch.Tensor]
 Done = Callable[[torch.Tensor | None, Exception | None], None]
+Pieces = Callable[[Images], tuple[Images, list[int]]]  # images -> their pieces, and each piece's image
 
 
 def even(num_shards: int) -> Split:
@@ -54,9 +57,11 @@ def _numbered_as(indices: list[int]):
 
 class ShardedEncode:
     def __init__(self, run_shard: RunShard, split: Split, width: int, max_requests: int = 64, max_shards: int = 8,
-                 cache: EmbeddingCache | None = None, on_split: Callable[[int], None] | None = None) -> None:
-        """`on_split(shards)`: told how many shards each encoding is split into (a metric)."""
-        self.run_shard, self.split = run_shard, split
+                 cache: EmbeddingCache | None = None, on_split: Callable[[int], None] | None = None,
+                 pieces: Pieces | None = None) -> None:
+        """`on_split(shards)`: told how many shards each encoding is split into (a metric). `pieces`: splits
+        images given as pixels into the family's pieces (`Images.pieces`)."""
+        self.run_shard, self.split, self.pieces = run_shard, split, pieces
         self.width, self.cache, self.on_split = width, cache, on_split  # width: columns of an embedding row
         # requests and the extra shards of a request get separate pools: a request thread waits on its
         # shards, and a shard never waits on anything, so the pools cannot deadlock. Threads start lazily.
@@ -90,13 +95,18 @@ class ShardedEncode:
         return torch.cat([f if f is not None else found[first[key]] for f, key in zip(found, keys, strict=True)])
 
     def _encode(self, images: Images) -> torch.Tensor:
+        owner = list(range(len(images)))  # the request's image of each unit of work
+        if self.pieces is not None and images.pixel_values is not None:
+            images, owner = self.pieces(images)
         shards = self.split(images)
         if self.on_split is not None:
             self.on_split(len(shards))
         if len(shards) == 1:  # one image, one replica or a small request: unsplit
-            return self.run_shard(images, shards[0][0])
+            with _numbered_as(owner):
+                return self.run_shard(images, shards[0][0])
+
         def run(target: Target, indices: list[int]) -> list[torch.Tensor]:
-            with _numbered_as(indices):
+            with _numbered_as([owner[i] for i in indices]):
                 embeds = self.run_shard(images.select(indices), target)
             return list(torch.split(embeds, [int(images.tokens[i]) for i in indices]))
 

@@ -56,4 +56,5 @@ def encode_stage(config: EncodeConfig, family: Family, encode_on_replicas: Calla
         run, split = remote, remote.split
     else:
         run, split = local, even(config.data_parallel)
-    return ShardedEncode(run, split, family.embedding_width, cache=cache, on_split=on_split), remote
+    return ShardedEncode(run, split, family.embedding_width, cache=cache, on_split=on_split,
+                         pieces=lambda images: images.pieces(family)), remote

@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from .family import Family
 
 FAMILIES = {  # model_type -> "module:class" in this package
+    "internvl": "internvl:InternVL",
     "qwen2_5_vl": "qwen2_5_vl:Qwen2_5_VL",
     "qwen3_vl": "qwen3_vl:Qwen3VL",
     "qwen3_vl_moe": "qwen3_vl:Qwen3VLMoe",

@@ -26,6 +26,11 @@ class Family:
     model_type: str  # config.json's model_type
     image_token_id: int  # the prompt token the image embeddings replace
     image_placeholder: str  # the chat template's text for one image, before expansion
+    chat_template: str  # the tiny checkpoints' chat template (the real one, for the parts we use)
+    special_tokens: tuple[str, ...]  # the tiny checkpoints' tokenizer: its special tokens,
+    eos_token: str  # end of turn,
+    pad_token: str  # and padding
+    tokenizer_extras: dict = {}  # and its named special tokens (`extra_special_tokens`) a processor reads
     hidden_size: int  # the language model's width: one embedding row
     extra_features: int = 0  # hidden-wide feature blocks that ride with each embedding row
     max_model_len: int
@@ -51,6 +56,13 @@ class Family:
         """layout [N, 3] -> [N] rows of pixel_values per image."""
         raise NotImplementedError
 
+    def pieces(self, layout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An image's parts that encode independently (InternVL: its tiles), the units of encoder data
+        parallelism: (layout rows of the pieces, image of each piece), in order, each piece's pixel rows
+        and embedding rows consecutive within its image's. Qwen and GLM encode an image whole."""
+        layout = np.asarray(layout, np.int64).reshape(-1, 3)
+        return layout, np.arange(len(layout))
+
     def image_processor_kwargs(self) -> dict:
         """What `AutoImageProcessor.from_pretrained` must be told so that the slow processor resizes as
         the checkpoint's (fast) one would."""
@@ -59,6 +71,14 @@ class Family:
     def layout_from_sizes(self, processor, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
         """(width, height) per image -> layout [N, 3], by the family's own resize rule, without pixels
         (the E/PD language server reads only the headers). Raises ValueError for a size it cannot use."""
+        raise NotImplementedError
+
+    def pixel_dim(self, processor) -> int:
+        """Columns of `pixel_values` (one row: a patch, or a whole tile, flattened)."""
+        raise NotImplementedError
+
+    def process(self, processor, pictures: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded RGB pictures -> (pixel_values [sum pixel_rows, pixel_dim] float32, layout [N, 3])."""
         raise NotImplementedError
 
     # --- prompt ---------------------------------------------------------------

@@ -29,6 +29,9 @@ class Qwen2_5_VL(Family):
     model_type = "qwen2_5_vl"
     image_placeholder = "<|image_pad|>"
     chat_template = QWEN2_VL_TEMPLATE
+    special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                      "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+    eos_token, pad_token = "<|im_end|>", "<|endoftext|>"
     decoder_spec = DecoderSpec(rotary="mrope", qkv_bias=True)
 
     def __init__(self, model_path: str | Path) -> None:
@@ -58,6 +61,15 @@ class Qwen2_5_VL(Family):
                                 max_pixels=p.max_pixels)
             rows.append((1, h // p.patch_size, w // p.patch_size))
         return np.asarray(rows, np.int64).reshape(-1, 3)
+
+    def pixel_dim(self, processor) -> int:
+        return 3 * processor.temporal_patch_size * processor.patch_size**2
+
+    def process(self, processor, pictures) -> tuple[np.ndarray, np.ndarray]:
+        # RGB pictures are channels-last; left to guess, the processor takes a height of 1 or 3 for the
+        # channels (a 1x1 image failed with "mean must have 1 elements", a 100x3 one got a transposed grid)
+        out = processor(images=pictures, return_tensors="np", input_data_format="channels_last")
+        return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
 
     def expand_placeholder(self, tokens: int) -> str:
         return self.image_placeholder * tokens

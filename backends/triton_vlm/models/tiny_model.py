@@ -33,17 +33,6 @@ QWEN2_VL_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-]
-
 _WORDS = (
     "the a an image picture photo shows describe what is in of and to on with this that "
     "red green blue yellow black white gray dark light small large big tiny wide tall "
@@ -88,7 +77,7 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def _build_tokenizer(vocab: int, seed: int, chat_template: str):
+def _build_tokenizer(vocab: int, seed: int, family):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -104,13 +93,14 @@ def _build_tokenizer(vocab: int, seed: int, chat_template: str):
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=SPECIAL_TOKENS,
+        eos_token=family.eos_token,
+        pad_token=family.pad_token,
+        additional_special_tokens=list(family.special_tokens),
         model_max_length=32768,
         model_input_names=["input_ids", "attention_mask"],
+        **family.tokenizer_extras,
     )
-    fast.chat_template = chat_template
+    fast.chat_template = family.chat_template
     return fast
 
 
@@ -123,8 +113,8 @@ def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0, family: 
     builder = family_class(family)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer(SIZES[size]["vocab"], seed, builder.chat_template)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    tokenizer = _build_tokenizer(SIZES[size]["vocab"], seed, builder)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in builder.special_tokens}
     builder.write_tiny(out, size, seed, ids, vocab_size=(len(tokenizer) + 63) // 64 * 64)
     tokenizer.save_pretrained(out)
     (out / "triton_vlm.json").write_text(json.dumps({"generator": "triton-vlm make-tiny-model", "family": family,
@@ -132,11 +122,11 @@ def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0, family: 
     return out
 
 
-def generation_config(ids: dict[str, int]):
+def generation_config(ids: dict[str, int], eos=("<|im_end|>", "<|endoftext|>"), pad="<|endoftext|>"):
+    """Greedy by default, ending at any of `eos` (special tokens)."""
     from transformers import GenerationConfig
 
-    return GenerationConfig(eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"],
-                            do_sample=False)
+    return GenerationConfig(eos_token_id=[ids[t] for t in eos], pad_token_id=ids[pad], do_sample=False)
 
 
 def ensure_model(model: str | Path | None) -> Path:

@@ -44,6 +44,12 @@ class Images:
     def __len__(self) -> int:
         return len(self.layout)
 
+    def pieces(self, family) -> tuple[Images, list[int]]:
+        """Images as pixels -> the family's pieces of them (InternVL: tiles; `Family.pieces`), which take the
+        same pixel rows and give the same embedding rows in the same order, and each piece's image."""
+        layout, owner = family.pieces(self.layout)
+        return Images.of(family, layout, pixel_values=self.pixel_values), [int(i) for i in owner]
+
     def select(self, indices: Sequence[int]) -> Images:
         """The images at `indices`, in that order."""
         at = list(indices)
@@ -65,8 +71,7 @@ class ImageProcessing:
         self.family = family or load_family(model_path)
         self.processor = AutoImageProcessor.from_pretrained(model_path, use_fast=False,
                                                             **self.family.image_processor_kwargs())
-        p = self.processor
-        self.patch_dim = 3 * p.temporal_patch_size * p.patch_size**2
+        self.patch_dim = self.family.pixel_dim(self.processor)
 
     def grid(self, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
         """(width, height) per image -> image_grid_thw [N, 3], exactly as the processor would resize them."""
@@ -83,10 +88,7 @@ class ImageProcessing:
         if not pictures:
             return np.zeros((0, self.patch_dim), np.float32), np.zeros((0, 3), np.int64)
         self.grid([picture.size for picture in pictures])  # a clear error for sizes it cannot resize
-        # RGB pictures are channels-last; left to guess, the processor takes a height of 1 or 3 for the
-        # channels (a 1x1 image failed with "mean must have 1 elements", a 100x3 one got a transposed grid)
-        out = self.processor(images=list(pictures), return_tensors="np", input_data_format="channels_last")
-        return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
+        return self.family.process(self.processor, list(pictures))
 
     def decode(self, files: Sequence[bytes], limits: ImageLimits) -> tuple[np.ndarray, np.ndarray]:
         """Encoded image files -> (pixel_values, image_grid_thw)."""

@@ -106,8 +106,10 @@ class ReplicaMetrics:
 
     def __init__(self, replica: str) -> None:
         self.replica = replica
-        self.images = Metric("triton_vlm_encoder_images_total", "Images this replica encoded", counter=True)
-        self.patches = Metric("triton_vlm_encoder_patches_total", "Patches this replica encoded", counter=True)
+        self.images = Metric("triton_vlm_encoder_images_total", "Images (InternVL: tiles) this replica encoded",
+                             counter=True)
+        self.patches = Metric("triton_vlm_encoder_patches_total", "Rows of pixel values (patches; InternVL: tiles) this "
+                              "replica encoded", counter=True)
 
     def encoded(self, images: int, patches: int) -> None:
         self.images(replica=self.replica).increment(images)

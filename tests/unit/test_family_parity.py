@@ -1,5 +1,6 @@
-"""Qwen3-VL and Qwen3-VL-MoE in-process (preprocess, one vision encoder, the language engine: the colocated
-path without Triton) against transformers' own generate, built without our code (`tests/reference.py`)."""
+"""Each family beyond Qwen2.5-VL (whose parity is `tests/integration/test_parity.py`) in-process
+(preprocess, one vision encoder, the language engine: the colocated path without Triton) against
+transformers' own generate, built without our code (`tests/reference.py`)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ CASES = {"text-only": [], "one-image": [(640, 480)], "two-sizes": [(300, 200), (
          "four-images": [(640, 480), (300, 200), (800, 600), (200, 500)]}
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe"])
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe", "internvl"])
 def pipeline(request, tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp(request.param) / "model", family=request.param)
     engine = LanguageEngine(LanguageConfig(model_path=path))
