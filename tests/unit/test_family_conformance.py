@@ -16,6 +16,7 @@ from tests.conftest import make_image
 from tests.reference import reference_inputs
 from triton_vlm.config import EncoderConfig, PreprocessConfig
 from triton_vlm.encode.encoder import VisionEncoder
+from triton_vlm.errors import InvalidRequest
 from triton_vlm.models import FAMILIES, load_family
 from triton_vlm.models.tiny_model import make_tiny_model
 from triton_vlm.preprocess.image_inputs import ImageProcessing
@@ -34,16 +35,27 @@ def family_model(request, tmp_path_factory):
 
 def test_layout_from_size_equals_the_image_processor(family_model):
     """The layout from each size alone equals what the processor makes of the pixels, and each image gets
-    as many tokens as transformers' own processing gives it."""
+    as many tokens as transformers' own processing gives it. A size the family cannot use (GLM: a side
+    under 28 pixels) is refused with a clear error, and transformers refuses it too."""
     _, path = family_model
-    processing, family = ImageProcessing(path), load_family(path)
+    processing, family, reference = ImageProcessing(path), load_family(path), HFModel(path)
     pictures = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
-    _, decoded = processing.decode(pictures, PreprocessConfig(model_path=path).image_limits)
-    assert np.array_equal(processing.grid(SIZES), decoded)
-    reference = HFModel(path)
-    for picture, tokens in zip(pictures, family.tokens_per_image(decoded), strict=True):
+    usable = []
+    for size, picture in zip(SIZES, pictures, strict=True):
+        try:
+            processing.grid([size])
+        except InvalidRequest as e:
+            assert "cannot be used" in str(e)
+            with pytest.raises(ValueError):
+                reference.inputs("", [picture])
+        else:
+            usable.append((size, picture))
+    assert len(usable) >= 7
+    _, decoded = processing.decode([p for _, p in usable], PreprocessConfig(model_path=path).image_limits)
+    assert np.array_equal(processing.grid([size for size, _ in usable]), decoded)
+    for (size, picture), tokens in zip(usable, family.tokens_per_image(decoded), strict=True):
         ids = reference.inputs("", [picture])["input_ids"]
-        assert int((ids == family.image_token_id).sum()) == tokens, Image.open(io.BytesIO(picture)).size
+        assert int((ids == family.image_token_id).sum()) == tokens, size
 
 
 def test_expanded_prompt_tokens_positions_and_extras_match_the_encoder_and_transformers(family_model):

@@ -19,7 +19,7 @@ CASES = {"text-only": [], "one-image": [(640, 480)], "two-sizes": [(300, 200), (
          "four-images": [(640, 480), (300, 200), (800, 600), (200, 500)]}
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe", "internvl"])
+@pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe", "internvl", "glm4v", "glm4v_moe"])
 def pipeline(request, tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp(request.param) / "model", family=request.param)
     engine = LanguageEngine(LanguageConfig(model_path=path))
@@ -59,3 +59,22 @@ def test_each_rank_reads_only_its_slice_of_every_expert(tmp_path):
         mine = slice(rank * half, (rank + 1) * half)
         assert torch.equal(experts.gate_up_proj, torch.cat([gate_up[:, :, mine], gate_up[:, :, inter:][:, :, mine]], 2))
         assert torch.equal(experts.down_proj, down[:, mine])
+
+
+def test_each_rank_reads_only_its_slice_of_glm4v_fused_gate_up(tmp_path):
+    """GLM-4.1V's MLP holds gate and up as one gate_up_proj [2I, H]: rank r holds gate rows
+    [r*I/2, (r+1)*I/2) and the same rows of up, so its local chunk(2) splits them right."""
+    import torch
+    from safetensors import safe_open
+
+    from triton_vlm.engine.tp import TensorParallel
+    from triton_vlm.models import load_family
+
+    path = make_tiny_model(tmp_path / "glm", family="glm4v")
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        gate_up = f.get_tensor("model.language_model.layers.1.mlp.gate_up_proj.weight")
+    inter, half = gate_up.shape[0] // 2, gate_up.shape[0] // 4
+    for rank in range(2):
+        mlp = load_family(path).load_decoder("cpu", torch.float32, TensorParallel(rank, 2)).model.layers[1].mlp
+        mine = slice(rank * half, (rank + 1) * half)
+        assert torch.equal(mlp.gate_up_proj.weight, torch.cat([gate_up[mine], gate_up[inter:][mine]]))

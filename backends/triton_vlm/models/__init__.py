@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from .family import Family
 
 FAMILIES = {  # model_type -> "module:class" in this package
+    "glm4v": "glm4v:Glm4v",
+    "glm4v_moe": "glm4v:Glm4vMoe",
     "internvl": "internvl:InternVL",
     "qwen2_5_vl": "qwen2_5_vl:Qwen2_5_VL",
     "qwen3_vl": "qwen3_vl:Qwen3VL",

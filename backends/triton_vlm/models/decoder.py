@@ -35,9 +35,8 @@ class Decoder(nn.Module):
 
     def __init__(self, config, spec: DecoderSpec, tp: TensorParallel) -> None:
         super().__init__()
-        sizes = ["num_attention_heads", "num_key_value_heads"]
+        sizes = ["num_attention_heads", "num_key_value_heads", "intermediate_size"]
         sizes += ["moe_intermediate_size"] if spec.moe else []
-        sizes += ["intermediate_size"] if not spec.moe or getattr(config, "mlp_only_layers", None) else []
         for name in sizes:
             if getattr(config, name) % tp.size:
                 raise ValueError(f"{name}={getattr(config, name)} is not divisible by tensor parallel size {tp.size}")
@@ -101,14 +100,18 @@ _ROW = ("o_proj.weight", "down_proj.weight")
 
 def shard_taker(rank: int, size: int):
     """For `weights.load_renamed(take=...)`: read only this rank's slice of each parallel tensor
-    (column-parallel: rows of the weight; row-parallel: its columns; experts: their intermediate
-    dimension, gate and up each); the rest whole."""
+    (column-parallel: rows of the weight; row-parallel: its columns; fused gate/up and fused experts:
+    their intermediate dimension, gate and up each); the rest whole."""
 
     def part(n: int) -> slice:
         return slice(rank * (n // size), (rank + 1) * (n // size))
 
     def take(name: str, tensor):
         shape = tensor.get_shape()
+        if name.endswith("mlp.gate_up_proj.weight"):  # [2I, H]: gate rows, then up rows
+            inter = shape[0] // 2
+            mine = part(inter)
+            return torch.cat([tensor[mine], tensor[inter + mine.start:inter + mine.stop]])
         if name.endswith(_COLUMN):
             return tensor[part(shape[0])]
         if name.endswith(_ROW):

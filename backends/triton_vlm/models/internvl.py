@@ -50,7 +50,7 @@ TEXT_NAMES = {"model.language_model.": "model.", "lm_head.": "lm_head.",
 LANGUAGE_MODELS = {  # text_config.model_type -> our decoder
     "qwen2": DecoderSpec(rotary="1d", qkv_bias=True),
     "qwen3": DecoderSpec(rotary="1d", qkv_bias=False, qk_norm=True),
-    "qwen3_moe": DecoderSpec(rotary="1d", qkv_bias=False, qk_norm=True, moe=True),
+    "qwen3_moe": DecoderSpec(rotary="1d", qkv_bias=False, qk_norm=True, moe="qwen3"),
 }
 
 # (vision, text, tile side) of the tiny checkpoints. `tiny` cuts 112-pixel tiles (16 tokens each) so that

@@ -1,11 +1,15 @@
 """The shared layers our decoders are built from (tensor-parallel, over a slot KV cache).
 
-- `Rotary`: 1D RoPE, M-RoPE (Qwen2-VL sections) or interleaved M-RoPE (Qwen3-VL), transformers' own
-  frequency code; `positions` are always [3, b, s] (1D RoPE reads the first row).
+- `Rotary` / `rotate`: 1D RoPE, M-RoPE (Qwen2-VL sections), interleaved M-RoPE (Qwen3-VL) or GLM-4.1V's
+  and GLM-4.5V's partial M-RoPE, each with transformers' own frequency and application code; `positions`
+  are always [3, b, s] (1D RoPE reads the first row).
 - `Attention`: column-parallel q/k/v (by heads) with optional bias and optional q/k RMSNorm, an explicit
   `head_dim`, row-parallel o_proj and one all-reduce; prefill into slots and batched decode over them.
-- `MLP` (dense, gate/up column- and down row-parallel) and `MoE` (top-k routed experts, each expert's
-  intermediate dimension split over the ranks, so every rank holds a slice of every expert).
+- `MLP` (dense, gate/up column- and down row-parallel; or GLM-4.1V's fused gate_up_proj), `MoE` (Qwen3:
+  softmax top-k over fused experts) and `SharedMoE` (GLM-4.5V: transformers' own grouped sigmoid router,
+  routed experts plus a shared one); each expert's intermediate dimension is split over the ranks, so
+  every rank holds a slice of every expert.
+- `Layer`: pre-norm residual blocks, with GLM-4.1V's extra norms after attention and MLP when asked.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from ..engine.tp import TensorParallel
 class DecoderSpec:
     """What differs between the decoders of our families (the config gives the sizes)."""
 
-    rotary: str = "mrope"  # "1d" | "mrope" | "mrope_interleaved"
+    rotary: str = "mrope"  # a key of ROTARY
     qkv_bias: bool = True
     qk_norm: bool = False
-    moe: bool = False  # sparse MoE blocks where the config puts them (else dense MLPs)
+    moe: str = ""  # sparse blocks where the config puts them: "qwen3" (MoE) | "glm4" (SharedMoE) | "" (dense)
+    fused_gate_up: bool = False  # dense MLPs hold gate and up as one gate_up_proj (GLM-4.1V)
+    sandwich_norm: bool = False  # norms after attention and after the MLP too (GLM-4.1V)
 
 
 def head_dim(config) -> int:
@@ -44,21 +50,35 @@ class KVCache:
         self.slots, self.slot_len = slots, slot_len
 
 
+# kind -> (transformers module, its rotary embedding class, its function applying it with M-RoPE sections
+# or None: the plain `apply_rotary_pos_emb`, for 1D and for interleaved M-RoPE whose cos/sin come
+# interleaved already)
+ROTARY = {
+    "1d": ("qwen2.modeling_qwen2", "Qwen2RotaryEmbedding", None),
+    "mrope": ("qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLRotaryEmbedding", "apply_multimodal_rotary_pos_emb"),
+    "mrope_interleaved": ("qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextRotaryEmbedding", None),
+    "glm4v": ("glm4v.modeling_glm4v", "Glm4vTextRotaryEmbedding", "apply_multimodal_rotary_pos_emb"),
+    "glm4v_moe": ("glm4v_moe.modeling_glm4v_moe", "Glm4vMoeTextRotaryEmbedding", "apply_multimodal_rotary_pos_emb"),
+}
+
+
+def _rotary(kind: str, name_index: int):
+    import importlib
+
+    if kind not in ROTARY:
+        raise ValueError(f"unknown rotary embedding {kind!r}")
+    module, *names = ROTARY[kind]
+    return getattr(importlib.import_module(f"transformers.models.{module}"), names[name_index]) \
+        if names[name_index] else None
+
+
 class Rotary(nn.Module):
     """(cos, sin) of the positions, computed once a step for every layer."""
 
     def __init__(self, config, kind: str) -> None:
         super().__init__()
         self.kind = kind
-        if kind == "mrope_interleaved":
-            from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextRotaryEmbedding as Embedding
-        elif kind == "mrope":
-            from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding as Embedding
-        elif kind == "1d":
-            from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding as Embedding
-        else:
-            raise ValueError(f"unknown rotary embedding {kind!r}")
-        self.embedding = Embedding(config)
+        self.embedding = _rotary(kind, 0)(config)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [3, b, s] -> (cos, sin) for `rotate`."""
@@ -66,15 +86,15 @@ class Rotary(nn.Module):
 
 
 def rotate(config, kind: str):
-    """The function that applies `Rotary`'s (cos, sin) to q and k ([b, heads, s, d]) for this kind."""
-    if kind == "mrope":
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_multimodal_rotary_pos_emb
+    """The function that applies `Rotary`'s (cos, sin) to q and k ([b, heads, s, d]) for this kind (the
+    partial rotary of GLM rotates the first dimensions and passes the rest)."""
+    apply = _rotary(kind, 1)
+    if apply is None:
+        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
-        section = config.rope_scaling["mrope_section"]
-        return lambda q, k, cos, sin: apply_multimodal_rotary_pos_emb(q, k, cos, sin, section)
-    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
-
-    return apply_rotary_pos_emb  # 1D, and interleaved M-RoPE (its cos/sin come interleaved already)
+        return apply_rotary_pos_emb
+    section = config.rope_scaling["mrope_section"]
+    return lambda q, k, cos, sin: apply(q, k, cos, sin, section)
 
 
 class Attention(nn.Module):
@@ -134,16 +154,25 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, tp: TensorParallel) -> None:
+    """SiLU-gated MLP. `fused`: gate and up as one gate_up_proj (this rank's gate rows, then its up rows);
+    `reduce=False` leaves the all-reduce to the caller (an expert's partial sum)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, tp: TensorParallel, fused: bool = False,
+                 reduce: bool = True) -> None:
         super().__init__()
         inter = intermediate_size // tp.size
-        self.gate_proj = nn.Linear(hidden_size, inter, bias=False)
-        self.up_proj = nn.Linear(hidden_size, inter, bias=False)
+        if fused:
+            self.gate_up_proj = nn.Linear(hidden_size, 2 * inter, bias=False)
+        else:
+            self.gate_proj = nn.Linear(hidden_size, inter, bias=False)
+            self.up_proj = nn.Linear(hidden_size, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden_size, bias=False)
-        self.tp = tp
+        self.tp, self.fused, self.reduce = tp, fused, reduce
 
     def forward(self, x):
-        return self.tp.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1) if self.fused else (self.gate_proj(x), self.up_proj(x))
+        out = self.down_proj(F.silu(gate) * up)
+        return self.tp.all_reduce(out) if self.reduce else out
 
 
 class Experts(nn.Module):
@@ -182,16 +211,61 @@ class MoE(nn.Module):
         return self.tp.all_reduce(out).reshape(shape)
 
 
+class SharedMoE(nn.Module):
+    """GLM-4.5V's MoE (DeepSeek-V3's): transformers' own router (sigmoid scores with a correction bias, the
+    best groups, then the top k, renormalized and scaled; replicated), routed experts as separate MLPs,
+    and shared experts every token goes through; one all-reduce for both."""
+
+    def __init__(self, config, tp: TensorParallel) -> None:
+        super().__init__()
+        from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeTextTopkRouter
+
+        self.gate = Glm4vMoeTextTopkRouter(config)
+        inter = config.moe_intermediate_size
+        self.experts = nn.ModuleList(MLP(config.hidden_size, inter, tp, reduce=False)
+                                     for _ in range(config.n_routed_experts))
+        self.shared_experts = MLP(config.hidden_size, inter * config.n_shared_experts, tp, reduce=False)
+        self.tp = tp
+
+    def forward(self, x):
+        shape = x.shape
+        chosen, weights = self.gate(x)
+        x = x.reshape(-1, shape[-1])
+        out = torch.zeros_like(x, dtype=weights.dtype)
+        for expert in chosen.unique().tolist():
+            token, slot = torch.where(chosen == expert)
+            out.index_add_(0, token, self.experts[expert](x[token]) * weights[token, slot, None])
+        out = out.to(x.dtype) + self.shared_experts(x)
+        return self.tp.all_reduce(out).reshape(shape)
+
+
+def _sparse(config, spec: DecoderSpec, layer: int) -> bool:
+    """Whether this layer's MLP is a MoE block, by the config's rule for the family's MoE."""
+    if spec.moe == "qwen3":
+        return layer not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0 and \
+            (layer + 1) % config.decoder_sparse_step == 0
+    if spec.moe == "glm4":
+        return layer >= config.first_k_dense_replace
+    return False
+
+
 class Layer(nn.Module):
     def __init__(self, config, spec: DecoderSpec, tp: TensorParallel, layer: int) -> None:
         super().__init__()
         self.self_attn = Attention(config, spec, tp, layer)
-        sparse = spec.moe and layer not in (getattr(config, "mlp_only_layers", None) or []) and \
-            config.num_experts > 0 and (layer + 1) % config.decoder_sparse_step == 0
-        self.mlp = MoE(config, tp) if sparse else MLP(config.hidden_size, config.intermediate_size, tp)
+        if _sparse(config, spec, layer):
+            self.mlp = MoE(config, tp) if spec.moe == "qwen3" else SharedMoE(config, tp)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, tp, fused=spec.fused_gate_up)
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.sandwich = spec.sandwich_norm
+        if self.sandwich:
+            self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x, attend):
-        x = x + attend(self.self_attn, self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = attend(self.self_attn, self.input_layernorm(x))
+        x = x + (self.post_self_attn_layernorm(h) if self.sandwich else h)
+        h = self.mlp(self.post_attention_layernorm(x))
+        return x + (self.post_mlp_layernorm(h) if self.sandwich else h)

@@ -133,7 +133,7 @@ class Qwen3VL(Qwen2_5_VL):
 
 class Qwen3VLMoe(Qwen3VL):
     model_type = "qwen3_vl_moe"
-    decoder_spec = DecoderSpec(rotary="mrope_interleaved", qkv_bias=False, qk_norm=True, moe=True)
+    decoder_spec = DecoderSpec(rotary="mrope_interleaved", qkv_bias=False, qk_norm=True, moe="qwen3")
 
     def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
         from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel

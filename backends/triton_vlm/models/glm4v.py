@@ -1,0 +1,133 @@
+"""GLM-4.1V and GLM-4.5V (`glm4v`, `glm4v_moe`): Qwen2.5-VL's layout (t/h/w patch grids; patch 14, merge 2)
+and 3D positions (GLM's `get_rope_index` places image tokens as Qwen's does), resized by GLM's own rule;
+transformers' own vision tower (2D RoPE, learned position embeddings interpolated per image); and our
+decoder with GLM's partial M-RoPE, its extra norms and fused gate/up (GLM-4.1V), or routed and shared
+experts (GLM-4.5V). The chat format starts with `[gMASK]<sop>`; an image is
+`<|begin_of_image|>` + `<|image|>` x tokens + `<|end_of_image|>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .layers import DecoderSpec
+from .qwen2_5_vl import Qwen2_5_VL
+
+# GLM-4.1V's chat format, for the parts our requests use.
+GLM4V_TEMPLATE = (
+    "[gMASK]<sop>{%- for msg in messages %}{%- if msg.role == 'system' %}<|system|>\n{{ msg.content }}"
+    "{%- elif msg.role == 'user' %}<|user|>{{ '\\n' }}{%- if msg.content is string %}{{ msg.content }}"
+    "{%- else %}{%- for item in msg.content %}"
+    "{%- if item.type == 'video' or 'video' in item %}<|begin_of_video|><|video|><|end_of_video|>"
+    "{%- elif item.type == 'image' or 'image' in item %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{%- elif item.type == 'text' %}{{ item.text }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{%- elif msg.role == 'assistant' %}<|assistant|>\n{{ msg.content }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+# (vision, text) shapes of the tiny checkpoints; head_dim 32 with half of it rotated, in sections 2/3/3.
+SHAPES = {
+    "tiny": (dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2),
+             dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=4096), [2, 3, 3]),
+    "small": (dict(depth=6, hidden_size=256, intermediate_size=1024, num_heads=4),
+              dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=32768), [4, 6, 6]),
+    "medium": (dict(depth=6, hidden_size=256, intermediate_size=1024, num_heads=4),
+               dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                    num_key_value_heads=4, max_position_embeddings=32768), [8, 12, 12]),
+}
+# GLM-4.5V's MoE settings, scaled down: the first layer dense, then routed experts and one shared one.
+MOE = dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+           topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0)
+
+
+class Glm4v(Qwen2_5_VL):
+    model_type = "glm4v"
+    image_placeholder = "<|image|>"
+    chat_template = GLM4V_TEMPLATE
+    special_tokens = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                      "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
+                      "<|begin_of_video|>", "<|end_of_video|>", "<|image|>", "<|video|>", "<think>", "</think>")
+    eos_token, pad_token = "<|endoftext|>", "<|endoftext|>"
+    decoder_spec = DecoderSpec(rotary="glm4v", qkv_bias=True, fused_gate_up=True, sandwich_norm=True)
+
+    def layout_from_sizes(self, processor, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+        from transformers.models.glm4v.image_processing_glm4v import smart_resize
+
+        p, rows = processor, []
+        for width, height in sizes:
+            h, w = smart_resize(p.temporal_patch_size, height, width, temporal_factor=p.temporal_patch_size,
+                                factor=p.patch_size * p.merge_size, min_pixels=p.size["shortest_edge"],
+                                max_pixels=p.size["longest_edge"])
+            rows.append((1, h // p.patch_size, w // p.patch_size))
+        return np.asarray(rows, np.int64).reshape(-1, 3)
+
+    def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers.models.glm4v.modeling_glm4v import Glm4vVisionModel
+
+        return self._vision(Glm4vVisionModel, device, dtype)
+
+    @classmethod
+    def write_tiny(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
+        """Real config fields and parameter names (`model.visual.*`, `model.language_model.*`), GLM's
+        end-of-turn tokens, and a real-style slow processor config (pixel budget as `size`)."""
+        import transformers
+
+        from .qwen3_vl import INIT_RANGE
+        from .tiny_model import generation_config
+
+        vision, text, section = (dict(SHAPES[size][0]), dict(SHAPES[size][1]), SHAPES[size][2])
+        text.update(vocab_size=vocab_size, rope_theta=10000.0, partial_rotary_factor=0.5, rms_norm_eps=1e-5,
+                    initializer_range=INIT_RANGE, rope_scaling={"rope_type": "default", "mrope_section": section},
+                    tie_word_embeddings=False, image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"])
+        moe = cls.decoder_spec.moe
+        if moe:
+            text.update(MOE, moe_intermediate_size=text["intermediate_size"] // 4, attention_bias=True,
+                        head_dim=text["hidden_size"] // text["num_attention_heads"])
+        name = "Glm4vMoe" if moe else "Glm4v"
+        config = getattr(transformers, f"{name}Config")(
+            text_config=text,
+            vision_config=dict(out_hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2,
+                               temporal_patch_size=2, image_size=336, initializer_range=INIT_RANGE, **vision),
+            image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+            image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+            video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
+            tie_word_embeddings=False, torch_dtype="float32")
+        torch.manual_seed(seed)
+        model = getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
+        with torch.no_grad():  # random norm gains too: with all of them 1 a tiny model only repeats a token
+            for param_name, param in model.named_parameters():
+                if param_name.endswith("norm.weight"):
+                    param.normal_(1.0, 0.5)
+        model.generation_config = generation_config(ids, eos=("<|endoftext|>", "<|user|>", "<|observation|>"))
+        model.save_pretrained(out, safe_serialization=True)
+        (out / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "Glm4vImageProcessor", "processor_class": "Glm4vProcessor", "do_resize": True,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+            "resample": 3, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "patch_size": 14, "temporal_patch_size": 2,
+            "merge_size": 2, "size": {"shortest_edge": 112 * 112, "longest_edge": 2 * 1024 * 28 * 28},
+        }, indent=2) + "\n")
+
+
+class Glm4vMoe(Glm4v):
+    model_type = "glm4v_moe"
+    decoder_spec = DecoderSpec(rotary="glm4v_moe", qkv_bias=True, moe="glm4")
+
+    def __init__(self, model_path) -> None:
+        super().__init__(model_path)
+        if getattr(self.text_config, "use_qk_norm", False):
+            raise ValueError("glm4v_moe with use_qk_norm is not supported")
+        self.decoder_spec = dataclasses.replace(self.decoder_spec, qkv_bias=self.text_config.attention_bias)
+
+    def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeVisionModel
+
+        return self._vision(Glm4vMoeVisionModel, device, dtype)
