@@ -48,11 +48,10 @@ def make_dataset(model: str | Path, num_prompts: int, input_len: int = 64, outpu
                  image_count: int = 1, random_image_count: bool = False, resolution: str = "720p",
                  image_format: str = "jpeg", image_content: str = "random", seed: int = 0,
                  ignore_eos: bool = False) -> list[BenchRequest]:
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+    from .hf_baseline import HFInputs
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    processor = AutoImageProcessor.from_pretrained(model, use_fast=False)
-    merge = AutoConfig.from_pretrained(model).vision_config.spatial_merge_size
+    inputs = HFInputs(model)
+    tokenizer = inputs.tokenizer
     special = set(tokenizer.all_special_ids)
     vocab = [i for i in range(len(tokenizer)) if i not in special]
     rng = np.random.default_rng(seed)
@@ -64,9 +63,6 @@ def make_dataset(model: str | Path, num_prompts: int, input_len: int = 64, outpu
         images = [make_image(width, height, rng, image_format, image_content) for _ in range(n)]
         content = [{"type": "image"}] * n + [{"type": "text", "text": prompt}]
         templated = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        image_tokens = 0
-        if images:
-            grid = processor(images=[Image.open(io.BytesIO(b)).convert("RGB") for b in images])["image_grid_thw"]
-            image_tokens = int(np.prod(np.asarray(grid), axis=1).sum()) // merge**2
-        requests.append(BenchRequest(prompt, images, output_len, len(templated) - n, image_tokens, ignore_eos))
+        requests.append(BenchRequest(prompt, images, output_len, len(templated) - n, inputs.image_tokens(images),
+                                     ignore_eos))
     return requests

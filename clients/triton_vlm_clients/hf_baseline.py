@@ -69,17 +69,20 @@ def slow_processor_kwargs(path) -> dict:
     return {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
 
 
-class HFModel:
-    def __init__(self, path, dtype=torch.float32) -> None:
-        self.model_type = json.loads((Path(path) / "config.json").read_text())["model_type"]
-        self.model = getattr(transformers, MODELS[self.model_type]).from_pretrained(path, dtype=dtype).eval()
+class HFInputs:
+    """A model's inputs as transformers builds them (tokenizer, slow image processor, the family's own
+    placeholder expansion), without its weights."""
+
+    def __init__(self, path) -> None:
+        self.config = transformers.AutoConfig.from_pretrained(path)
+        self.model_type = self.config.model_type
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.processor = AutoImageProcessor.from_pretrained(path, use_fast=False, **slow_processor_kwargs(path))
         self.combined = None
         if self.model_type in COMBINED:
             self.combined = combined_processor(path, self.model_type, self.processor, self.tokenizer)
 
-    def inputs(self, prompt: str, images: list[bytes]) -> dict:
+    def __call__(self, prompt: str, images: list[bytes]) -> dict:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
         text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                   add_generation_prompt=True)
@@ -91,7 +94,7 @@ class HFModel:
                                       input_data_format="channels_last"))
         if images:
             vision = self.processor(images=pics, return_tensors="pt", input_data_format="channels_last")
-            merge = self.model.config.vision_config.spatial_merge_size
+            merge = self.config.vision_config.spatial_merge_size
             # the Qwen-VL processors: each <|image_pad|> becomes one token per merged patch
             for grid in vision["image_grid_thw"]:
                 n = int(grid.prod()) // merge**2
@@ -100,6 +103,16 @@ class HFModel:
             inputs.update(vision)
         inputs.update(self.tokenizer(text, return_tensors="pt", add_special_tokens=False))
         return inputs
+
+    def image_tokens(self, images: list[bytes]) -> int:
+        """How many image tokens these images become in a prompt."""
+        return int((self("", images)["input_ids"] == self.config.image_token_id).sum()) if images else 0
+
+
+class HFModel:
+    def __init__(self, path, dtype=torch.float32) -> None:
+        self.inputs = HFInputs(path)
+        self.model = getattr(transformers, MODELS[self.inputs.model_type]).from_pretrained(path, dtype=dtype).eval()
 
     @torch.inference_mode()
     def generate(self, prompt: str, images: list[bytes], max_new_tokens: int) -> Generation:

@@ -22,7 +22,7 @@ from triton_vlm.models.tiny_model import make_tiny_model
 from triton_vlm.preprocess.image_inputs import ImageProcessing
 from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest
-from triton_vlm_clients.hf_baseline import HFModel
+from triton_vlm_clients.hf_baseline import HFInputs, HFModel
 
 SIZES = [(1, 1), (28, 28), (64, 48), (100, 3), (3, 100), (300, 200), (640, 480), (1280, 720), (200, 1500),
          (2400, 1800)]
@@ -38,7 +38,7 @@ def test_layout_from_size_equals_the_image_processor(family_model):
     as many tokens as transformers' own processing gives it. A size the family cannot use (GLM: a side
     under 28 pixels) is refused with a clear error, and transformers refuses it too."""
     _, path = family_model
-    processing, family, reference = ImageProcessing(path), load_family(path), HFModel(path)
+    processing, family, reference = ImageProcessing(path), load_family(path), HFInputs(path)
     pictures = [make_image(w, h, seed=i) for i, (w, h) in enumerate(SIZES)]
     usable = []
     for size, picture in zip(SIZES, pictures, strict=True):
@@ -47,14 +47,14 @@ def test_layout_from_size_equals_the_image_processor(family_model):
         except InvalidRequest as e:
             assert "cannot be used" in str(e)
             with pytest.raises(ValueError):
-                reference.inputs("", [picture])
+                reference("", [picture])
         else:
             usable.append((size, picture))
     assert len(usable) >= 7
     _, decoded = processing.decode([p for _, p in usable], PreprocessConfig(model_path=path).image_limits)
     assert np.array_equal(processing.grid([size for size, _ in usable]), decoded)
     for (size, picture), tokens in zip(usable, family.tokens_per_image(decoded), strict=True):
-        ids = reference.inputs("", [picture])["input_ids"]
+        ids = reference("", [picture])["input_ids"]
         assert int((ids == family.image_token_id).sum()) == tokens, size
 
 

@@ -78,3 +78,41 @@ def test_each_rank_reads_only_its_slice_of_glm4v_fused_gate_up(tmp_path):
         mlp = load_family(path).load_decoder("cpu", torch.float32, TensorParallel(rank, 2)).model.layers[1].mlp
         mine = slice(rank * half, (rank + 1) * half)
         assert torch.equal(mlp.gate_up_proj.weight, torch.cat([gate_up[mine], gate_up[inter:][mine]]))
+
+
+def test_internvl_with_a_qwen3_language_model_equals_transformers(tmp_path):
+    """InternVL3.5 pairs the vision tower with a Qwen3 language model (q/k norms, no qkv bias): the same
+    tiny checkpoint with its language model swapped for a Qwen3 one, built by transformers."""
+    import json
+
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    path = make_tiny_model(tmp_path / "internvl3_5", family="internvl")
+    config = json.loads((path / "config.json").read_text())
+    text = {k: v for k, v in config["text_config"].items() if k in (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "rope_theta", "rms_norm_eps", "bos_token_id",
+        "eos_token_id")}
+    config["text_config"] = dict(text, model_type="qwen3", head_dim=32, initializer_range=0.1,
+                                 tie_word_embeddings=False)
+    torch.manual_seed(1)
+    model = InternVLForConditionalGeneration(InternVLConfig(**config)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(1.0, 0.5)
+    model.save_pretrained(path, safe_serialization=True)
+    assert any("q_norm" in name for name, _ in model.named_parameters())
+    engine = LanguageEngine(LanguageConfig(model_path=path))
+    try:
+        pre, encoder = Preprocessor(PreprocessConfig(model_path=path)), VisionEncoder(EncoderConfig(model_path=path))
+        images = [make_image(640, 480), make_image(200, 500, seed=1)]
+        p = pre(GenerateRequest(text_input="Describe the pictures.", images=images,
+                                sampling=SamplingParams(max_tokens=12)))
+        request = LanguageRequest("q3", p.input_ids, encoder.encode(p.pixel_values, p.image_grid_thw),
+                                  p.image_grid_thw, p.sampling)
+        ours = [t for out in engine.generate(request) for t in out.token_ids]
+    finally:
+        engine.shutdown()
+    assert ours == reference_generate(path, "Describe the pictures.", images, max_new_tokens=12)
