@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.families import CASES, PROMPT, images
+from tests.integration.families import CASES, PROMPT, deployments, epd_pair, images
 from tests.reference import reference_generate
+from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.repository import COMMITTED
 from triton_vlm.deploy.server import TritonServer
 from triton_vlm.models.tiny_model import make_tiny_model
@@ -38,3 +39,15 @@ def family_model(request, tmp_path_factory):
 def family_expected(family_model) -> dict[str, list[int]]:
     """transformers' greedy ids for each of `families.CASES`."""
     return {case: reference_generate(family_model, PROMPT, images(case), max_new_tokens=12) for case in CASES}
+
+
+@pytest.fixture(scope="module")
+def family_servers(request, family_model, tmp_path_factory):
+    """The test module's deployments of its FAMILY's tiny checkpoint, started together: COLOCATED (name ->
+    `Deployment` keyword arguments, minimal repositories) and EPD (name -> the encoder transport: one
+    language server and two encoder servers each). name -> a running server; all stopped after."""
+    module = request.module
+    colocated = {name: Deployment(family_model, minimal=True, **kwargs) for name, kwargs in module.COLOCATED.items()}
+    epd = {name: epd_pair(family_model, transport) for name, transport in getattr(module, "EPD", {}).items()}
+    with deployments(tmp_path_factory.mktemp(f"{module.FAMILY}-servers"), colocated, epd) as started:
+        yield started

@@ -1,5 +1,6 @@
 """What the family tests through the server share: the cases, their images, starting every deployment
-at once, and (`conftest.py`) the module's tiny checkpoint and transformers' answers for it."""
+at once, checking every mode's answers, and (`conftest.py`) the module's tiny checkpoint, its servers
+and transformers' answers for it."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 from tests.conftest import make_image
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.server import TritonServer
+from triton_vlm_clients.client import stream
 
 PROMPT = "Describe the pictures."
 CASES = {"text-only": [], "one-image": [(640, 480)], "two-sizes": [(300, 200), (200, 500)],
@@ -17,6 +19,21 @@ CASES = {"text-only": [], "one-image": [(640, 480)], "two-sizes": [(300, 200), (
 
 def images(case: str) -> list[bytes]:
     return [make_image(w, h, seed=i, fmt="PNG" if i % 2 else "JPEG") for i, (w, h) in enumerate(CASES[case])]
+
+
+def assert_every_mode_equals(servers: dict[str, TritonServer], expected: dict[str, list[int]], case: str) -> None:
+    """Each server's greedy ids for `case` equal transformers' (`expected`)."""
+    for name, server in servers.items():
+        answer = stream(server.grpc_url, prompt=PROMPT, images=images(case), max_tokens=12)
+        assert answer.output_ids == expected[case], name
+
+
+def epd_pair(model, transport: str = "grpc") -> tuple[Deployment, Callable]:
+    """E/PD for `deployments`: the encoder servers' deployment, and encoder URLs -> the language server's
+    (no local fallback, no caches: every image is encoded remotely)."""
+    encoder = Deployment(model, mode="encoder", encoder_dp=1, embedding_cache_mb=0)
+    return encoder, lambda urls: Deployment(model, mode="language", encoder_dp=1, minimal=True, embedding_cache_mb=0,
+                                            encoder_urls=urls, encoder_transport=transport, encoder_fallback="none")
 
 
 @contextlib.contextmanager

@@ -5,59 +5,40 @@ server and two encoder servers, over gRPC and over shared memory. The MoE: `test
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pytest
 
 from tests.conftest import server_metric
-from tests.integration.families import CASES, PROMPT, deployments, images
+from tests.integration.families import CASES, PROMPT, assert_every_mode_equals, images
 from triton_vlm.config import EncoderConfig
-from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.encode.encoder import VisionEncoder
 from triton_vlm_clients import stages
 from triton_vlm_clients.client import stream
 
 FAMILY = "qwen3_vl"
-
-
-@pytest.fixture(scope="module")
-def servers(family_model, tmp_path_factory):
-    model = family_model
-    encoder = Deployment(model, mode="encoder", encoder_dp=1, embedding_cache_mb=0)
-
-    def language(transport: str) -> Callable[[tuple[str, ...]], Deployment]:
-        return lambda urls: Deployment(model, mode="language", encoder_dp=1, minimal=True, embedding_cache_mb=0,
-                                       encoder_urls=urls, encoder_transport=transport, encoder_fallback="none")
-
-    with deployments(tmp_path_factory.mktemp("qwen3-servers"), {
-        "dp2": Deployment(model, encoder_dp=2, embedding_cache_mb=0, minimal=True),
-        "tp2": Deployment(model, encoder_dp=1, tensor_parallel=2, minimal=True),
-    }, {"epd-grpc": (encoder, language("grpc")), "epd-shm": (encoder, language("shm"))}) as started:
-        yield started
+COLOCATED = {"dp2": dict(encoder_dp=2, embedding_cache_mb=0), "tp2": dict(encoder_dp=1, tensor_parallel=2)}
+EPD = {"epd-grpc": "grpc", "epd-shm": "shm"}
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_every_mode_equals_transformers(servers, family_expected, case):
-    for name in ("dp2", "tp2", "epd-grpc", "epd-shm"):
-        answer = stream(servers[name].grpc_url, prompt=PROMPT, images=images(case), max_tokens=12)
-        assert answer.output_ids == family_expected[case], name
+def test_every_mode_equals_transformers(family_servers, family_expected, case):
+    assert_every_mode_equals(family_servers, family_expected, case)
 
 
-def test_two_replicas_gather_embeddings_and_deepstack_features_in_image_order(servers, family_model):
+def test_two_replicas_gather_embeddings_and_deepstack_features_in_image_order(family_servers, family_model):
     """The encode stage's rows are the embeddings and 3 deepstack blocks (4 x hidden wide), and the two
     replicas' shards come back exactly as one encoder gives them."""
-    pre = stages.preprocess(servers["dp2"].grpc_url, PROMPT, images("four-images"))
-    rows, _ = stages.encode(servers["dp2"].grpc_url, pre)
+    pre = stages.preprocess(family_servers["dp2"].grpc_url, PROMPT, images("four-images"))
+    rows, _ = stages.encode(family_servers["dp2"].grpc_url, pre)
     encoder = VisionEncoder(EncoderConfig(model_path=family_model))
     whole = encoder.encode(pre["_PIXEL_VALUES"], pre["_IMAGE_GRID_THW"])
     assert rows.shape == (int(np.prod(pre["_IMAGE_GRID_THW"], axis=1).sum()) // 4, 4 * 64)
     np.testing.assert_allclose(rows, whole.numpy(), rtol=0, atol=1e-5)
 
 
-def test_a_cached_image_keeps_its_deepstack_features(servers, family_expected):
+def test_a_cached_image_keeps_its_deepstack_features(family_servers, family_expected):
     """`tp2` keeps the default embedding cache: a repeated request is 4 hits, and the same ids."""
-    server = servers["tp2"]
+    server = family_servers["tp2"]
     stream(server.grpc_url, prompt=PROMPT, images=images("four-images"), max_tokens=12)
     hits = server_metric(server, "triton_vlm_embedding_cache_hits_total", 'tier="local"')
     answer = stream(server.grpc_url, prompt=PROMPT, images=images("four-images"), max_tokens=12)

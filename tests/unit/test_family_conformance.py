@@ -5,12 +5,10 @@ embeddings' rows. And a family we do not serve fails at start, naming the ones w
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from tests.conftest import make_image
 from tests.reference import reference_inputs

@@ -80,8 +80,7 @@ class Glm4v(Qwen2_5_VL):
         end-of-turn tokens, and a real-style slow processor config (pixel budget as `size`)."""
         import transformers
 
-        from .qwen3_vl import INIT_RANGE
-        from .tiny_model import generation_config
+        from .tiny_model import INIT_RANGE, generation_config, save_random
 
         vision, text, section = (dict(SHAPES[size][0]), dict(SHAPES[size][1]), SHAPES[size][2])
         text.update(vocab_size=vocab_size, rope_theta=10000.0, partial_rotary_factor=0.5, rms_norm_eps=1e-5,
@@ -100,14 +99,8 @@ class Glm4v(Qwen2_5_VL):
             image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
             video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
             tie_word_embeddings=False, torch_dtype="float32")
-        torch.manual_seed(seed)
-        model = getattr(transformers, f"{name}ForConditionalGeneration")(config).eval()
-        with torch.no_grad():  # random norm gains too: with all of them 1 a tiny model only repeats a token
-            for param_name, param in model.named_parameters():
-                if param_name.endswith("norm.weight"):
-                    param.normal_(1.0, 0.5)
-        model.generation_config = generation_config(ids, eos=("<|endoftext|>", "<|user|>", "<|observation|>"))
-        model.save_pretrained(out, safe_serialization=True)
+        save_random(getattr(transformers, f"{name}ForConditionalGeneration"), config, out, seed,
+                    generation_config(ids, eos=("<|endoftext|>", "<|user|>", "<|observation|>")))
         (out / "preprocessor_config.json").write_text(json.dumps({
             "image_processor_type": "Glm4vImageProcessor", "processor_class": "Glm4vProcessor", "do_resize": True,
             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,

@@ -190,8 +190,7 @@ class InternVL(Family):
 
         from transformers import InternVLConfig, InternVLForConditionalGeneration
 
-        from .qwen3_vl import INIT_RANGE
-        from .tiny_model import generation_config
+        from .tiny_model import INIT_RANGE, generation_config, save_random
 
         vision, text, side = (dict(SHAPES[size][0]), dict(SHAPES[size][1]), SHAPES[size][2])
         text.update(model_type="qwen2", vocab_size=vocab_size, rope_theta=1000000.0, rms_norm_eps=1e-6,
@@ -203,14 +202,7 @@ class InternVL(Family):
             text_config=text, image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=tile_tokens,
             downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
             vision_feature_select_strategy="default", tie_word_embeddings=False, torch_dtype="float32")
-        torch.manual_seed(seed)
-        model = InternVLForConditionalGeneration(config).eval()
-        with torch.no_grad():  # random norm gains too: with all of them 1 a tiny model only repeats a token
-            for name, param in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.normal_(1.0, 0.5)
-        model.generation_config = generation_config(ids)
-        model.save_pretrained(out, safe_serialization=True)
+        save_random(InternVLForConditionalGeneration, config, out, seed, generation_config(ids))
         (out / "preprocessor_config.json").write_text(json.dumps({
             "image_processor_type": "GotOcr2ImageProcessorFast", "crop_to_patches": False, "min_patches": 1,
             "max_patches": 12, "do_resize": True, "size": {"height": side, "width": side}, "resample": 3,

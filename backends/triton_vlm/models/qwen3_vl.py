@@ -43,7 +43,6 @@ SHAPES = {
                dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
                     num_key_value_heads=4, head_dim=128, mrope_section=[24, 20, 20], max_position_embeddings=32768)),
 }
-INIT_RANGE = 0.1  # wider random weights than HF's 0.02 (see `write_tiny`)
 MOE = dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
 
 
@@ -78,7 +77,7 @@ class Qwen3VL(Qwen2_5_VL):
         """Real config fields and parameter names (`model.visual.*`, `model.language_model.*`; the dense
         model ties its embeddings, as the 2B/4B checkpoints do), and a real-style slow processor config
         whose pixel budget is given only as `size`."""
-        from .tiny_model import generation_config
+        from .tiny_model import INIT_RANGE, generation_config, save_random
 
         vision, text = (dict(part) for part in SHAPES[size])
         mrope_section = text.pop("mrope_section")
@@ -97,14 +96,7 @@ class Qwen3VL(Qwen2_5_VL):
             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
             tie_word_embeddings=not moe, torch_dtype="float32",
         )
-        torch.manual_seed(seed)
-        model = cls._model_class()(config).eval()
-        with torch.no_grad():  # random norm gains too: with all of them 1 the tiny model only repeats a token
-            for name, param in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    param.normal_(1.0, 0.5)
-        model.generation_config = generation_config(ids)
-        model.save_pretrained(out, safe_serialization=True)
+        save_random(cls._model_class(), config, out, seed, generation_config(ids))
         (out / "preprocessor_config.json").write_text(json.dumps({
             "image_processor_type": "Qwen2VLImageProcessor", "do_resize": True, "do_rescale": True,
             "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True, "resample": 3,

@@ -122,6 +122,25 @@ def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0, family: 
     return out
 
 
+INIT_RANGE = 0.1  # wider random weights than HF's 0.02 (see `save_random`)
+
+
+def save_random(model_class, config, out: Path, seed: int, generation) -> None:
+    """`model_class(config)` with random weights from `seed` (the config should ask for INIT_RANGE) and
+    random norm gains too: with HF's defaults a tiny model only repeats one token, and parity on that
+    proves little. Saved as safetensors, with `generation` as its generation config."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(1.0, 0.5)
+    model.generation_config = generation
+    model.save_pretrained(out, safe_serialization=True)
+
+
 def generation_config(ids: dict[str, int], eos=("<|im_end|>", "<|endoftext|>"), pad="<|endoftext|>"):
     """Greedy by default, ending at any of `eos` (special tokens)."""
     from transformers import GenerationConfig

@@ -108,8 +108,8 @@ class ReplicaMetrics:
         self.replica = replica
         self.images = Metric("triton_vlm_encoder_images_total", "Images (InternVL: tiles) this replica encoded",
                              counter=True)
-        self.patches = Metric("triton_vlm_encoder_patches_total", "Rows of pixel values (patches; InternVL: tiles) this "
-                              "replica encoded", counter=True)
+        self.patches = Metric("triton_vlm_encoder_patches_total",
+                              "Rows of pixel values (patches; InternVL: tiles) this replica encoded", counter=True)
 
     def encoded(self, images: int, patches: int) -> None:
         self.images(replica=self.replica).increment(images)
