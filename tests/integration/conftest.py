@@ -44,10 +44,11 @@ def family_expected(family_model) -> dict[str, list[int]]:
 @pytest.fixture(scope="module")
 def family_servers(request, family_model, tmp_path_factory):
     """The test module's deployments of its FAMILY's tiny checkpoint, started together: COLOCATED (name ->
-    `Deployment` keyword arguments, minimal repositories) and EPD (name -> the encoder transport: one
-    language server and two encoder servers each). name -> a running server; all stopped after."""
+    `Deployment` keyword arguments, minimal repositories) and EPD (name -> `families.epd_pair` keyword
+    arguments: one language server and two encoder servers each), as `families.Servers`; all stopped
+    after."""
     module = request.module
     colocated = {name: Deployment(family_model, minimal=True, **kwargs) for name, kwargs in module.COLOCATED.items()}
-    epd = {name: epd_pair(family_model, transport) for name, transport in getattr(module, "EPD", {}).items()}
+    epd = {name: epd_pair(family_model, **kwargs) for name, kwargs in getattr(module, "EPD", {}).items()}
     with deployments(tmp_path_factory.mktemp(f"{module.FAMILY}-servers"), colocated, epd) as started:
         yield started

@@ -28,18 +28,24 @@ def assert_every_mode_equals(servers: dict[str, TritonServer], expected: dict[st
         assert answer.output_ids == expected[case], name
 
 
-def epd_pair(model, transport: str = "grpc") -> tuple[Deployment, Callable]:
-    """E/PD for `deployments`: the encoder servers' deployment, and encoder URLs -> the language server's
-    (no local fallback, no caches: every image is encoded remotely)."""
-    encoder = Deployment(model, mode="encoder", encoder_dp=1, embedding_cache_mb=0)
+def epd_pair(model, transport: str = "grpc", encoder_dp: int = 1) -> tuple[Deployment, Callable]:
+    """E/PD for `deployments`: the encoder servers' deployment (`encoder_dp` replicas each), and encoder
+    URLs -> the language server's (no local fallback, no caches: every image is encoded remotely)."""
+    encoder = Deployment(model, mode="encoder", encoder_dp=encoder_dp, embedding_cache_mb=0)
     return encoder, lambda urls: Deployment(model, mode="language", encoder_dp=1, minimal=True, embedding_cache_mb=0,
                                             encoder_urls=urls, encoder_transport=transport, encoder_fallback="none")
 
 
+class Servers(dict):
+    """name -> the running server of each deployment; `encoders`: E/PD name -> its two encoder servers."""
+
+    encoders: dict[str, list[TritonServer]]
+
+
 @contextlib.contextmanager
 def deployments(root, colocated: dict[str, Deployment], epd: dict[str, tuple[Deployment, Callable]]):
-    """Servers of every deployment, started together: name -> a running server. `epd`: name -> (the
-    encoder servers' deployment, encoder URLs -> the language server's); two encoder servers each."""
+    """Servers of every deployment, started together (`Servers`). `epd`: name -> (the encoder servers'
+    deployment, encoder URLs -> the language server's); two encoder servers each."""
     with contextlib.ExitStack() as stack:
 
         def start(name: str, deployment: Deployment) -> TritonServer:
@@ -56,4 +62,6 @@ def deployments(root, colocated: dict[str, Deployment], epd: dict[str, tuple[Dep
             started[name] = start(name, pair[1](urls))
         for server in started.values():
             server.wait_ready(300)
-        yield started
+        servers = Servers(started)
+        servers.encoders = encoders
+        yield servers

@@ -14,7 +14,7 @@ from triton_vlm_clients.client import stream
 
 FAMILY = "glm4v"
 COLOCATED = {"dp2": dict(encoder_dp=2, embedding_cache_mb=0), "tp2": dict(encoder_dp=1, tensor_parallel=2)}
-EPD = {"epd": "grpc"}
+EPD = {"epd": {}}
 
 
 @pytest.mark.parametrize("case", CASES)

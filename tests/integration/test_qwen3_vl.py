@@ -17,7 +17,7 @@ from triton_vlm_clients.client import stream
 
 FAMILY = "qwen3_vl"
 COLOCATED = {"dp2": dict(encoder_dp=2, embedding_cache_mb=0), "tp2": dict(encoder_dp=1, tensor_parallel=2)}
-EPD = {"epd-grpc": "grpc", "epd-shm": "shm"}
+EPD = {"epd-grpc": dict(transport="grpc"), "epd-shm": dict(transport="shm")}
 
 
 @pytest.mark.parametrize("case", CASES)

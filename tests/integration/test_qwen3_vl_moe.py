@@ -10,7 +10,7 @@ from tests.integration.families import CASES, assert_every_mode_equals
 
 FAMILY = "qwen3_vl_moe"
 COLOCATED = {"tp2": dict(encoder_dp=2, tensor_parallel=2, embedding_cache_mb=0)}
-EPD = {"epd": "grpc"}
+EPD = {"epd": {}}
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,7 +1,7 @@
 """The encode stage: split a request's images into shards balanced by their tokens, run them in parallel
 on the vision encoder replicas, gather the embeddings (and their extras, as columns) back in image order.
-Images as pixels are split into the family's pieces first (InternVL: tiles), so one image's encoding
-may be spread over several replicas; its rows come back in order all the same.
+Images are split into the family's pieces first (InternVL: tiles), so one image's encoding may be
+spread over several replicas; its rows come back in order all the same.
 
 `ShardedEncode` knows nothing of Triton. `split(images)` says which images go together and where
 (`even(n)`: n balanced shards for local replicas, Triton picks the instance; `RemoteEncoders.split`:
@@ -60,7 +60,7 @@ class ShardedEncode:
                  cache: EmbeddingCache | None = None, on_split: Callable[[int], None] | None = None,
                  pieces: Pieces | None = None) -> None:
         """`on_split(shards)`: told how many shards each encoding is split into (a metric). `pieces`: splits
-        images given as pixels into the family's pieces (`Images.pieces`)."""
+        images into the family's pieces (`Images.pieces`)."""
         self.run_shard, self.split, self.pieces = run_shard, split, pieces
         self.width, self.cache, self.on_split = width, cache, on_split  # width: columns of an embedding row
         # requests and the extra shards of a request get separate pools: a request thread waits on its
@@ -96,7 +96,7 @@ class ShardedEncode:
 
     def _encode(self, images: Images) -> torch.Tensor:
         owner = list(range(len(images)))  # the request's image of each unit of work
-        if self.pieces is not None and images.pixel_values is not None:
+        if self.pieces is not None:
             images, owner = self.pieces(images)
         shards = self.split(images)
         if self.on_split is not None:

@@ -9,7 +9,7 @@ from each image's size alone, by the family's resize rule. On the wire it is `_I
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,11 +44,17 @@ class Images:
     def __len__(self) -> int:
         return len(self.layout)
 
-    def pieces(self, family) -> tuple[Images, list[int]]:
-        """Images as pixels -> the family's pieces of them (InternVL: tiles; `Family.pieces`), which take the
-        same pixel rows and give the same embedding rows in the same order, and each piece's image."""
+    def pieces(self, family, decode: Callable[[tuple[bytes, ...]], np.ndarray] | None = None
+               ) -> tuple[Images, list[int]]:
+        """The family's pieces of these images (InternVL: tiles; `Family.pieces`), which take the same pixel
+        rows and give the same embedding rows in the same order, and each piece's image. Images a family
+        encodes whole come back as they are; files are pieces only with `decode` (files -> pixel_values),
+        else they travel whole (E/PD: to the encoder servers, which cut them up)."""
         layout, owner = family.pieces(self.layout)
-        return Images.of(family, layout, pixel_values=self.pixel_values), [int(i) for i in owner]
+        if len(layout) == len(self) or (self.pixel_values is None and decode is None):
+            return self, list(range(len(self)))
+        pixels = self.pixel_values if self.pixel_values is not None else torch.as_tensor(decode(self.files))
+        return Images.of(family, layout, pixel_values=pixels), [int(i) for i in owner]
 
     def select(self, indices: Sequence[int]) -> Images:
         """The images at `indices`, in that order."""

@@ -1,7 +1,8 @@
 """image_encoder (E/PD encoder servers): _IMAGES [N] (encoded image files), _IMAGE_KEYS [N] (optional
 content keys) -> _IMAGE_EMBEDS [sum tokens, H], _IMAGE_GRID_THW [N, 3]. Grids come from the file headers;
 images whose embeddings are cached (by key) are neither decoded nor encoded; the others are decoded,
-patchified and encoded on this server's `vision_encoder` instances, split by patch count. Files only: it
+patchified and encoded on this server's `vision_encoder` instances, split by tokens (a family that
+encodes pieces of images, InternVL's tiles, has its images decoded first and split by pieces). Files only: it
 never fetches a URL. A bad image gets INVALID_ARG (the caller must not take it for a failing encoder)."""
 
 import numpy as np
@@ -23,13 +24,19 @@ class TritonPythonModel:
         self.limits = PreprocessConfig.from_parameters(params)
         encode = EncodeConfig.from_parameters(params)
         self.family = family = load_family(encode.model_path)
-        self.processing = ImageProcessing(encode.model_path)
+        self.processing = ImageProcessing(encode.model_path, family)
         self.stage = ShardedEncode(self._run_shard, even(encode.data_parallel), family.embedding_width,
                                    cache=metrics.embedding_cache(encode.embedding_cache_mb,
                                                                  encode.embedding_cache_redis, tier="encoder"),
-                                   on_split=metrics.EncodeMetrics("image_encoder").encoded)
+                                   on_split=metrics.EncodeMetrics("image_encoder").encoded,
+                                   pieces=lambda images: images.pieces(family, self._pixels))
+
+    def _pixels(self, files):
+        return self.processing.decode(files, self.limits.image_limits)[0]
 
     def _run_shard(self, images, target=None):
+        if images.files is None:  # pieces, decoded already
+            return triton_io.encode_on_replicas(images.pixel_values, images.layout)
         pixels, grid = self.processing.decode(images.files, self.limits.image_limits)
         return triton_io.encode_on_replicas(pixels, grid)
 
