@@ -45,7 +45,8 @@ class Servers(dict):
 @contextlib.contextmanager
 def deployments(root, colocated: dict[str, Deployment], epd: dict[str, tuple[Deployment, Callable]]):
     """Servers of every deployment, started together (`Servers`). `epd`: name -> (the encoder servers'
-    deployment, encoder URLs -> the language server's); two encoder servers each."""
+    deployment, encoder URLs -> the language server's); two encoder servers each, shared by the language
+    servers whose encoder deployments are equal (Qwen3-VL's gRPC and shared-memory E/PD)."""
     with contextlib.ExitStack() as stack:
 
         def start(name: str, deployment: Deployment) -> TritonServer:
@@ -54,7 +55,11 @@ def deployments(root, colocated: dict[str, Deployment], epd: dict[str, tuple[Dep
             return server.start()
 
         started = {name: start(name, d) for name, d in colocated.items()}
-        encoders = {name: [start(f"{name}-encoder{i}", pair[0]) for i in range(2)] for name, pair in epd.items()}
+        pools: dict[Deployment, list[TritonServer]] = {}  # language servers of equal encoders share them
+        for name, (encoder, _) in epd.items():
+            if encoder not in pools:
+                pools[encoder] = [start(f"{name}-encoder{i}", encoder) for i in range(2)]
+        encoders = {name: pools[encoder] for name, (encoder, _) in epd.items()}
         for name, pair in epd.items():
             for server in encoders[name]:
                 server.wait_ready(300)
