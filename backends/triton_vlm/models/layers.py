@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -62,14 +63,13 @@ ROTARY = {
 }
 
 
-def _rotary(kind: str, name_index: int):
-    import importlib
-
+def _rotary(kind: str):
+    """(the rotary embedding class, its sectioned apply function or None) of `kind`."""
     if kind not in ROTARY:
         raise ValueError(f"unknown rotary embedding {kind!r}")
-    module, *names = ROTARY[kind]
-    return getattr(importlib.import_module(f"transformers.models.{module}"), names[name_index]) \
-        if names[name_index] else None
+    module, embedding, apply = ROTARY[kind]
+    found = importlib.import_module(f"transformers.models.{module}")
+    return getattr(found, embedding), getattr(found, apply) if apply else None
 
 
 class Rotary(nn.Module):
@@ -78,7 +78,7 @@ class Rotary(nn.Module):
     def __init__(self, config, kind: str) -> None:
         super().__init__()
         self.kind = kind
-        self.embedding = _rotary(kind, 0)(config)
+        self.embedding = _rotary(kind)[0](config)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [3, b, s] -> (cos, sin) for `rotate`."""
@@ -88,7 +88,7 @@ class Rotary(nn.Module):
 def rotate(config, kind: str):
     """The function that applies `Rotary`'s (cos, sin) to q and k ([b, heads, s, d]) for this kind (the
     partial rotary of GLM rotates the first dimensions and passes the rest)."""
-    apply = _rotary(kind, 1)
+    apply = _rotary(kind)[1]
     if apply is None:
         from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
