@@ -21,15 +21,21 @@ CHECKED = ImageLimits(max_bytes=2**62, max_pixels=2**62)  # preprocess checked t
 
 
 class LocalEncoder:
-    """This server's `vision_encoder` replicas; image files (E/PD's fallback) are preprocessed here first."""
+    """This server's `vision_encoder` replicas; image files (E/PD's fallback, an encoder server's requests)
+    are preprocessed here first, under `limits`."""
 
-    def __init__(self, processing: ImageProcessing, encode_on_replicas: Callable) -> None:
-        self.processing, self.encode_on_replicas = processing, encode_on_replicas
+    def __init__(self, processing: ImageProcessing, encode_on_replicas: Callable,
+                 limits: ImageLimits = CHECKED) -> None:
+        self.processing, self.encode_on_replicas, self.limits = processing, encode_on_replicas, limits
+
+    def pixels(self, files: tuple[bytes, ...]):
+        """Image files -> their pixel_values (for `Images.pieces`)."""
+        return self.processing.decode(files, self.limits)[0]
 
     def __call__(self, images: Images, target=None):
         pixels, grid = images.pixel_values, images.layout
         if images.files is not None:
-            pixels, grid = self.processing.decode(images.files, CHECKED)
+            pixels, grid = self.processing.decode(images.files, self.limits)
         return self.encode_on_replicas(pixels, grid)
 
 

@@ -186,6 +186,16 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(config.num_experts, inter, config.hidden_size))
 
 
+def _mix(x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor, expert) -> torch.Tensor:
+    """x [n, H], each token's chosen experts and their weights [n, k] -> sum over its k experts of
+    expert(e, its rows) * weight, in the weights' dtype; only the experts some token chose run."""
+    out = torch.zeros_like(x, dtype=weights.dtype)
+    for e in chosen.unique().tolist():
+        token, slot = torch.where(chosen == e)
+        out.index_add_(0, token, expert(e, x[token]) * weights[token, slot, None])
+    return out
+
+
 class MoE(nn.Module):
     """Top-k routing (softmax, the k best renormalized: Qwen3's rule); only the experts some token chose run."""
 
@@ -202,13 +212,11 @@ class MoE(nn.Module):
         weights = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
         weights, chosen = torch.topk(weights, self.top_k, dim=-1)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(x)
-        for expert in chosen.unique().tolist():
-            token, slot = torch.where(chosen == expert)
-            gate, up = (x[token] @ self.experts.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = (F.silu(gate) * up) @ self.experts.down_proj[expert]
-            out.index_add_(0, token, y * weights[token, slot, None])
-        return self.tp.all_reduce(out).reshape(shape)
+        return self.tp.all_reduce(_mix(x, chosen, weights, self._expert)).reshape(shape)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = (x @ self.experts.gate_up_proj[e]).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.experts.down_proj[e]
 
 
 class SharedMoE(nn.Module):
@@ -231,11 +239,7 @@ class SharedMoE(nn.Module):
         shape = x.shape
         chosen, weights = self.gate(x)
         x = x.reshape(-1, shape[-1])
-        out = torch.zeros_like(x, dtype=weights.dtype)
-        for expert in chosen.unique().tolist():
-            token, slot = torch.where(chosen == expert)
-            out.index_add_(0, token, self.experts[expert](x[token]) * weights[token, slot, None])
-        out = out.to(x.dtype) + self.shared_experts(x)
+        out = _mix(x, chosen, weights, lambda e, rows: self.experts[e](rows)).to(x.dtype) + self.shared_experts(x)
         return self.tp.all_reduce(out).reshape(shape)
 
 

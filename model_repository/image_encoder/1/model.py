@@ -11,6 +11,7 @@ import triton_python_backend_utils as pb_utils
 from triton_vlm import interface as I
 from triton_vlm.config import EncodeConfig, PreprocessConfig
 from triton_vlm.encode.dispatch import ShardedEncode, even
+from triton_vlm.encode.stage import LocalEncoder
 from triton_vlm.models import load_family
 from triton_vlm.preprocess.image_inputs import ImageProcessing, Images
 from triton_vlm.preprocess.images import open_image
@@ -25,20 +26,12 @@ class TritonPythonModel:
         encode = EncodeConfig.from_parameters(params)
         self.family = family = load_family(encode.model_path)
         self.processing = ImageProcessing(encode.model_path, family)
-        self.stage = ShardedEncode(self._run_shard, even(encode.data_parallel), family.embedding_width,
+        local = LocalEncoder(self.processing, triton_io.encode_on_replicas, self.limits.image_limits)
+        self.stage = ShardedEncode(local, even(encode.data_parallel), family.embedding_width,
                                    cache=metrics.embedding_cache(encode.embedding_cache_mb,
                                                                  encode.embedding_cache_redis, tier="encoder"),
                                    on_split=metrics.EncodeMetrics("image_encoder").encoded,
-                                   pieces=lambda images: images.pieces(family, self._pixels))
-
-    def _pixels(self, files):
-        return self.processing.decode(files, self.limits.image_limits)[0]
-
-    def _run_shard(self, images, target=None):
-        if images.files is None:  # pieces, decoded already
-            return triton_io.encode_on_replicas(images.pixel_values, images.layout)
-        pixels, grid = self.processing.decode(images.files, self.limits.image_limits)
-        return triton_io.encode_on_replicas(pixels, grid)
+                                   pieces=lambda images: images.pieces(family, local.pixels))
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
