@@ -64,8 +64,9 @@ def slow_processor_kwargs(path) -> dict:
     torchvision) honours it and the slow one in transformers 4.57 drops it, so tell the slow one."""
     config = json.loads((Path(path) / "preprocessor_config.json").read_text())
     size = config.get("size") or {}
-    if "min_pixels" in config or not {"shortest_edge", "longest_edge"} <= size.keys():
-        return {}
+    if not config.get("image_processor_type", "").startswith("Qwen2VLImageProcessor") or "min_pixels" in config \
+            or not {"shortest_edge", "longest_edge"} <= size.keys():
+        return {}  # GLM's slow processor reads `size` itself
     return {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
 
 

@@ -4,9 +4,11 @@ transformers' own generate, built without our code (`tests/reference.py`)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
-from tests.conftest import make_image
+from tests.integration.families import CASES, PROMPT, images
 from tests.reference import reference_generate
 from triton_vlm.config import EncoderConfig, LanguageConfig, PreprocessConfig
 from triton_vlm.encode.encoder import VisionEncoder
@@ -15,28 +17,36 @@ from triton_vlm.models.tiny_model import make_tiny_model
 from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest, SamplingParams
 
-CASES = {"text-only": [], "one-image": [(640, 480)], "two-sizes": [(300, 200), (200, 500)],
-         "four-images": [(640, 480), (300, 200), (800, 600), (200, 500)]}
+
+@contextlib.contextmanager
+def colocated(path):
+    """-> ours(images): greedy ids for PROMPT through preprocess, one vision encoder and the language engine."""
+    engine = LanguageEngine(LanguageConfig(model_path=path))
+    pre, encoder = Preprocessor(PreprocessConfig(model_path=path)), VisionEncoder(EncoderConfig(model_path=path))
+
+    def ours(pictures: list[bytes]) -> list[int]:
+        p = pre(GenerateRequest(text_input=PROMPT, images=pictures, sampling=SamplingParams(max_tokens=12)))
+        request = LanguageRequest(str(len(pictures)), p.input_ids, encoder.encode(p.pixel_values, p.image_grid_thw),
+                                  p.image_grid_thw, p.sampling)
+        return [t for out in engine.generate(request) for t in out.token_ids]
+
+    try:
+        yield ours
+    finally:
+        engine.shutdown()
 
 
 @pytest.fixture(scope="module", params=["qwen3_vl", "qwen3_vl_moe", "internvl", "glm4v", "glm4v_moe"])
 def pipeline(request, tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp(request.param) / "model", family=request.param)
-    engine = LanguageEngine(LanguageConfig(model_path=path))
-    yield path, Preprocessor(PreprocessConfig(model_path=path)), VisionEncoder(EncoderConfig(model_path=path)), engine
-    engine.shutdown()
+    with colocated(path) as ours:
+        yield path, ours
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_greedy_ids_equal_transformers(pipeline, case):
-    path, pre, encoder, engine = pipeline
-    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(CASES[case])]
-    p = pre(GenerateRequest(text_input="Describe the pictures.", images=images,
-                            sampling=SamplingParams(max_tokens=12)))
-    request = LanguageRequest(case, p.input_ids, encoder.encode(p.pixel_values, p.image_grid_thw), p.image_grid_thw,
-                              p.sampling)
-    ours = [t for out in engine.generate(request) for t in out.token_ids]
-    assert ours == reference_generate(path, "Describe the pictures.", images, max_new_tokens=12)
+    path, ours = pipeline
+    assert ours(images(case)) == reference_generate(path, PROMPT, images(case), max_new_tokens=12)
 
 
 def test_each_rank_reads_only_its_slice_of_every_expert(tmp_path):
@@ -100,15 +110,6 @@ def test_internvl_with_a_qwen3_language_model_equals_transformers(tmp_path):
     save_random(InternVLForConditionalGeneration, InternVLConfig(**config), path, 1,
                 GenerationConfig.from_pretrained(path))
     assert "q_norm" in (path / "model.safetensors").read_bytes()[:100_000].decode("latin-1")
-    engine = LanguageEngine(LanguageConfig(model_path=path))
-    try:
-        pre, encoder = Preprocessor(PreprocessConfig(model_path=path)), VisionEncoder(EncoderConfig(model_path=path))
-        images = [make_image(640, 480), make_image(200, 500, seed=1)]
-        p = pre(GenerateRequest(text_input="Describe the pictures.", images=images,
-                                sampling=SamplingParams(max_tokens=12)))
-        request = LanguageRequest("q3", p.input_ids, encoder.encode(p.pixel_values, p.image_grid_thw),
-                                  p.image_grid_thw, p.sampling)
-        ours = [t for out in engine.generate(request) for t in out.token_ids]
-    finally:
-        engine.shutdown()
-    assert ours == reference_generate(path, "Describe the pictures.", images, max_new_tokens=12)
+    with colocated(path) as ours:
+        ids = ours(images("two-sizes"))
+    assert ids == reference_generate(path, PROMPT, images("two-sizes"), max_new_tokens=12)
