@@ -123,9 +123,19 @@ class LanguageConfig:
     threads: int = 0  # torch threads per rank; 0: the cores divided by the ranks
     max_model_len: int = 0
     tensor_parallel: int = 1
-    max_num_seqs: int = 8  # KV cache slots = sequences decoded together; more wait in the queue
-    kv_cache_mb: int = 1024  # per rank; caps each slot's length below max_model_len when needed
-    max_prefill_tokens: int = 512  # prompt tokens prefilled together in one step (a longer prompt goes alone)
+    max_num_seqs: int = 8  # sequences admitted at once (prefilling or decoding); more wait in the queue
+    kv_cache_mb: int = 1024  # per rank: the pool of KV blocks (at most what max_num_seqs full contexts take)
+    block_size: int = 16  # tokens per KV block
+    max_num_batched_tokens: int = 512  # tokens one step computes: decodes first, then prompt chunks
+    enable_prefix_caching: bool = True  # reuse the KV blocks of earlier prompts' equal prefixes
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "kv_cache_mb", "block_size", "max_num_batched_tokens", "tensor_parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                             f"max_num_seqs ({self.max_num_seqs}): every running sequence decodes each step")
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], device: str = "cpu") -> LanguageConfig:

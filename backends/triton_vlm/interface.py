@@ -38,7 +38,7 @@ IMAGE_GRID_THW = "_IMAGE_GRID_THW"  # INT64 [N, 3]
 IMAGE_EMBEDS = "_IMAGE_EMBEDS"  # FP32 [sum tokens per image, H]
 SAMPLING = "_SAMPLING"  # BYTES [1]: SamplingParams JSON
 IMAGES = "_IMAGES"  # BYTES [N]: the encoded image files, when encoder servers preprocess them (else [0])
-IMAGE_KEYS = "_IMAGE_KEYS"  # BYTES [N]: each image's content key, for the embedding cache
+IMAGE_KEYS = "_IMAGE_KEYS"  # BYTES [N]: each image's content key, for the embedding cache and the prefix cache
 
 INTERNAL = {
     CANCEL: ("TYPE_STRING", [1]),
@@ -59,7 +59,7 @@ MODELS = {
     "vision_encoder": ([PIXEL_VALUES, IMAGE_GRID_THW], [IMAGE_EMBEDS]),
     # E/PD encoder servers: image files in, embeddings and grids out (decode, resize, patchify, encode)
     "image_encoder": ([IMAGES, IMAGE_KEYS], [IMAGE_EMBEDS, IMAGE_GRID_THW]),
-    "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING, CANCEL], list(PUBLIC_OUTPUTS)),
+    "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING, IMAGE_KEYS, CANCEL], list(PUBLIC_OUTPUTS)),
     "vlm": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
     "vlm_unary": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
 }

@@ -1,5 +1,5 @@
 """The language engine as a serving engine, in-process: continuous batching, admission control, stop
-strings, and tensor parallelism over gloo against one rank."""
+strings, chunked prefill over paged blocks, and tensor parallelism over gloo against one rank."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tests.conftest import make_image
 from triton_vlm.config import EncoderConfig, LanguageConfig, PreprocessConfig
 from triton_vlm.encode.encoder import VisionEncoder
 from triton_vlm.engine.language import LanguageEngine, LanguageRequest
+from triton_vlm.engine.sequence import Sequence
 from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest, SamplingParams
 
@@ -68,7 +69,7 @@ def test_batched_decoding_equals_one_at_a_time(parts, engine):
     together = run_concurrently(engine, requests)
     assert [ids for ids, _, _ in together] == alone
     assert engine.peak_batch >= 4, "the requests were not decoded together"
-    assert engine.kv_tokens_in_use == 0 and engine.running == 0
+    assert engine.stats().blocks_in_use == 0 and engine.stats().running == 0
 
 
 def test_stats_count_prefill_and_decode_tokens_and_the_waiting(parts, tiny_model):
@@ -79,10 +80,12 @@ def test_stats_count_prefill_and_decode_tokens_and_the_waiting(parts, tiny_model
         small.submit(requests[0], lambda out: seen.append(small.stats()))  # on the engine thread, mid-run
         results = run_concurrently(small, requests[1:])
         stats = small.stats()
-        assert stats.prefill_tokens == sum(len(r.input_ids) for r in requests)
+        assert stats.prefix_queries == sum(len(r.input_ids) for r in requests)
+        assert stats.prefill_tokens == stats.prefix_queries - stats.prefix_hits  # hits are not computed
+        assert stats.prefix_hits > 0  # the chat template's system prompt, the same in each
         assert stats.decode_tokens == sum(len(ids) - 1 for ids, _, _ in results) + 7
-        assert (stats.running, stats.waiting, small.free_slots) == (0, 0, 1)
-        assert max(s.waiting for s in seen) >= 1 and max(s.running for s in seen) == 1, "one slot, a queue"
+        assert (stats.running, stats.waiting, stats.blocks_in_use) == (0, 0, 0)
+        assert max(s.waiting for s in seen) >= 1 and max(s.running for s in seen) == 1, "one at a time, a queue"
     finally:
         small.shutdown()
 
@@ -123,18 +126,32 @@ def tp2(tiny_model):
     lm.shutdown()
 
 
+def _sequence(engine, request, table) -> Sequence:
+    """The request as the engine's sequence, holding the blocks of `table` (whatever they hold now)."""
+    seq = Sequence(request, lambda out: None, engine.family, engine.tokenizer, engine.block_size,
+                   engine.max_model_len)
+    seq.block_table = list(table)
+    return seq
+
+
+def _prefill(engine, seq, n=None):
+    """Logits [V] of the sequence's next n tokens (all of them by default), computed into its blocks."""
+    n = seq.num_tokens - seq.num_computed if n is None else n
+    logits = engine.runner.prefill([engine.runner.chunk(seq, n)])[0]
+    seq.num_computed += n
+    return logits
+
+
 def test_two_ranks_give_the_same_logits_and_ids_as_one(parts, engine, tp2):
     requests = [make_request(parts, 0, "what is this"), make_request(parts, 1, "compare them", n_images=2)]
     one = run_concurrently(engine, requests)
     two = run_concurrently(tp2, requests)
     assert [r[0] for r in one] == [r[0] for r in two]
-    # prefill logits of the multi-image prompt, rank 0 of each, while both engines are idle
-    req = requests[1]
-    for lm in (engine, tp2):
-        assert lm.running == 0
+    # prefill logits of the multi-image prompt, rank 0 of each, into blocks no sequence holds (both idle)
     logits = []
     for lm in (engine, tp2):
-        logits.append(lm.runner.prefill([lm.prompt_inputs(req)], [0])[0])
+        assert lm.stats().blocks_in_use == 0
+        logits.append(_prefill(lm, _sequence(lm, requests[1], range(lm.num_blocks - 20, lm.num_blocks))))
     np.testing.assert_allclose(logits[1].numpy(), logits[0].numpy(), rtol=1e-4, atol=1e-5)
 
 
@@ -142,30 +159,40 @@ def test_prompts_prefilled_together_equal_each_alone(parts, engine):
     """One forward for several prompts (projections over all tokens, attention per prompt) gives each
     prompt the logits and cache contents it gets alone."""
     requests = [make_request(parts, i, p, n_images=i % 2) for i, p in enumerate(PROMPTS[:3])]
-    assert engine.running == 0
-    runner, inputs = engine.runner, [engine.prompt_inputs(r) for r in requests]
-    lengths = [prompt.length for prompt in inputs]
-    alone = []
-    for slot, prompt in enumerate(inputs):
-        alone.append((runner.prefill([prompt], [slot])[0], runner.cache.k[:, slot, :, :lengths[slot]].clone()))
-    together = runner.prefill(inputs, [5, 6, 7])
-    for i, (logits, keys) in enumerate(alone):
-        torch.testing.assert_close(together[i], logits, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(runner.cache.k[:, 5 + i, :, :lengths[i]], keys, rtol=1e-4, atol=1e-5)
+    assert engine.stats().blocks_in_use == 0
+    runner, top = engine.runner, engine.num_blocks
+    alone, together = [], []
+    for i, request in enumerate(requests):
+        seq = _sequence(engine, request, range(top - 10 * (i + 1), top - 10 * i))
+        alone.append((_prefill(engine, seq), seq))
+        together.append(_sequence(engine, request, range(top - 60 + 10 * i, top - 50 + 10 * i)))
+    logits = runner.prefill([runner.chunk(seq, seq.num_tokens) for seq in together])
+    bs = engine.block_size
+    for i, (row, seq) in enumerate(alone):
+        torch.testing.assert_close(logits[i], row, rtol=1e-4, atol=1e-5)
+        slots = [b * bs + k for b in seq.block_table for k in range(bs)][:seq.num_tokens]
+        slots_together = [b * bs + k for b in together[i].block_table for k in range(bs)][:seq.num_tokens]
+        torch.testing.assert_close(runner.cache.k[:, slots_together], runner.cache.k[:, slots], rtol=1e-4, atol=1e-5)
 
 
-def test_decoding_scattered_slots_equals_slots_in_a_row(parts, engine):
-    """Slots in a row are read as a view of the cache, others gathered: the same logits either way."""
-    requests = [make_request(parts, i, p) for i, p in enumerate(PROMPTS[:2])]
-    assert engine.running == 0
-    runner, inputs = engine.runner, [engine.prompt_inputs(r) for r in requests]
-    lengths = [prompt.length for prompt in inputs]
-    positions = [prompt.length + prompt.delta for prompt in inputs]
-    logits = []
-    for slots in ([3, 4], [6, 1]):
-        runner.prefill(inputs, slots)
-        logits.append(runner.decode([5, 7], positions, slots, lengths))
-    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("cuts", [[40], [3, 38, 70], [50, 51]])
+def test_a_prompt_prefilled_in_chunks_equals_it_whole(parts, engine, cuts):
+    """Chunks that end anywhere, inside an image's placeholders too, over blocks that are not in a row, give
+    the logits of the whole prompt; and the next decode step agrees as well."""
+    request = make_request(parts, 3, "compare both images please", n_images=2)
+    top = engine.num_blocks
+    whole = _sequence(engine, request, range(top - 10, top))
+    image_at = whole.image_at
+    assert any(image_at[0] < cut <= image_at[-1] for cut in cuts), "a chunk should end inside the images"
+    expected = _prefill(engine, whole)
+    chunked = _sequence(engine, request, [top - 11 - 2 * i for i in range(10)])  # scattered, descending
+    for start, end in zip([0, *cuts], [*cuts, chunked.num_tokens], strict=True):
+        got = _prefill(engine, chunked, end - start)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    token = int(expected.argmax())
+    decoded = [engine.runner.decode([token], [seq.num_tokens + seq.delta], [seq.block_table], [seq.num_tokens])[0]
+               for seq in (whole, chunked)]
+    torch.testing.assert_close(decoded[1], decoded[0], rtol=1e-4, atol=1e-5)
 
 
 def test_a_rank_holds_only_its_shard(tp2, engine):
@@ -203,26 +230,26 @@ def test_a_request_whose_client_fails_ends_alone_and_returns_its_slot(parts, eng
     together = run_concurrently(engine, good)
     assert [ids for ids, _, _ in together] == alone
     assert outputs[-1].finished and sum(o.finished for o in outputs) == 1  # exactly one final output
-    assert engine.free_slots == engine.slots and engine.running == 0
+    assert engine.stats().blocks_in_use == 0 and engine.stats().running == 0
 
 
 def test_a_failing_prefill_fails_that_request_only(parts, engine, monkeypatch):
     good = [make_request(parts, i, p, max_tokens=8) for i, p in enumerate(PROMPTS[:3])]
     alone = _solo_ids(engine, good)
     bad = make_request(parts, 7, "a prompt the model cannot take, for this test " * 3, max_tokens=8)
-    real = engine.runner.prefill
+    real = engine.runner.chunk
 
-    def prefill(prompts, slots):
-        if len(bad.input_ids) in [prompt.length for prompt in prompts]:
+    def chunk(seq, n):
+        if seq.request_id == bad.request_id:
             raise RuntimeError("prefill broke on this prompt")
-        return real(prompts, slots)
+        return real(seq, n)
 
-    monkeypatch.setattr(engine.runner, "prefill", prefill)
+    monkeypatch.setattr(engine.runner, "chunk", chunk)
     results = run_concurrently(engine, [good[0], bad, *good[1:]])
     assert [ids for ids, _, _ in results[:1] + results[2:]] == alone
     _, _, last = results[1]
     assert last.finish_reason == "error" and "prefill broke" in str(last.error)
-    assert engine.free_slots == engine.slots and engine.running == 0
+    assert engine.stats().blocks_in_use == 0 and engine.stats().running == 0
 
 
 def test_tiny_and_huge_temperatures_sample_without_failing(parts, engine):
@@ -248,20 +275,17 @@ def test_min_tokens_and_ignore_eos_hold_off_the_end(parts, engine, monkeypatch):
     assert held[:k] == base[:k] and len(held) >= k + 3 and base[k] not in held[:k + 3]
 
 
-def test_abort_ends_a_running_request_and_spares_a_later_one_with_the_id(parts, engine):
-    assert not engine.abort("r0")  # nothing runs under that id: nothing to remember
-    [(ids, _, last)] = run_concurrently(engine, [make_request(parts, 0, "hi", max_tokens=4)])
-    assert last.finish_reason in ("stop", "length")
+def test_cancel_ends_a_running_request_and_frees_its_blocks(parts, engine):
     outs, done = [], threading.Event()
 
     def on_step(out):
         outs.append(out)
         if len(outs) == 1:
-            assert engine.abort("r0")
+            handle.cancel()
         if out.finished:
             done.set()
 
-    engine.submit(make_request(parts, 0, "hi", max_tokens=2000, ignore_eos=True), on_step)
+    handle = engine.submit(make_request(parts, 0, "hi", max_tokens=2000, ignore_eos=True), on_step)
     assert done.wait(60)
     assert outs[-1].finish_reason == "cancelled" and len(outs) < 10
-    assert engine.free_slots == engine.slots
+    assert engine.stats().blocks_in_use == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -86,17 +88,23 @@ def test_mismatched_embeddings_end_only_that_request(engines):
     assert run_pipeline(engines, "hi", [], max_tokens=2)[2].finished
 
 
-def test_abort_stops_the_request_and_frees_its_kv(engines):
+def test_cancel_stops_the_request_and_frees_its_kv_blocks(engines):
     pre, _, lm = engines
     p = pre(GenerateRequest(text_input="go on", sampling=SamplingParams(max_tokens=3000)))
     req = LanguageRequest("long", p.input_ids, torch.zeros((0, pre.family.hidden_size)), p.image_grid_thw,
-                          SamplingParams(max_tokens=3000))
-    outs = []
-    for out in lm.generate(req):
+                          SamplingParams(max_tokens=3000, ignore_eos=True))
+    outs, done, held = [], threading.Event(), []
+
+    def on_step(out):
         outs.append(out)
         if len(outs) == 3:
-            assert lm.kv_tokens_in_use > 0
-            lm.abort("long")
+            held.append(lm.stats().blocks_in_use)
+            handle.cancel()
+        if out.finished:
+            done.set()
+
+    handle = lm.submit(req, on_step)
+    assert done.wait(60)
     assert outs[-1].finish_reason == "cancelled" and len(outs) < 100
-    assert lm.kv_tokens_in_use == 0
+    assert held[0] > 0 and lm.stats().blocks_in_use == 0
     assert np.all([o.error is None for o in outs])

@@ -7,9 +7,9 @@ from __future__ import annotations
 import threading
 import time
 
-from triton_vlm.engine.language import StepOutput
+from triton_vlm.engine.sequence import StepOutput
 from triton_vlm.errors import InvalidRequest
-from triton_vlm.serving.responses import Outbox, ResponseStream
+from triton_vlm.serving.responses import InFlight, Outbox, ResponseStream
 
 
 class Wire:
@@ -43,22 +43,21 @@ class Sender:
         return self.cancelled
 
 
-class Engine:
+class Handle:
     def __init__(self) -> None:
-        self.aborted = []
+        self.cancelled = 0
 
-    def abort(self, request_id):
-        self.aborted.append(request_id)
-        return True
+    def cancel(self):
+        self.cancelled += 1
 
 
 def outputs(n: int, finish="length"):
     return [StepOutput([i], f"t{i}", finish if i == n - 1 else None) for i in range(n)]
 
 
-def run(sender, stream=True, outs=None, engine=None):
-    outbox, engine = Outbox(), engine or Engine()
-    rs = ResponseStream(engine, outbox, Wire, sender, "r1", stream, num_input_tokens=7, arrival_s=time.time())
+def run(sender, stream=True, outs=None):
+    outbox = Outbox()
+    rs = ResponseStream(outbox, Wire, sender, "r1", stream, num_input_tokens=7, arrival_s=time.time())
     first, *rest = outs or outputs(6)
     rs(first)
     if sender.first_send_s:  # the rest queue up while the first is being sent
@@ -67,7 +66,7 @@ def run(sender, stream=True, outs=None, engine=None):
         rs(out)
     sender.done.wait(5)
     outbox.close()
-    return sender.sent, engine
+    return sender.sent, rs
 
 
 def test_a_slow_send_merges_the_deltas_queued_behind_it_and_ends_with_one_final():
@@ -89,9 +88,26 @@ def test_an_error_is_the_final_response():
 
 def test_a_cancelled_or_failing_client_ends_its_generation():
     for sender in (Sender(cancelled=True), Sender(fail=True)):
-        outbox, engine = Outbox(), Engine()
-        rs = ResponseStream(engine, outbox, Wire, sender, "r1", True, num_input_tokens=7, arrival_s=time.time())
+        outbox = Outbox()
+        rs = ResponseStream(outbox, Wire, sender, "r1", True, num_input_tokens=7, arrival_s=time.time())
+        rs.handle = Handle()
         rs.checked -= 1  # the last cancel check was long ago
         rs(StepOutput([0], "t0"))  # not the end: the stream is asked whether its client is still there
         outbox.close()
-        assert engine.aborted == ["r1"]
+        assert rs.handle.cancelled == 1
+
+
+def test_cancel_by_id_reaches_the_unfinished_requests_of_that_id_only():
+    in_flight, outbox = InFlight(), Outbox()
+    streams = [ResponseStream(outbox, Wire, Sender(), rid, True, num_input_tokens=7, arrival_s=time.time(),
+                              in_flight=in_flight) for rid in ("a", "a", "b")]
+    for rs in streams:
+        rs.handle = Handle()
+    streams[1](StepOutput([0], "t0", "length"))  # the second "a" has finished
+    assert streams[1].sender.done.wait(5)
+    assert in_flight.cancel("a") and not in_flight.cancel("c")
+    assert [rs.handle.cancelled for rs in streams] == [1, 0, 0]
+    streams[0](StepOutput([], "", "cancelled"))
+    assert streams[0].sender.done.wait(5)
+    assert not in_flight.cancel("a")  # nothing of "a" runs: a later request reusing the id is spared
+    outbox.close()

@@ -1,8 +1,10 @@
-"""The model side of the language engine: this rank's decoder shard and KV cache, one call per step.
+"""The model side of the language engine: this rank's decoder shard and paged KV cache, the model inputs of
+a step, one call per step.
 
 On rank 0 (the engine) each call is first broadcast to the other ranks, which run the same call on
-their shards (`serve_forever`); the all-reduces inside the layers keep them in step. Small step
-arguments travel as Python objects, prompt embeddings (and image extras) as tensor broadcasts.
+their shards (`serve_forever`); the all-reduces inside the layers keep them in step. Block tables and
+other small step arguments travel as Python objects, chunk embeddings (and image extras) as tensor
+broadcasts. Every rank's cache has the same blocks (each holds its own kv heads of them).
 """
 
 from __future__ import annotations
@@ -11,18 +13,21 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.paged_attention import DecodeBatch, PrefillBatch
+from .sequence import Sequence
 from .tp import TensorParallel
 
 
 @dataclass
-class PromptInputs:
-    """One prompt, ready to prefill."""
+class Chunk:
+    """Tokens start..start+n-1 of one sequence, ready to prefill."""
 
-    embeds: torch.Tensor  # [1, S, H], image embeddings spliced in
-    positions: torch.Tensor  # [3, 1, S]
-    delta: int  # a generated token at index i >= S has position i + delta
-    extra_at: torch.Tensor | None = None  # [n] the image tokens' indices, when the family has extras
-    extras: torch.Tensor | None = None  # [k, n, H] (Qwen3-VL's deepstack features)
+    embeds: torch.Tensor  # [1, n, H], image embeddings spliced in
+    positions: torch.Tensor  # [3, 1, n]
+    start: int
+    table: list[int]  # the sequence's block table
+    extra_at: torch.Tensor | None = None  # [m] the chunk's image tokens, when the family has extras
+    extras: torch.Tensor | None = None  # [k, m, H] (Qwen3-VL's deepstack features)
 
     @property
     def length(self) -> int:
@@ -30,47 +35,68 @@ class PromptInputs:
 
 
 class ModelRunner:
-    def __init__(self, family, device: str, dtype: torch.dtype, tp: TensorParallel, slots: int, slot_len: int):
-        self.tp, self.device, self.dtype = tp, torch.device(device), dtype
+    def __init__(self, family, device: str, dtype: torch.dtype, tp: TensorParallel, num_blocks: int,
+                 block_size: int) -> None:
+        self.family, self.tp, self.device, self.dtype = family, tp, torch.device(device), dtype
         self.model = family.load_decoder(device, dtype, tp)
-        self.cache = self.model.new_cache(slots, slot_len)
+        self.cache = self.model.new_cache(num_blocks, block_size)
+        self.block_size = block_size
         self.hidden_size = self.model.config.hidden_size
         self.extra_features = family.extra_features
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed(ids.to(self.device))
+    @torch.inference_mode()
+    def chunk(self, seq: Sequence, n: int) -> Chunk:
+        """The model inputs of the sequence's next n tokens: their embeddings with the image rows spliced
+        over the image tokens (a chunk may begin or end inside an image), their positions and extras."""
+        start = seq.num_computed
+        embeds = self.model.embed(torch.tensor(seq.token_ids[start:start + n], device=self.device))[None]
+        at, rows = seq.image_rows_in(start, start + n)
+        at, extras = torch.as_tensor(at, device=self.device), None
+        if len(at):
+            image, extras = self.family.split_features(rows.to(device=self.device, dtype=embeds.dtype))
+            embeds[0, at] = image
+        positions = torch.as_tensor(seq.positions_of(start, start + n), device=self.device)[:, None, :]
+        if not self.extra_features:
+            at = None
+        elif extras is None:
+            extras = torch.zeros((self.extra_features, 0, self.hidden_size), dtype=embeds.dtype, device=self.device)
+        return Chunk(embeds, positions, start, list(seq.block_table), at, extras)
 
-    def prefill(self, prompts: list[PromptInputs], slots: list[int]) -> torch.Tensor:
-        """Prompts one after another in one forward -> logits [len(slots), V]; prompt i fills slots[i]."""
-        lengths = [p.length for p in prompts]
-        embeds = torch.cat([p.embeds for p in prompts], dim=1)
-        positions = torch.cat([p.positions for p in prompts], dim=2)
+    def prefill(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Chunks one after another in one forward -> logits [len(chunks), V] of each chunk's last token."""
+        lengths = [c.length for c in chunks]
+        tables, starts = [c.table for c in chunks], [c.start for c in chunks]
+        embeds = torch.cat([c.embeds for c in chunks], dim=1)
+        positions = torch.cat([c.positions for c in chunks], dim=2)
         at, extras = None, None
-        if self.extra_features:  # every prompt's image tokens, as indices into the joined prompts
-            starts = [sum(lengths[:i]) for i in range(len(prompts))]
-            at = torch.cat([p.extra_at.to(self.device) + s for p, s in zip(prompts, starts, strict=True)])
-            extras = torch.cat([p.extras for p in prompts], dim=1).to(self.dtype)
+        if self.extra_features:  # every chunk's image tokens, as indices into the joined chunks
+            offsets = [sum(lengths[:i]) for i in range(len(chunks))]
+            at = torch.cat([c.extra_at + offset for c, offset in zip(chunks, offsets, strict=True)])
+            extras = torch.cat([c.extras for c in chunks], dim=1).to(self.dtype)
         if self.tp.size > 1:
-            self.tp.broadcast(("prefill", slots, lengths, positions.tolist(), None if at is None else at.tolist()))
+            self.tp.broadcast(("prefill", tables, starts, lengths, positions.tolist(),
+                               None if at is None else at.tolist()))
             self.tp.broadcast_tensor(embeds, None, None, None)
             if extras is not None:
                 self.tp.broadcast_tensor(extras, None, None, None)
-        return self._prefill(embeds, positions, slots, lengths, at, extras)
+        return self._prefill(embeds, positions, tables, starts, lengths, at, extras)
 
-    def _prefill(self, embeds, positions, slots, lengths, at, extras) -> torch.Tensor:
+    def _prefill(self, embeds, positions, tables, starts, lengths, at, extras) -> torch.Tensor:
         deepstack = None if at is None or not len(at) else (at, extras)
-        return self.model.prefill(embeds, positions.to(self.device), self.cache, slots, lengths, deepstack)
+        batch = PrefillBatch(tables, starts, lengths, self.block_size, self.device)
+        return self.model.prefill(embeds, positions.to(self.device), self.cache, batch, deepstack)
 
-    def decode(self, ids: list[int], positions: list[int], slots: list[int], lengths: list[int]) -> torch.Tensor:
-        """One token for each of b sequences -> logits [b, V]. positions: the text position (t=h=w)."""
-        self.tp.broadcast(("decode", ids, positions, slots, lengths))
-        return self._decode(ids, positions, slots, lengths)
+    def decode(self, ids: list[int], positions: list[int], tables: list[list[int]], lengths: list[int]) -> torch.Tensor:
+        """One token for each of b sequences -> logits [b, V]. positions: the text position (t=h=w);
+        lengths: the tokens each has in the cache before this one."""
+        self.tp.broadcast(("decode", ids, positions, tables, lengths))
+        return self._decode(ids, positions, tables, lengths)
 
-    def _decode(self, ids, positions, slots, lengths) -> torch.Tensor:
+    def _decode(self, ids, positions, tables, lengths) -> torch.Tensor:
         d = self.device
         pos = torch.tensor(positions, device=d)[None, :, None].expand(3, -1, 1)
-        return self.model.decode(torch.tensor(ids, device=d), pos, self.cache, list(slots),
-                                 torch.tensor(lengths, device=d))
+        batch = DecodeBatch(tables, lengths, self.block_size, d)
+        return self.model.decode(torch.tensor(ids, device=d), pos, self.cache, batch)
 
     def stop(self) -> None:
         self.tp.broadcast(("stop",))
@@ -82,13 +108,14 @@ class ModelRunner:
             if command[0] == "stop":
                 return
             if command[0] == "prefill":
-                _, slots, lengths, positions, at = command
+                _, tables, starts, lengths, positions, at = command
                 embeds = self.tp.broadcast_tensor(None, (1, sum(lengths), self.hidden_size), self.dtype, self.device)
                 extras = None
                 if at is not None:
                     at = torch.tensor(at, dtype=torch.long, device=self.device)
                     extras = self.tp.broadcast_tensor(None, (self.extra_features, len(at), self.hidden_size),
                                                       self.dtype, self.device)
-                self._prefill(embeds, torch.tensor(positions, device=self.device), slots, lengths, at, extras)
+                self._prefill(embeds, torch.tensor(positions, device=self.device), tables, starts, lengths, at,
+                              extras)
             else:
                 self._decode(*command[1:])

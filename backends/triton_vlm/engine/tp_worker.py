@@ -24,8 +24,8 @@ def _exit_with_parent(parent: int) -> None:
         time.sleep(0.5)
 
 
-def start_workers(size: int, init_method: str, model_path: Path, device: str, dtype: str, slots: int,
-                  slot_len: int, threads: int) -> list[subprocess.Popen]:
+def start_workers(size: int, init_method: str, model_path: Path, device: str, dtype: str, num_blocks: int,
+                  block_size: int, threads: int) -> list[subprocess.Popen]:
     """Ranks 1..size-1 as child processes of this one (rank 0)."""
     python = Path(sys.prefix) / "bin" / "python3"  # the stub's sys.executable is not a Python
     workers = []
@@ -34,7 +34,8 @@ def start_workers(size: int, init_method: str, model_path: Path, device: str, dt
         workers.append(subprocess.Popen([
             str(python), "-m", "triton_vlm.engine.tp_worker", "--rank", str(rank), "--size", str(size),
             "--init", init_method, "--model", str(model_path), "--device", rank_device, "--dtype", dtype,
-            "--slots", str(slots), "--slot-len", str(slot_len), "--threads", str(threads), "--parent", str(os.getpid()),
+            "--num-blocks", str(num_blocks), "--block-size", str(block_size), "--threads", str(threads),
+            "--parent", str(os.getpid()),
         ]))
     return workers
 
@@ -50,7 +51,7 @@ def stop_workers(workers: list[subprocess.Popen], timeout_s: float = 30) -> None
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
-    for name in ("--rank", "--size", "--slots", "--slot-len", "--threads", "--parent"):
+    for name in ("--rank", "--size", "--num-blocks", "--block-size", "--threads", "--parent"):
         p.add_argument(name, type=int, required=True)
     for name in ("--init", "--model", "--device", "--dtype"):
         p.add_argument(name, required=True)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tp = init(args.rank, args.size, args.init, args.device)
     runner = ModelRunner(load_family(args.model), args.device, torch_dtype(args.dtype, args.device), tp,
-                         args.slots, args.slot_len)
+                         args.num_blocks, args.block_size)
     runner.serve_forever()
     tp.close()
     return 0

@@ -1,4 +1,4 @@
-"""A family's language decoder, tensor-parallel, over a slot KV cache (gpt-fast / nano-vllm style), built
+"""A family's language decoder, tensor-parallel, over a paged KV cache (gpt-fast / nano-vllm style), built
 from `layers.py` as the family's `DecoderSpec` says.
 
 HF parameter names (`model.layers.N.self_attn.q_proj.weight`, ...), so a rank loads its slice of the
@@ -6,10 +6,10 @@ checkpoint with `shard_taker`. Column-parallel: q/k/v (by heads), gate/up, each 
 Row-parallel: o_proj, down_proj, each expert's down, each followed by one all-reduce. Embeddings, norms,
 routers and lm_head are replicated.
 
-`prefill` runs the prompts of one or more sequences (one after another in one forward: the projections
-see all their tokens at once) into their cache slots, with the image features a family adds after its
-first layers (Qwen3-VL's deepstack); `decode` runs one new token for each of a batch of sequences, each
-attending to its own slot up to its own length.
+`prefill` runs prompt chunks of one or more sequences (one after another in one forward: the projections
+see all their tokens at once) into their blocks, with the image features a family adds after its first
+layers (Qwen3-VL's deepstack); `decode` runs one new token for each of a batch of sequences, each
+attending to its own blocks. The batch (`paged_attention.py`) says where each token's keys go.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..engine.tp import TensorParallel
-from .layers import DecoderSpec, KVCache, Layer, RMSNorm, Rotary
+from .layers import DecoderSpec, Layer, RMSNorm, Rotary
+from .paged_attention import DecodeBatch, KVCache, PrefillBatch
 
 
 class Body(nn.Module):
@@ -44,20 +45,21 @@ class Decoder(nn.Module):
         self.model = Body(config, spec, tp)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
-    def new_cache(self, slots: int, slot_len: int) -> KVCache:
+    def new_cache(self, num_blocks: int, block_size: int) -> KVCache:
         attn = self.model.layers[0].self_attn
         w = self.lm_head.weight
-        return KVCache(len(self.model.layers), slots, attn.kv_heads, slot_len, attn.head_dim, w.dtype, w.device)
+        return KVCache(len(self.model.layers), num_blocks, block_size, attn.kv_heads, attn.head_dim, w.dtype,
+                       w.device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
-    def _run(self, x, positions, attend, deepstack=None) -> torch.Tensor:
+    def _run(self, x, positions, cache: KVCache, batch, deepstack=None) -> torch.Tensor:
         """deepstack: (image token indices [n], features [k, n, H]): feature i is added at those tokens
-        after layer i (prefill of a batch of one prompt row, x [1, T, H])."""
+        after layer i (prefill of one packed row, x [1, T, H])."""
         cos, sin = self.model.rotary_emb(x, positions)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, lambda attn, h: attend(attn, h, cos, sin))
+            x = layer(x, lambda attn, h: attn(h, cos, sin, cache, batch))
             if deepstack is not None and i < len(deepstack[1]):
                 x = x.index_add(1, deepstack[0], deepstack[1][i][None].to(x.dtype))
         return x
@@ -66,31 +68,18 @@ class Decoder(nn.Module):
         return self.lm_head(self.model.norm(last_hidden))
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: list[int],
-                lengths: list[int], deepstack=None) -> torch.Tensor:
-        """Prompts one after another: embeds [1, T, H], positions [3, 1, T], deepstack (indices [n] into
-        T, features [k, n, H]) or None -> logits [len(slots), V] of each prompt's last token; prompt i goes
-        into cache slot slots[i]."""
-        x = self._run(embeds, positions, lambda attn, h, cos, sin: attn.prefill(h, cos, sin, cache, slots, lengths),
-                      deepstack)
-        ends = torch.tensor(lengths, device=x.device).cumsum(0) - 1
-        return self._logits(x[0, ends])
+    def prefill(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, batch: PrefillBatch,
+                deepstack=None) -> torch.Tensor:
+        """Chunks one after another: embeds [1, T, H], positions [3, 1, T], deepstack (indices [n] into T,
+        features [k, n, H]) or None -> logits [chunks, V] of each chunk's last token."""
+        x = self._run(embeds, positions, cache, batch, deepstack)
+        return self._logits(x[0, batch.ends])
 
     @torch.inference_mode()
-    def decode(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, slots: list[int],
-               lengths: torch.Tensor) -> torch.Tensor:
-        """ids [b], positions [3, b, 1], slots/lengths [b] -> logits [b, V]."""
-        x = self.embed(ids[:, None])
-        index = torch.tensor(slots, device=ids.device)
-        rows = _rows(slots, index)
-        x = self._run(x, positions, lambda attn, h, cos, sin: attn.decode(h, cos, sin, cache, index, rows, lengths))
+    def decode(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, batch: DecodeBatch) -> torch.Tensor:
+        """ids [b], positions [3, b, 1] -> logits [b, V]."""
+        x = self._run(self.embed(ids[:, None]), positions, cache, batch)
         return self._logits(x[:, -1])
-
-
-def _rows(slots: list[int], index: torch.Tensor) -> slice | torch.Tensor:
-    """Slots in a row read as a view of the cache; others are gathered (a copy)."""
-    first = slots[0]
-    return slice(first, first + len(slots)) if slots == list(range(first, first + len(slots))) else index
 
 
 _COLUMN = ("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias",

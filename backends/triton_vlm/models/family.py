@@ -111,6 +111,14 @@ class Family:
         """This rank's shard of the language model (`decoder.Decoder`), reading only its slices."""
         raise NotImplementedError
 
+    def kv_bytes_per_token(self, dtype: torch.dtype, tp_size: int) -> int:
+        """KV-cache bytes one token takes on one of `tp_size` ranks (keys and values of every layer)."""
+        from .layers import head_dim
+
+        text = self.text_config
+        per_rank_heads = text.num_key_value_heads // tp_size
+        return 2 * text.num_hidden_layers * per_rank_heads * head_dim(text) * torch.finfo(dtype).bits // 8
+
     @property
     def text_config(self):
         """The language model's config (sizes for the KV-cache budget: layers, kv heads, head_dim)."""

@@ -1,10 +1,11 @@
-"""The shared layers our decoders are built from (tensor-parallel, over a slot KV cache).
+"""The shared layers our decoders are built from (tensor-parallel, over a paged KV cache).
 
 - `Rotary` / `rotate`: 1D RoPE, M-RoPE (Qwen2-VL sections), interleaved M-RoPE (Qwen3-VL) or GLM-4.1V's
   and GLM-4.5V's partial M-RoPE, each with transformers' own frequency and application code; `positions`
   are always [3, b, s] (1D RoPE reads the first row).
 - `Attention`: column-parallel q/k/v (by heads) with optional bias and optional q/k RMSNorm, an explicit
-  `head_dim`, row-parallel o_proj and one all-reduce; prefill into slots and batched decode over them.
+  `head_dim`, row-parallel o_proj and one all-reduce; the step's batch (`paged_attention.py`) stores
+  keys and values in the paged cache and attends.
 - `MLP` (dense, gate/up column- and down row-parallel; or GLM-4.1V's fused gate_up_proj), `MoE` (Qwen3:
   softmax top-k over fused experts) and `SharedMoE` (GLM-4.5V: transformers' own grouped sigmoid router,
   routed experts plus a shared one); each expert's intermediate dimension is split over the ranks, so
@@ -39,16 +40,6 @@ class DecoderSpec:
 
 def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-class KVCache:
-    """Per layer, keys and values of `slots` sequences of up to `slot_len` tokens (this rank's heads)."""
-
-    def __init__(self, layers: int, slots: int, kv_heads: int, slot_len: int, head_dim: int, dtype, device) -> None:
-        shape = (layers, slots, kv_heads, slot_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.slots, self.slot_len = slots, slot_len
 
 
 # kind -> (transformers module, its rotary embedding class, its function applying it with M-RoPE sections
@@ -127,30 +118,11 @@ class Attention(nn.Module):
         b, _, s, _ = o.shape
         return self.tp.all_reduce(self.o_proj(o.transpose(1, 2).reshape(b, s, -1)))
 
-    def prefill(self, x, cos, sin, cache: KVCache, slots: list[int], lengths: list[int]):
-        """x: [1, T, hidden], the prompts of len(slots) sequences one after another (T = sum(lengths)).
-        The projections run on all T tokens at once; each prompt attends only to itself."""
+    def forward(self, x, cos, sin, cache, batch):
+        """x [b, s, hidden] -> [b, s, hidden]; `batch` (`paged_attention`'s PrefillBatch or DecodeBatch) writes
+        this step's keys and values into the paged `cache` and attends over each sequence's own."""
         q, k, v = self._qkv(x, cos, sin)
-        outputs, start = [], 0
-        for slot, n in zip(slots, lengths, strict=True):
-            end = start + n
-            cache.k[self.layer, slot, :, :n] = k[0, :, start:end]
-            cache.v[self.layer, slot, :, :n] = v[0, :, start:end]
-            outputs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end],
-                                                          is_causal=True, enable_gqa=True))
-            start = end
-        return self._out(torch.cat(outputs, dim=2))
-
-    def decode(self, x, cos, sin, cache: KVCache, slots: torch.Tensor, rows, lengths: torch.Tensor):
-        """x: [b, 1, hidden]; slots, lengths: [b] (tokens already in each slot = this token's index);
-        rows: the slots as a slice when they are in a row (a view of the cache, no gather)."""
-        q, k, v = self._qkv(x, cos, sin)
-        cache.k[self.layer, slots, :, lengths] = k[:, :, 0]
-        cache.v[self.layer, slots, :, lengths] = v[:, :, 0]
-        span = int(lengths.max()) + 1
-        keys, values = cache.k[self.layer, rows, :, :span], cache.v[self.layer, rows, :, :span]
-        mask = (torch.arange(span, device=x.device)[None, :] <= lengths[:, None])[:, None, None, :]
-        return self._out(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True))
+        return self._out(batch.attend(q, k, v, cache.k[self.layer], cache.v[self.layer]))
 
 
 class MLP(nn.Module):

@@ -144,30 +144,45 @@ class RemoteEncoderMetrics:
 
 
 class EngineMetrics:
-    """The language engine: running and waiting sequences, KV slots in use, prefill and decode tokens,
-    finished sequences by reason, and time to first token (from the request's arrival at the server)."""
+    """The language engine: running and waiting sequences, KV blocks, prefix-cache lookups and hits (in
+    prompt tokens, as vLLM counts them), preemptions, prefill and decode tokens, finished sequences by
+    reason, and time to first token (from the request's arrival at the server)."""
+
+    _COUNTERS = ("prefill_tokens", "decode_tokens", "prefix_queries", "prefix_hits", "preemptions")
 
     def __init__(self) -> None:
-        self.running = Metric("triton_vlm_running_sequences", "Sequences in the running batch")
-        self.waiting = Metric("triton_vlm_waiting_sequences", "Requests accepted and waiting for a KV slot")
-        self.slots = Metric("triton_vlm_kv_slots_in_use", "KV-cache slots held by running sequences")
-        self.prefill = Metric("triton_vlm_prefill_tokens_total", "Prompt tokens prefilled", counter=True)
-        self.decode = Metric("triton_vlm_decode_tokens_total", "Tokens produced by decode steps", counter=True)
+        self.running = Metric("triton_vlm_running_sequences", "Sequences admitted: prefilling or decoding")
+        self.waiting = Metric("triton_vlm_waiting_sequences", "Requests accepted and waiting to be admitted")
+        self.blocks_in_use = Metric("triton_vlm_kv_blocks_in_use", "KV-cache blocks held by sequences")
+        self.blocks_total = Metric("triton_vlm_kv_blocks_total", "KV-cache blocks in the pool")
+        self.counters = {
+            "prefill_tokens": Metric("triton_vlm_prefill_tokens_total", "Prompt tokens computed (prefix-cache "
+                                     "hits are not)", counter=True),
+            "decode_tokens": Metric("triton_vlm_decode_tokens_total", "Tokens computed by decode steps",
+                                    counter=True),
+            "prefix_queries": Metric("triton_vlm_prefix_cache_queries_total", "Prompt tokens looked up in the "
+                                     "prefix cache", counter=True),
+            "prefix_hits": Metric("triton_vlm_prefix_cache_hits_total", "Prompt tokens found in the prefix cache",
+                                  counter=True),
+            "preemptions": Metric("triton_vlm_preemptions_total", "Sequences preempted (blocks given back, "
+                                  "recomputed later) when the KV cache ran out", counter=True),
+        }
         self.finished = Metric("triton_vlm_finished_sequences_total",
                                "Sequences the language model ended, by finish_reason", counter=True)
         self.ttft = Metric("triton_vlm_time_to_first_token_seconds", "From a request's arrival at the server "
                            "(preprocess) to its first token", buckets=TTFT_BUCKETS_S)
-        self._published = (0, 0)  # the token totals as last published (publish runs on one thread)
+        self._published = dict.fromkeys(self._COUNTERS, 0)  # the totals as last published (one thread publishes)
 
     def publish(self, stats) -> None:
         """`stats`: the engine's `EngineStats`."""
         self.running().set(stats.running)
         self.waiting().set(stats.waiting)
-        self.slots().set(stats.running)  # a running sequence holds one slot
-        prefill, decode = self._published
-        self.prefill().increment(stats.prefill_tokens - prefill)
-        self.decode().increment(stats.decode_tokens - decode)
-        self._published = (stats.prefill_tokens, stats.decode_tokens)
+        self.blocks_in_use().set(stats.blocks_in_use)
+        self.blocks_total().set(stats.blocks_total)
+        for name, metric in self.counters.items():
+            value = getattr(stats, name)
+            metric().increment(value - self._published[name])
+            self._published[name] = value
 
     def first_token(self, arrival_s: float) -> None:
         self.ttft().observe(max(0.0, time.time() - arrival_s))

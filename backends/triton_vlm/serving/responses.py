@@ -1,11 +1,12 @@
 """A language request's outputs on their way back to Triton: one outbox thread sends every response, so
 the engine thread never waits on Triton's IPC; it merges a request's queued deltas into one response
 when it falls behind (fewer messages under load, no added latency when it keeps up). A stream that the
-client left, or whose send fails, ends its generation (`engine.abort`).
+client left, or whose send fails, ends its generation (its engine handle's `cancel()`); `InFlight` finds
+the streams of a request id for a `cancel_request_id`.
 
-Triton-free: the response sender (`send(response, flags)`, `is_cancelled()`) and a `wire` that builds
-the responses (`response(ids, text, finish_reason, num_input_tokens, num_output_tokens)`,
-`error(exception)`, `FINAL`) come from the model's adapter.
+Triton-free: the response sender (`send(response, flags)`, `is_cancelled()`) comes from the model's
+adapter, and a `wire` builds the responses (`response(ids, text, finish_reason, num_input_tokens,
+num_output_tokens)`, `error(exception)`, `FINAL`; Triton's is `triton_io.LanguageWire`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..engine.language import StepOutput
+from ..engine.sequence import StepOutput
 
 
 class Outbox:
@@ -51,24 +52,61 @@ def merge(first: StepOutput, then: StepOutput) -> StepOutput:
     return StepOutput(first.token_ids + then.token_ids, first.text + then.text, then.finish_reason, then.error)
 
 
+class InFlight:
+    """Request id -> its unfinished response streams (ids are the clients' and need not be unique)."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, set] = {}
+        self._lock = threading.Lock()
+
+    def add(self, stream: ResponseStream) -> None:
+        with self._lock:
+            self._streams.setdefault(stream.request_id, set()).add(stream)
+
+    def discard(self, stream: ResponseStream) -> None:
+        with self._lock:
+            streams = self._streams.get(stream.request_id, set())
+            streams.discard(stream)
+            if not streams:
+                self._streams.pop(stream.request_id, None)
+
+    def cancel(self, request_id: str) -> bool:
+        """End the unfinished requests with this id ("cancelled"). -> False if there is none (an id that
+        finished, or never came, must not cancel a later request that reuses it)."""
+        with self._lock:
+            streams = list(self._streams.get(request_id, ()))
+        for stream in streams:
+            stream.cancel()
+        return bool(streams)
+
+
 class ResponseStream:
     """One request's outputs: deltas when streaming, else one answer at the end; always one FINAL."""
 
     CANCEL_CHECK_S = 0.1  # is_cancelled() is a round trip to the server: ask at most this often
 
-    def __init__(self, engine, outbox: Outbox, wire, sender, request_id: str, stream: bool, num_input_tokens: int,
-                 arrival_s: float, metrics=None) -> None:
-        self.engine, self.outbox, self.wire, self.sender = engine, outbox, wire, sender
+    def __init__(self, outbox: Outbox, wire, sender, request_id: str, stream: bool, num_input_tokens: int,
+                 arrival_s: float, metrics=None, in_flight: InFlight | None = None) -> None:
+        self.outbox, self.wire, self.sender, self.in_flight = outbox, wire, sender, in_flight
         self.request_id, self.stream, self.num_input_tokens = request_id, stream, num_input_tokens
         self.arrival_s, self.metrics = arrival_s, metrics
         self.ids: list[int] = []
         self.text: list[str] = []
         self.checked = time.monotonic()
+        self.handle = None  # the engine's handle (`cancel()`), once submitted
+        if in_flight is not None:
+            in_flight.add(self)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
 
     def __call__(self, out: StepOutput) -> None:  # on the engine thread
         self.outbox.queue.put((self, out))
 
     def send(self, out: StepOutput) -> None:  # on the outbox thread
+        if out.finished and self.in_flight is not None:
+            self.in_flight.discard(self)
         if self.metrics is not None:
             if out.finished:  # an error's finish_reason is "error"
                 self.metrics.ended(out.finish_reason)
@@ -92,6 +130,6 @@ class ResponseStream:
             if not out.finished and time.monotonic() - self.checked > self.CANCEL_CHECK_S:
                 self.checked = time.monotonic()
                 if self.sender.is_cancelled():
-                    self.engine.abort(self.request_id)
+                    self.cancel()
         except Exception:  # the client is gone: stop generating for it
-            self.engine.abort(self.request_id)
+            self.cancel()

@@ -128,3 +128,24 @@ def device(args: dict) -> str:
     if args.get("model_instance_kind") == "GPU":
         return f"cuda:{args['model_instance_device_id']}"
     return "cpu"
+
+
+class LanguageWire:
+    """The language model's responses (`serving.responses` sends them)."""
+
+    FINAL = FINAL
+
+    @staticmethod
+    def response(ids, text: str, finish_reason: str | None, num_input_tokens: int,
+                 num_output_tokens: int) -> pb_utils.InferenceResponse:
+        return pb_utils.InferenceResponse([
+            text_tensor("text_output", text),
+            output("output_ids", np.asarray(ids, dtype=np.int64)),
+            text_tensor("finish_reason", finish_reason or ""),
+            output("num_input_tokens", np.array([num_input_tokens], dtype=np.int32)),
+            output("num_output_tokens", np.array([num_output_tokens], dtype=np.int32)),
+        ])
+
+    @staticmethod
+    def error(e: Exception) -> pb_utils.InferenceResponse:
+        return error_response(e, "language_model")
