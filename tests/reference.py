@@ -20,8 +20,11 @@ def reference_inputs(path, prompt: str, images: list[bytes]) -> dict:
     return _load(path).inputs(prompt, images)
 
 
-def reference_generate(path, prompt: str, images: list[bytes], max_new_tokens: int) -> list[int]:
-    return _load(path).generate(prompt, images, max_new_tokens).output_ids
+def reference_generate(path, prompt: str, images: list[bytes], max_new_tokens: int,
+                       messages: list[dict] | None = None) -> list[int]:
+    """Greedy ids for `prompt` after the images, or for a whole conversation (`messages` with
+    {"type": "image"} parts, which take `images` in order)."""
+    return _load(path).generate(prompt, images, max_new_tokens, messages).output_ids
 
 
 def reference_prefill_logits(path, prompt: str, images: list[bytes]) -> np.ndarray:

@@ -38,7 +38,8 @@ def _deployment(args):
                           encoder_urls=tuple(args.encoder_urls or ()), encoder_urls_file=args.encoder_urls_file,
                           encoder_fallback=args.encoder_fallback, local_encode_below=args.local_encode_below,
                           encoder_transport=args.encoder_transport, minimal=args.minimal,
-                          embedding_cache_mb=args.embedding_cache_mb, embedding_cache_redis=args.embedding_cache_redis)
+                          embedding_cache_mb=args.embedding_cache_mb, embedding_cache_redis=args.embedding_cache_redis,
+                          **{name: getattr(args, name) for name in Deployment.LANGUAGE_KNOBS})
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
 
@@ -153,6 +154,16 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                    "content, so a repeated image skips the encoder (default: the repository's, 512; 0: off)")
     p.add_argument("--embedding-cache-redis", default="", metavar="redis://HOST:PORT", help="a Redis that "
                    "language servers share embeddings through (a slow or absent Redis is bypassed, never an error)")
+    p.add_argument("--block-size", type=int, help="tokens per KV-cache block (default: the repository's, 16)")
+    p.add_argument("--kv-cache-mb", type=int, help="KV-cache pool per tensor-parallel rank, in MiB (default: the "
+                   "repository's, 1024; never more than --max-num-seqs full-length sequences take)")
+    p.add_argument("--max-num-seqs", type=int, help="sequences prefilled or decoded at once; more wait in the queue "
+                   "(default: the repository's, 8)")
+    p.add_argument("--max-num-batched-tokens", type=int, help="tokens one engine step computes: running decodes "
+                   "first, then prompt chunks, so long prompts do not stall streams (default: the repository's, 512)")
+    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                   help="reuse the KV blocks of earlier prompts' equal prefixes, images told apart by content "
+                   "(default: on; --no-enable-prefix-caching turns it off)")
     p.add_argument("--gpus", default="auto", help="GPU ids for the encoder replicas, e.g. 0,1; 'none' for CPU "
                    "(default: every visible GPU, else CPU)")
 

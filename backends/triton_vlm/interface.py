@@ -55,7 +55,7 @@ INTERNAL = {
 MODELS = {
     "preprocess": (list(PUBLIC_INPUTS), [INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING, IMAGES, IMAGE_KEYS]),
     "encode": ([INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING, IMAGES, IMAGE_KEYS],
-               [INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING]),
+               [INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING, IMAGE_KEYS]),
     "vision_encoder": ([PIXEL_VALUES, IMAGE_GRID_THW], [IMAGE_EMBEDS]),
     # E/PD encoder servers: image files in, embeddings and grids out (decode, resize, patchify, encode)
     "image_encoder": ([IMAGES, IMAGE_KEYS], [IMAGE_EMBEDS, IMAGE_GRID_THW]),

@@ -83,10 +83,13 @@ class HFInputs:
         if self.model_type in COMBINED:
             self.combined = combined_processor(path, self.model_type, self.processor, self.tokenizer)
 
-    def __call__(self, prompt: str, images: list[bytes]) -> dict:
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=True)
+    def __call__(self, prompt: str, images: list[bytes], messages: list[dict] | None = None) -> dict:
+        """The inputs of `prompt` after the images, or of a whole conversation (`messages`, whose
+        {"type": "image"} parts take `images` in order)."""
+        if messages is None:
+            content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+            messages = [{"role": "user", "content": content}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         inputs: dict = {}
         pics = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
         if self.combined is not None:
@@ -116,10 +119,11 @@ class HFModel:
         self.model = getattr(transformers, MODELS[self.inputs.model_type]).from_pretrained(path, dtype=dtype).eval()
 
     @torch.inference_mode()
-    def generate(self, prompt: str, images: list[bytes], max_new_tokens: int) -> Generation:
+    def generate(self, prompt: str, images: list[bytes], max_new_tokens: int,
+                 messages: list[dict] | None = None) -> Generation:
         """Greedy; the clock starts before the inputs are built, as a server's does at arrival."""
         start = time.perf_counter()
-        inputs = self.inputs(prompt, images)
+        inputs = self.inputs(prompt, images, messages)
         clock = _Clock(start)
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock)
         ids = out[0, inputs["input_ids"].shape[1]:].tolist()

@@ -13,7 +13,8 @@ from tests.integration.families import CASES, PROMPT, assert_every_mode_equals, 
 from triton_vlm_clients.client import stream
 
 FAMILY = "glm4v"
-COLOCATED = {"dp2": dict(encoder_dp=2, embedding_cache_mb=0), "tp2": dict(encoder_dp=1, tensor_parallel=2)}
+COLOCATED = {"dp2": dict(encoder_dp=2, embedding_cache_mb=0, enable_prefix_caching=False),
+             "tp2": dict(encoder_dp=1, tensor_parallel=2)}
 EPD = {"epd": {}}
 
 

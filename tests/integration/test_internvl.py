@@ -17,7 +17,8 @@ from triton_vlm_clients import stages
 from triton_vlm_clients.client import stream
 
 FAMILY = "internvl"
-COLOCATED = {"dp2": dict(encoder_dp=2, embedding_cache_mb=0), "tp2": dict(encoder_dp=1, tensor_parallel=2)}
+COLOCATED = {"dp2": dict(encoder_dp=2, embedding_cache_mb=0, enable_prefix_caching=False),
+             "tp2": dict(encoder_dp=1, tensor_parallel=2)}
 EPD = {"epd": dict(encoder_dp=2)}
 
 

@@ -64,10 +64,11 @@ def test_stop_strings_through_the_server(server):
 
 
 def test_engine_metrics_count_a_request(server):
-    """Prefill tokens are the prompt's, decode tokens the rest of the output; TTFT is observed once, within
-    what the client saw; the batch is empty again afterwards."""
+    """Prefill tokens are the prompt's that the prefix cache did not have, decode tokens the rest of the
+    output; TTFT is observed once, within what the client saw; the batch is empty again afterwards."""
     names = ("triton_vlm_prefill_tokens_total", "triton_vlm_decode_tokens_total",
-             "triton_vlm_time_to_first_token_seconds_count", "triton_vlm_time_to_first_token_seconds_sum")
+             "triton_vlm_time_to_first_token_seconds_count", "triton_vlm_time_to_first_token_seconds_sum",
+             "triton_vlm_prefix_cache_queries_total", "triton_vlm_prefix_cache_hits_total")
     before = [server_metric(server, name) for name in names]
     answer = stream(server.grpc_url, prompt="Describe it.", images=[make_image(200, 150, seed=41)], max_tokens=12,
                     ignore_eos=True)
@@ -77,10 +78,10 @@ def test_engine_metrics_count_a_request(server):
         return [server_metric(server, name) - b for name, b in zip(names, before, strict=True)]
 
     wait_until(lambda: grown()[1] >= 11 and grown()[2] >= 1, 30, "the metrics of the request")
-    prefill, decode, _, ttft_s = grown()
-    assert prefill == answer.num_input_tokens and decode == 11
+    prefill, decode, _, ttft_s, queries, hits = grown()
+    assert queries == answer.num_input_tokens and prefill == queries - hits and decode == 11
     assert 0 < ttft_s <= answer.ttft_s
-    for gauge in ("triton_vlm_running_sequences", "triton_vlm_waiting_sequences", "triton_vlm_kv_slots_in_use"):
+    for gauge in ("triton_vlm_running_sequences", "triton_vlm_waiting_sequences", "triton_vlm_kv_blocks_in_use"):
         assert server_metric(server, gauge) == 0, gauge
 
 
@@ -99,7 +100,7 @@ def test_an_abandoned_stream_ends_its_generation_and_the_next_request_succeeds(s
 
     with pytest.raises(_Enough):  # the client stops reading: it cancels the stream and ends the request by id
         stream(server.grpc_url, prompt="go on and on", max_tokens=3000, ignore_eos=True, on_delta=three_deltas)
-    wait_until(lambda: server_metric(server, "triton_vlm_kv_slots_in_use") == 0, 60, "the slot to come back")
+    wait_until(lambda: server_metric(server, "triton_vlm_kv_blocks_in_use") == 0, 60, "the blocks to come back")
     assert server_metric(server, "triton_vlm_finished_sequences_total", 'finish_reason="cancelled"') == cancelled + 1
     answer = stream(server.grpc_url, prompt="hi", max_tokens=4)
     assert answer.finish_reason in ("stop", "length") and answer.output_ids

@@ -195,16 +195,16 @@ def test_a_malformed_body_is_an_openai_400(api, body):
 CANCELLED = ("triton_vlm_finished_sequences_total", 'finish_reason="cancelled"')
 
 
-def test_a_client_that_disconnects_frees_its_slot(client, server):
+def test_a_client_that_disconnects_frees_its_kv_blocks(client, server):
     cancelled = server_metric(server, *CANCELLED)
     answer = client.chat.completions.create(model="m", messages=chat("tell a long story", []), stream=True,
                                             extra_body={"ignore_eos": True})  # until the context is full
     chunks = iter(answer)
     for _ in range(3):
         next(chunks)
-    assert server_metric(server, "triton_vlm_kv_slots_in_use") == 1
+    assert server_metric(server, "triton_vlm_kv_blocks_in_use") >= 1
     answer.close()  # the connection goes: the front end cancels the Triton request
-    wait_until(lambda: server_metric(server, "triton_vlm_kv_slots_in_use") == 0, 60, "the slot to come back")
+    wait_until(lambda: server_metric(server, "triton_vlm_kv_blocks_in_use") == 0, 60, "the blocks to come back")
     assert server_metric(server, *CANCELLED) == cancelled + 1  # ended by the cancel, not by a full context
     assert client.chat.completions.create(model="m", messages=chat("hi", []), max_tokens=2).usage.completion_tokens
 

@@ -10,13 +10,15 @@ import pytest
 
 from tests.conftest import server_metric
 from tests.integration.families import CASES, PROMPT, assert_every_mode_equals, images
+from tests.integration.test_prefix_caching import check_chat, check_other_pixels_miss
 from triton_vlm.config import EncoderConfig
 from triton_vlm.encode.encoder import VisionEncoder
 from triton_vlm_clients import stages
 from triton_vlm_clients.client import stream
 
 FAMILY = "qwen3_vl"
-COLOCATED = {"dp2": dict(encoder_dp=2, embedding_cache_mb=0), "tp2": dict(encoder_dp=1, tensor_parallel=2)}
+COLOCATED = {"dp2": dict(encoder_dp=2, embedding_cache_mb=0, enable_prefix_caching=False),
+             "tp2": dict(encoder_dp=1, tensor_parallel=2)}
 EPD = {"epd-grpc": dict(transport="grpc"), "epd-shm": dict(transport="shm")}
 
 
@@ -44,3 +46,10 @@ def test_a_cached_image_keeps_its_deepstack_features(family_servers, family_expe
     answer = stream(server.grpc_url, prompt=PROMPT, images=images("four-images"), max_tokens=12)
     assert server_metric(server, "triton_vlm_embedding_cache_hits_total", 'tier="local"') == hits + 4
     assert answer.output_ids == family_expected["four-images"]
+
+
+def test_prefix_cache_tells_same_size_images_apart_and_keeps_m_rope_positions(family_servers, family_model):
+    """Interleaved M-RoPE and deepstack under prefix reuse: a reused chat prefix and a same-size image of other
+    pixels both give transformers' ids (`tp2`: two ranks, paged KV, prefix caching on)."""
+    check_other_pixels_miss(family_servers["tp2"], family_model, seed=81)
+    check_chat(family_servers["tp2"], family_model, seed=700)

@@ -33,6 +33,14 @@ class Deployment:
     minimal: bool = False  # only what `vlm` needs: no vlm_unary, and (colocated) no image_encoder
     embedding_cache_mb: int | None = None  # the encode stage's embedding cache (0: none; None: the repository's)
     embedding_cache_redis: str = ""  # redis://HOST:PORT: the cache's shared tier
+    # the language model's KV cache and batching (None: the repository's); vLLM's names
+    block_size: int | None = None
+    kv_cache_mb: int | None = None
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    enable_prefix_caching: bool | None = None
+
+    LANGUAGE_KNOBS = ("block_size", "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching")
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocated", "encoder", "language"):
@@ -56,6 +64,9 @@ class Deployment:
             raise ValueError(f"tensor_parallel {self.tensor_parallel} needs as many GPUs; got {list(self.gpus)}")
         if self.encoder_threads is not None and self.encoder_threads < 0:
             raise ValueError(f"encoder_threads must be >= 0, got {self.encoder_threads}")
+        for name in self.LANGUAGE_KNOBS[:-1]:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         config = Path(self.model) / "config.json"
         if config.exists():  # a family we do not serve fails here, not inside the server's model loads
             family_class(json.loads(config.read_text()).get("model_type"))
@@ -89,6 +100,9 @@ class Deployment:
             parameters["language_model"]["device"] = f"cuda:{self.gpus[0]}"
         if self.tensor_parallel is not None:
             parameters["language_model"]["tensor_parallel"] = str(self.tensor_parallel)
+        for name in self.LANGUAGE_KNOBS:
+            if getattr(self, name) is not None:
+                parameters["language_model"][name] = str(getattr(self, name)).lower()
         if self.mode == "language":
             parameters["encode"].update(encoder_urls=",".join(self.encoder_urls),
                                         encoder_urls_file=str(Path(self.encoder_urls_file).resolve())

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 
 from ..config import LanguageConfig, torch_dtype, usable_cores
-from ..errors import RequestError, Unavailable
+from ..errors import InvalidRequest, RequestError, Unavailable
 from ..models import load_family
 from .block_manager import BlockManager
 from .runner import ModelRunner
@@ -67,6 +67,8 @@ class LanguageEngine:
         self.num_blocks = max(1, min(config.kv_cache_mb * 2**20 // per_block,
                                      config.max_num_seqs * -(-context // self.block_size)))
         self.max_model_len = min(context, self.num_blocks * self.block_size)  # one sequence always fits
+        self._limit = (f"the model context is {context}" if self.max_model_len == context else
+                       f"the KV cache holds {self.max_model_len} tokens (kv_cache_mb {config.kv_cache_mb} per rank)")
         self._workers, init_method = [], ""
         if tp_size > 1:
             from . import tp_worker
@@ -118,6 +120,8 @@ class LanguageEngine:
         """Queue a request -> its handle (`cancel()`); None when it was refused at once (the callback got
         its error). Every request ends with exactly one finished output."""
         try:
+            if len(request.input_ids) >= self.max_model_len:  # it could never run, even alone
+                raise InvalidRequest(f"the prompt is {len(request.input_ids)} tokens; {self._limit}")
             seq = Sequence(request, callback, self.family, self.tokenizer, self.block_size, self.max_model_len)
         except Exception as e:  # a request's bad inputs fail that request only
             if not isinstance(e, RequestError):

@@ -73,10 +73,8 @@ def block_hash(parent: bytes, token_ids: list[int], extras: tuple) -> bytes:
 class Sequence:
     def __init__(self, request: LanguageRequest, callback: Callback, family, tokenizer, block_size: int,
                  max_model_len: int) -> None:
-        """Raises InvalidRequest for a prompt that is too long or whose image rows do not fit its placeholders."""
+        """Raises InvalidRequest for image rows that do not fit the prompt's placeholders."""
         ids = np.asarray(request.input_ids, np.int64).reshape(-1)
-        if len(ids) >= max_model_len:
-            raise InvalidRequest(f"the prompt is {len(ids)} tokens; the model context is {max_model_len}")
         rows = request.image_embeds
         self.image_at = np.flatnonzero(ids == family.image_token_id)  # the prompt index of each image row
         if len(self.image_at) != rows.shape[0] or rows.shape[1] != family.embedding_width:

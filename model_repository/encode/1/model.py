@@ -1,5 +1,5 @@
 """encode (decoupled): _PIXEL_VALUES [P, D] or _IMAGES [N] (image files), _IMAGE_GRID_THW [N, 3]
--> _IMAGE_EMBEDS [sum tokens, H]; _INPUT_IDS, _IMAGE_GRID_THW and _SAMPLING pass through (an ensemble
+-> _IMAGE_EMBEDS [sum tokens, H]; _INPUT_IDS, _IMAGE_GRID_THW, _SAMPLING and _IMAGE_KEYS pass through (an ensemble
 step may take its inputs from one decoupled origin only, so the language model gets all of them here).
 
 Colocated: splits the images into up to `data_parallel` patch-balanced shards and runs them in parallel
@@ -46,6 +46,7 @@ class TritonPythonModel:
                 else:
                     images = Images.of(self.family, grid, pixel_values=triton_io.input_tensor(request, I.PIXEL_VALUES))
                 keys = triton_io.inputs(request, [I.IMAGE_KEYS]).get(I.IMAGE_KEYS, np.zeros(0, np.object_))
+                passed[I.IMAGE_KEYS] = keys  # on to the language model's prefix cache
                 self.stage.submit(images, _Reply(request, sender, passed), keys=[bytes(k) for k in keys])
             except Exception as e:
                 sender.send(triton_io.error_response(e, "encode"), flags=triton_io.FINAL)
