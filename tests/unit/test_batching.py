@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_image
+from tests.conftest import make_image, wait_until
 from triton_vlm.config import EncoderConfig, LanguageConfig, PreprocessConfig
 from triton_vlm.encode.encoder import VisionEncoder
 from triton_vlm.engine.language import LanguageEngine, LanguageRequest
@@ -289,3 +289,41 @@ def test_cancel_ends_a_running_request_and_frees_its_blocks(parts, engine):
     assert done.wait(60)
     assert outs[-1].finish_reason == "cancelled" and len(outs) < 10
     assert engine.stats().blocks_in_use == 0
+
+
+def test_running_streams_keep_decoding_while_a_long_prompt_is_prefilled_in_chunks(parts, tiny_model):
+    """Asserted where the prompt's arrival at the engine is seen: with a budget of 32 tokens a step and 4
+    streams decoding, a prompt of L tokens is prefilled 28 at a time, so the streams produce a token each
+    in every step between its arrival and its first token."""
+    lm = LanguageEngine(LanguageConfig(model_path=tiny_model, max_num_batched_tokens=32))
+    events, lock = [], threading.Lock()
+
+    def record(what):
+        def on_step(out):
+            with lock:
+                events.append((what, len(out.token_ids)))
+        return on_step
+
+    try:
+        streams = [make_request(parts, 20 + i, "go on", max_tokens=500, ignore_eos=True) for i in range(4)]
+        handles = [lm.submit(r, record("stream")) for r in streams]
+        pre, enc = parts
+        p = pre(GenerateRequest(text_input="compare both pictures", sampling=SamplingParams(max_tokens=2),
+                                images=[make_image(320, 240, seed=31), make_image(240, 320, seed=32)]))
+        long = LanguageRequest("long", p.input_ids, enc.encode(p.pixel_values, p.image_grid_thw), p.image_grid_thw,
+                               p.sampling, p.image_keys)
+        wait_until(lambda: sum(n for what, n in events if what == "stream") >= 20, 60, "the streams to decode")
+        with lock:
+            events.append(("arrived", 0))
+        lm.submit(long, record("long"))
+        wait_until(lambda: any(what == "long" for what, _ in events), 60, "the long prompt's first token")
+        with lock:
+            arrived = events.index(("arrived", 0))
+            first = next(i for i, (what, _) in enumerate(events) if what == "long")
+            between = sum(n for what, n in events[arrived:first] if what == "stream")
+        chunks = -(-len(long.input_ids) // (32 - 4))
+        assert chunks >= 5 and between >= 4 * (chunks - 1), (len(long.input_ids), between)
+        for handle in handles:
+            handle.cancel()
+    finally:
+        lm.shutdown()
