@@ -1,5 +1,6 @@
-"""Embedding cache benchmark: TTFT of a repeated request (cache hit) against its first send (miss), a
-multi-turn chat that resends the earlier images each turn (cache on vs off), and the key's cost per MB.
+"""Embedding and prefix cache benchmark: TTFT of a repeated request (cache hit) against its first send
+(miss), a multi-turn chat that resends the earlier images each turn (both caches on; the prefix cache
+off; the embedding cache off), and the key's cost per MB.
 
     python -m triton_vlm_clients.bench_cache --model /tmp/small --rounds 5 --turns 4 --images-per-turn 2
 
@@ -78,11 +79,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--images-per-turn", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--settings", nargs="+", default=["cache", "no prefix cache", "no embedding cache"],
+                   choices=["cache", "no prefix cache", "no embedding cache"], help="deployments to measure")
     p.add_argument("--output-json")
     args = p.parse_args(argv)
     resolution = tuple(int(x) for x in args.resolution.split("x"))
     result: dict = {"hash_ms_per_mb": hash_cost_ms_per_mb()}
-    for name, cache in (("cache", []), ("no cache", ["--embedding-cache-mb", "0"])):
+    settings = {"cache": [], "no prefix cache": ["--no-enable-prefix-caching"],
+                "no embedding cache": ["--embedding-cache-mb", "0"]}
+    for name in args.settings:
+        cache = settings[name]
         with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp, \
                 server_from_args([*shlex.split(args.serve), *cache, "--model", args.model], Path(tmp),
                                  graceful_stop=False) as server:

@@ -79,6 +79,14 @@ def test_too_long_prompt_is_refused_with_its_length(engines):
         pre(GenerateRequest(text_input="red " * 5000))
 
 
+def test_an_empty_prompt_is_refused_and_the_next_request_served(engines):
+    lm = engines[2]
+    empty = LanguageRequest("empty", np.zeros(0, np.int64), torch.zeros((0, lm.family.hidden_size)), np.zeros((0, 3)))
+    out = list(lm.generate(empty))
+    assert len(out) == 1 and out[0].finish_reason == "error" and "the prompt is empty" in str(out[0].error)
+    assert run_pipeline(engines, "hi", [], max_tokens=2)[2].finished
+
+
 def test_mismatched_embeddings_end_only_that_request(engines):
     pre, enc, lm = engines
     p = pre(GenerateRequest(text_input="hi", images=[make_image(300, 200)]))

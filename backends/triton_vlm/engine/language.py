@@ -11,25 +11,23 @@ samples its next one and emits it (`sequence.py` decides when it ends).
 from __future__ import annotations
 
 import logging
-import os
 import queue
-import tempfile
 import threading
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer
 
 from ..config import LanguageConfig, torch_dtype, usable_cores
 from ..errors import InvalidRequest, RequestError, Unavailable
 from ..models import load_family
 from .block_manager import BlockManager
-from .runner import ModelRunner
-from .sampling import sample
+from .runner import ModelRunner, kv_budget
+from .sampling import next_token
 from .scheduler import Scheduler
-from .sequence import Callback, LanguageRequest, Sequence, Status, StepOutput
+from .sequence import Callback, LanguageRequest, Sequence, Status, StepOutput, eos_token_ids
+from .tp_worker import start_workers, stop_workers
 
 __all__ = ["EngineStats", "LanguageEngine", "LanguageRequest", "StepOutput"]
 
@@ -56,27 +54,17 @@ class LanguageEngine:
         self.config = config
         self.family = load_family(config.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
-        self.eos_ids = self._eos_ids(config.model_path)
+        self.eos_ids = eos_token_ids(config.model_path, self.tokenizer)
         tp_size = config.tensor_parallel
         threads = config.threads or max(1, usable_cores() // tp_size)
         dtype = torch_dtype(config.dtype, config.device)
-        context = config.max_model_len or self.family.max_model_len
         self.block_size = config.block_size
-        per_block = self.family.kv_bytes_per_token(dtype, tp_size) * self.block_size
-        # the budget, but no more than max_num_seqs full-length sequences can use
-        self.num_blocks = max(1, min(config.kv_cache_mb * 2**20 // per_block,
-                                     config.max_num_seqs * -(-context // self.block_size)))
-        self.max_model_len = min(context, self.num_blocks * self.block_size)  # one sequence always fits
+        self.num_blocks, context = kv_budget(self.family, config, dtype)
+        self.max_model_len = min(context, self.num_blocks * self.block_size)  # one sequence always fits the pool
         self._limit = (f"the model context is {context}" if self.max_model_len == context else
                        f"the KV cache holds {self.max_model_len} tokens (kv_cache_mb {config.kv_cache_mb} per rank)")
-        self._workers, init_method = [], ""
-        if tp_size > 1:
-            from . import tp_worker
-
-            # a file rendezvous: no port to race for (gloo's own connections bind ports the kernel picks)
-            init_method = f"file://{tempfile.gettempdir()}/triton-vlm-tp-{os.getpid()}-{uuid.uuid4().hex}"
-            self._workers = tp_worker.start_workers(tp_size, init_method, config.model_path, config.device,
-                                                    config.dtype, self.num_blocks, self.block_size, threads)
+        init_method, self._workers = start_workers(tp_size, config.model_path, config.device, config.dtype,
+                                                   self.num_blocks, self.block_size, threads)
         self.blocks = BlockManager(self.num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_num_seqs, config.max_num_batched_tokens)
         self._queue: queue.Queue[Sequence | None] = queue.Queue()
@@ -107,19 +95,13 @@ class LanguageEngine:
         built.put(None)
         self._loop()
 
-    def _eos_ids(self, model_path) -> set[int]:
-        try:
-            eos = GenerationConfig.from_pretrained(model_path).eos_token_id
-        except OSError:
-            eos = None
-        eos = eos if eos is not None else self.tokenizer.eos_token_id
-        return set(eos if isinstance(eos, list) else [eos])
-
     # --- public API ---------------------------------------------------------
     def submit(self, request: LanguageRequest, callback: Callback) -> Sequence | None:
         """Queue a request -> its handle (`cancel()`); None when it was refused at once (the callback got
         its error). Every request ends with exactly one finished output."""
         try:
+            if not len(request.input_ids):
+                raise InvalidRequest("the prompt is empty")
             if len(request.input_ids) >= self.max_model_len:  # it could never run, even alone
                 raise InvalidRequest(f"the prompt is {len(request.input_ids)} tokens; {self._limit}")
             seq = Sequence(request, callback, self.family, self.tokenizer, self.block_size, self.max_model_len)
@@ -150,8 +132,6 @@ class LanguageEngine:
     def shutdown(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=60)
-        from .tp_worker import stop_workers
-
         stop_workers(self._workers)
         self.runner.tp.close()
 
@@ -230,22 +210,14 @@ class LanguageEngine:
         greedy = torch.stack([logits for _, logits in ready]).argmax(dim=-1).tolist() if ready else []  # one call
         for (seq, logits), best in zip(ready, greedy, strict=True):
             try:
-                out = seq.append(self._sample(seq, logits, best), self.eos_ids)
+                banned = self.eos_ids if seq.num_generated < seq.sampling.min_tokens else set()
+                out = seq.append(next_token(logits, seq.sampling, seq.generator, best, banned), self.eos_ids)
                 if out.finished:
                     self.scheduler.finish(seq)  # its blocks are free before whoever sees the end looks
                 seq.callback(out)  # raising here ends this sequence
             except Exception as e:
                 log.exception("sequence %s failed", seq.request_id)
                 self._end(seq, StepOutput([], "", "error", RequestError(str(e))))
-
-    def _sample(self, seq: Sequence, logits: torch.Tensor, greedy: int) -> int:
-        """logits: [V]; `greedy`: their argmax."""
-        params = seq.sampling
-        if seq.num_generated < params.min_tokens:  # no EOS before min_tokens (HF's and vLLM's rule)
-            logits = logits.clone()
-            logits[list(self.eos_ids)] = float("-inf")
-            return sample(logits, params, seq.generator)
-        return greedy if params.greedy else sample(logits, params, seq.generator)
 
     def _end(self, seq: Sequence, out: StepOutput) -> None:
         """End `seq` with `out` unless it ended already; its blocks go back first."""

@@ -34,6 +34,15 @@ class Chunk:
         return self.embeds.shape[1]
 
 
+def kv_budget(family, config, dtype: torch.dtype) -> tuple[int, int]:
+    """(blocks in the pool, the context): `kv_cache_mb` of blocks on each rank, but no more than
+    `max_num_seqs` sequences of the whole context take."""
+    context = config.max_model_len or family.max_model_len
+    per_block = family.kv_bytes_per_token(dtype, config.tensor_parallel) * config.block_size
+    full = config.max_num_seqs * -(-context // config.block_size)
+    return max(1, min(config.kv_cache_mb * 2**20 // per_block, full)), context
+
+
 class ModelRunner:
     def __init__(self, family, device: str, dtype: torch.dtype, tp: TensorParallel, num_blocks: int,
                  block_size: int) -> None:

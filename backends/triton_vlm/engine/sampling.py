@@ -34,3 +34,14 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits[order[drop]] = float("-inf")
     probs = torch.softmax(logits, dim=-1)  # finite: the max is finite, so exp(x - max) is in [0, 1]
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None, greedy: int,
+               banned: set[int]) -> int:
+    """A sequence's next token from its logits [V]; `greedy`: their argmax, computed for the whole batch at
+    once; `banned`: tokens it may not pick yet (EOS before min_tokens, HF's and vLLM's rule)."""
+    if banned:
+        logits = logits.clone()
+        logits[list(banned)] = float("-inf")
+        return sample(logits, params, generator)
+    return greedy if params.greedy else sample(logits, params, generator)

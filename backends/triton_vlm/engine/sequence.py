@@ -65,6 +65,18 @@ class Status(Enum):
     FINISHED = "finished"
 
 
+def eos_token_ids(model_path, tokenizer) -> set[int]:
+    """The tokens that end a sequence: the generation config's EOS ids, else the tokenizer's."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        eos = None
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos])
+
+
 def block_hash(parent: bytes, token_ids: list[int], extras: tuple) -> bytes:
     data = parent + np.asarray(token_ids, np.int64).tobytes() + repr(extras).encode()
     return hashlib.blake2b(data, digest_size=16).digest()

@@ -10,8 +10,10 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -24,9 +26,13 @@ def _exit_with_parent(parent: int) -> None:
         time.sleep(0.5)
 
 
-def start_workers(size: int, init_method: str, model_path: Path, device: str, dtype: str, num_blocks: int,
-                  block_size: int, threads: int) -> list[subprocess.Popen]:
-    """Ranks 1..size-1 as child processes of this one (rank 0)."""
+def start_workers(size: int, model_path: Path, device: str, dtype: str, num_blocks: int, block_size: int,
+                  threads: int) -> tuple[str, list[subprocess.Popen]]:
+    """Ranks 1..size-1 as child processes of this one (rank 0) -> (the rendezvous for `tp.init`, them)."""
+    if size == 1:
+        return "", []
+    # a file rendezvous: no port to race for (gloo's own connections bind ports the kernel picks)
+    init_method = f"file://{tempfile.gettempdir()}/triton-vlm-tp-{os.getpid()}-{uuid.uuid4().hex}"
     python = Path(sys.prefix) / "bin" / "python3"  # the stub's sys.executable is not a Python
     workers = []
     for rank in range(1, size):
@@ -37,7 +43,7 @@ def start_workers(size: int, init_method: str, model_path: Path, device: str, dt
             "--num-blocks", str(num_blocks), "--block-size", str(block_size), "--threads", str(threads),
             "--parent", str(os.getpid()),
         ]))
-    return workers
+    return init_method, workers
 
 
 def stop_workers(workers: list[subprocess.Popen], timeout_s: float = 30) -> None:
