@@ -6,9 +6,11 @@ import functools
 import io
 import json
 import re
+import struct
 import time
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 import pytest
@@ -31,6 +33,14 @@ def _huge_png() -> bytes:
     buf = io.BytesIO()
     Image.new("L", (9000, 8000)).save(buf, format="PNG")  # ~70 KB on the wire, 72 million pixels
     return buf.getvalue()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header says width x height (a bomb by its header: Pillow refuses to open it)."""
+    data = bytearray(make_image(8, 8, fmt="PNG"))
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height, then its CRC over type + data
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
 
 
 BAD = {
@@ -56,6 +66,10 @@ BAD = {
     "data URL not an image": (dict(images=[b"data:text/plain;base64,aGVsbG8="]), "media type is 'text/plain'"),
     "too many stop strings": (dict(stop=[str(i) for i in range(17)]), "stop: at most 16 non-empty strings"),
     "min_tokens over max_tokens": (dict(max_tokens=4, min_tokens=5), "min_tokens must be in [0, max_tokens=4]"),
+    "header claiming 30000x30000": (dict(images=[_png_claiming(30000, 30000)]),
+                                    "image 0 is over the limit of 67108864 pixels"),
+    "lone surrogate in a message": (dict(prompt=None, messages='[{"role": "user", "content": "hi \\ud800"}]'),
+                                    "a lone UTF-16 surrogate"),
     "messages without the chat template": (dict(prompt=None, messages='[{"role": "user", "content": "hi"}]',
                                                 chat_template=False), "'chat_template' false needs 'text_input'"),
 }

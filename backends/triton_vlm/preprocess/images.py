@@ -67,6 +67,8 @@ def open_image(data: bytes, index: int, limits: ImageLimits) -> Image.Image:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise InvalidRequest(f"image {index} could not be decoded: not an image or corrupt") from None
+    except Image.DecompressionBombError as e:  # Pillow's own check, on headers claiming over 2x its limit
+        raise InvalidRequest(f"image {index} is over the limit of {limits.max_pixels} pixels: {e}") from None
     if image.format not in limits.formats:
         raise InvalidRequest(
             f"image {index} has unsupported format {image.format}; supported: {', '.join(limits.formats)}"

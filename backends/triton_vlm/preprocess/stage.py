@@ -93,6 +93,11 @@ class Preprocessor:
         raw = isinstance(conversation, str)
         prompt = conversation if raw else self.tokenizer.apply_chat_template(
             conversation, tokenize=False, add_generation_prompt=True)
+        try:  # JSON's "\ud800" escapes make lone surrogates: not text, and the tokenizer would fail on them
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequest(f"the text holds {prompt[e.start]!r} at character {e.start}, a lone UTF-16 "
+                                 "surrogate: not Unicode text") from None
         pieces = prompt.split(self.family.image_placeholder)
         if len(pieces) - 1 != len(grid_thw):
             raise InvalidRequest("the image placeholders in the prompt do not match the images sent")
