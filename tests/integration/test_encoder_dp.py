@@ -22,7 +22,7 @@ MIXED = [(640, 480), (300, 200), (1280, 720), (200, 500)]
 @pytest.fixture(scope="module")
 def dp1_server(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("dp1")
-    repo = Deployment(tiny_model, embedding_cache_mb=0,
+    repo = Deployment(tiny_model, embedding_cache_mb=0, enable_prefix_caching=False,  # both caches off
                       encoder_dp=1, encoder_threads=1, minimal=True).render(root / "repository")
     triton = TritonServer(repo, graceful_stop=False, log_file=root / "tritonserver.log")
     try:

@@ -3,6 +3,7 @@ continuous batching under concurrent streams, stop strings, cancellation, and cl
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import make_image, server_metric, wait_until
+from tests.integration.test_prefix_caching import prefix_counts
 from tests.reference import reference_generate
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.server import TritonServer
@@ -42,6 +44,17 @@ def test_two_ranks_give_the_same_ids_as_one(server, tp2_server, case):
     one = stream(server.grpc_url, prompt="Describe the pictures.", images=images, max_tokens=16)
     two = stream(tp2_server.grpc_url, prompt="Describe the pictures.", images=images, max_tokens=16)
     assert two.output_ids == one.output_ids and one.output_ids
+
+
+def test_two_ranks_reuse_cached_blocks_with_the_ids_of_one(server, tp2_server):
+    """Paged KV over two ranks: a repeated three-image prompt is served from the prefix cache (each rank
+    holds its heads of the same blocks) and answers as one rank does, cold and warm."""
+    images = [make_image(w, h, seed=90 + i) for i, (w, h) in enumerate(CASES["three-images"])]
+    one = stream(server.grpc_url, prompt="Compare the pictures.", images=images, max_tokens=16)
+    send = functools.partial(stream, tp2_server.grpc_url, prompt="Compare the pictures.", images=images, max_tokens=16)
+    _, _, cold = prefix_counts(tp2_server, send)
+    _, hits, warm = prefix_counts(tp2_server, send)
+    assert hits >= (warm.num_input_tokens - 1) // 16 * 16 and cold.output_ids == warm.output_ids == one.output_ids
 
 
 def test_eight_concurrent_streams_equal_transformers(tp2_server, tiny_model):
