@@ -115,7 +115,8 @@ def _die_with_parent() -> None:
 def _openai(args) -> int:
     from .openai_api.app import run
 
-    run(args.triton_url, args.host, args.port, args.served_model_name, args.max_body_mb)
+    run(args.triton_url, args.host, args.port, args.served_model_name, args.max_body_mb, args.head_timeout_s,
+        args.body_timeout_s)
     return 0
 
 
@@ -199,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--served-model-name", help="the model id /v1/models lists (default: the served model's "
                    "folder, from the language model's config; any `model` value is accepted either way)")
     p.add_argument("--max-body-mb", type=int, default=256, help="largest request body (default %(default)s MiB)")
+    p.add_argument("--head-timeout-s", type=float, default=10, help="a request's head (line and headers) must "
+                   "arrive within this many seconds of its first byte, or the connection is closed (default 10)")
+    p.add_argument("--body-timeout-s", type=float, default=60, help="a request's body must arrive within this "
+                   "many seconds of its head (default 60)")
     p.set_defaults(func=_openai)
 
     p = sub.add_parser("render", help="write the model repository of a deployment; print tritonserver's arguments")

@@ -5,6 +5,7 @@ the client adds as little as the gRPC one)."""
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import json
 import time
@@ -20,13 +21,25 @@ def chat_messages(prompt: str, images: list[bytes]) -> list[dict]:
     return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
 
 
-def stream_chat(base_url: str, prompt: str, images: list[bytes], max_tokens: int, timeout_s: float = 300,
-                model: str = "vlm", **extra) -> Answer:
-    """POST /v1/chat/completions with stream and include_usage. Chunks carry no token counts: each counts
-    one token but the last, which gets the rest of usage.completion_tokens."""
+@functools.lru_cache
+def served_model(base_url: str) -> str:
+    """The first model GET /v1/models lists (servers answer 404 for a model they do not serve)."""
     url = urlsplit(base_url)
-    body = json.dumps({"model": model, "messages": chat_messages(prompt, images), "max_tokens": max_tokens,
-                       "stream": True, "stream_options": {"include_usage": True}, **extra})
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    try:
+        connection.request("GET", f"{url.path.rstrip('/')}/models")
+        return json.loads(connection.getresponse().read())["data"][0]["id"]
+    finally:
+        connection.close()
+
+
+def stream_chat(base_url: str, prompt: str, images: list[bytes], max_tokens: int, timeout_s: float = 300,
+                model: str | None = None, **extra) -> Answer:
+    """POST /v1/chat/completions with stream and include_usage (`model`: the served one by default). Chunks
+    carry no token counts: each counts one token but the last, which gets the rest of usage.completion_tokens."""
+    url = urlsplit(base_url)
+    body = json.dumps({"model": model or served_model(base_url), "messages": chat_messages(prompt, images),
+                       "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}, **extra})
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout_s)
     answer, start = Answer(), time.perf_counter()
     try:

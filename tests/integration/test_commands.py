@@ -55,7 +55,8 @@ def test_serve_with_encoder_replicas_the_openai_api_and_infer_commands(tiny_mode
             client = openai.OpenAI(base_url=f"http://127.0.0.1:{api}/v1", api_key="unused", max_retries=3)
             assert [m.id for m in client.models.list().data] == [str(Path(tiny_model).resolve())]
             url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
-            answer = client.chat.completions.create(model="m", max_tokens=4, messages=[{"role": "user", "content": [
+            answer = client.chat.completions.create(  # the model by its folder's name, an alias of its path
+                model=Path(tiny_model).name, max_tokens=4, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is this"}]}])
             assert answer.usage.completion_tokens >= 1 and answer.usage.prompt_tokens > 20
             process.send_signal(signal.SIGTERM)  # as `docker stop` or systemd stop it: it ends, and ends the server

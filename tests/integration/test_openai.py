@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from triton_vlm_clients.client import stream
 
 BIN = Path(sys.executable).parent
 PROMPT = "Compare the two pictures."
+SERVED = "vlm"  # the committed repository names no model_path: the id is the ensemble's name
 
 
 def data_url(image: bytes) -> str:
@@ -83,21 +86,29 @@ def client(api):
 def test_models_lists_the_served_model(client):
     # the committed repository names no model_path (the server has $TRITON_VLM_MODEL): the id is the
     # ensemble's name; `serve --openai-port` lists the model's folder (test_commands.py)
-    assert [m.id for m in client.models.list().data] == ["vlm"]
+    assert [m.id for m in client.models.list().data] == [SERVED]
+
+
+def test_a_model_it_does_not_serve_is_not_found_and_the_next_request_served(client):
+    with pytest.raises(openai.NotFoundError, match="The model `gpt-4o` does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=chat("hi", []), max_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        list(client.chat.completions.create(model="other/vlm", messages=chat("hi", []), max_tokens=2, stream=True))
+    assert client.chat.completions.create(model=SERVED, messages=chat("hi", []), max_tokens=2).choices
 
 
 def test_chat_with_two_images_equals_the_vlm_ensemble(client, server, tiny_model):
     images = [make_image(160, 120, seed=1), make_image(90, 140, seed=2)]
     messages = chat(PROMPT, images)
     direct = stream(server.grpc_url, messages=messages, max_tokens=16, temperature=0.0)
-    whole = client.chat.completions.create(model="any/path", messages=messages, max_tokens=16, temperature=0)
-    chunks = list(client.chat.completions.create(model="any/path", messages=messages, max_tokens=16, temperature=0,
+    whole = client.chat.completions.create(model=SERVED, messages=messages, max_tokens=16, temperature=0)
+    chunks = list(client.chat.completions.create(model=SERVED, messages=messages, max_tokens=16, temperature=0,
                                                  stream=True, stream_options={"include_usage": True}))
     content = [c for c in chunks if c.choices]
     assert whole.choices[0].message.content == direct.text
     assert "".join(c.choices[0].delta.content or "" for c in content) == direct.text
     assert len(content) > 1 and content[0].choices[0].delta.role == "assistant"
-    assert whole.model == "any/path" and whole.choices[0].finish_reason == direct.finish_reason
+    assert whole.model == SERVED and whole.choices[0].finish_reason == direct.finish_reason
     assert content[-1].choices[0].finish_reason == direct.finish_reason
     # usage: the real counts, against transformers' own prompt and answer
     expected = reference_generate(tiny_model, PROMPT, images, max_new_tokens=16)
@@ -109,7 +120,7 @@ def test_chat_with_two_images_equals_the_vlm_ensemble(client, server, tiny_model
 
 
 def test_the_stream_is_openai_server_sent_events(api):
-    body = {"model": "m", "messages": chat("hi", [make_image(64, 64)]), "max_tokens": 6, "stream": True,
+    body = {"model": SERVED, "messages": chat("hi", [make_image(64, 64)]), "max_tokens": 6, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     request = urllib.request.Request(f"{api}/v1/chat/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
@@ -134,7 +145,7 @@ def test_the_stream_is_openai_server_sent_events(api):
 
 
 def test_completions_take_the_prompt_as_it_is(client, server):
-    whole = client.completions.create(model="m", prompt="Once upon a time", max_tokens=8)
+    whole = client.completions.create(model=SERVED, prompt="Once upon a time", max_tokens=8)
     direct = stream(server.grpc_url, prompt="Once upon a time", chat_template=False, max_tokens=8)
     templated = stream(server.grpc_url, prompt="Once upon a time", max_tokens=8)
     assert whole.choices[0].text == direct.text
@@ -144,7 +155,7 @@ def test_completions_take_the_prompt_as_it_is(client, server):
 
 def test_ignore_eos_and_min_tokens_fix_the_output_length(client):
     for extra in ({"ignore_eos": True}, {"min_tokens": 12}):
-        answer = client.chat.completions.create(model="m", messages=chat("hi", []), max_tokens=12, extra_body=extra)
+        answer = client.chat.completions.create(model=SERVED, messages=chat("hi", []), max_tokens=12, extra_body=extra)
         assert answer.usage.completion_tokens == 12 and answer.choices[0].finish_reason == "length"
 
 
@@ -171,16 +182,16 @@ BAD = {
 @pytest.mark.parametrize("streaming", [False, True], ids=["whole", "stream"])
 @pytest.mark.parametrize("case", BAD)
 def test_bad_input_is_a_400_and_the_next_request_succeeds(client, case, streaming):
-    request = {"model": "m", "messages": chat("hi", [make_image(48, 48)]), "max_tokens": 4, **BAD[case]}
+    request = {"model": SERVED, "messages": chat("hi", [make_image(48, 48)]), "max_tokens": 4, **BAD[case]}
     with pytest.raises(openai.BadRequestError) as e:
         answer = client.chat.completions.create(**request, stream=streaming)
         list(answer) if streaming else None
     assert e.value.status_code == 400 and e.value.body["type"] == "invalid_request_error"
-    good = client.chat.completions.create(model="m", messages=chat("hi", [make_image(48, 48)]), max_tokens=3)
+    good = client.chat.completions.create(model=SERVED, messages=chat("hi", [make_image(48, 48)]), max_tokens=3)
     assert good.usage.completion_tokens >= 1
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"messages": "hi"}', b'{"messages": [], "model": "m"}',
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"messages": "hi"}', b'{"messages": [], "model": "vlm"}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "many"}',
                                   b'{"messages": [{"role": "user", "content": "hi"}], "stop": 3}'])
 def test_a_malformed_body_is_an_openai_400(api, body):
@@ -197,7 +208,7 @@ CANCELLED = ("triton_vlm_finished_sequences_total", 'finish_reason="cancelled"')
 
 def test_a_client_that_disconnects_frees_its_kv_blocks(client, server):
     cancelled = server_metric(server, *CANCELLED)
-    answer = client.chat.completions.create(model="m", messages=chat("tell a long story", []), stream=True,
+    answer = client.chat.completions.create(model=SERVED, messages=chat("tell a long story", []), stream=True,
                                             extra_body={"ignore_eos": True})  # until the context is full
     chunks = iter(answer)
     for _ in range(3):
@@ -206,7 +217,7 @@ def test_a_client_that_disconnects_frees_its_kv_blocks(client, server):
     answer.close()  # the connection goes: the front end cancels the Triton request
     wait_until(lambda: server_metric(server, "triton_vlm_kv_blocks_in_use") == 0, 60, "the blocks to come back")
     assert server_metric(server, *CANCELLED) == cancelled + 1  # ended by the cancel, not by a full context
-    assert client.chat.completions.create(model="m", messages=chat("hi", []), max_tokens=2).usage.completion_tokens
+    assert client.chat.completions.create(model=SERVED, messages=chat("hi", []), max_tokens=2).usage.completion_tokens
 
 
 def test_32_concurrent_streams(api, server):
@@ -215,7 +226,7 @@ def test_32_concurrent_streams(api, server):
 
     async def one(client, prompt):
         chunks = [c async for c in await client.chat.completions.create(
-            model="m", messages=chat(prompt, []), max_tokens=8, stream=True, extra_body={"ignore_eos": True})]
+            model=SERVED, messages=chat(prompt, []), max_tokens=8, stream=True, extra_body={"ignore_eos": True})]
         return "".join(c.choices[0].delta.content or "" for c in chunks)
 
     async def all_of_them():
@@ -233,7 +244,29 @@ def test_unready_server_is_a_503(tmp_path):
         assert _status(f"{base}/v1/models") == 503
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=30)
         with pytest.raises(openai.APIStatusError) as e:
-            client.chat.completions.create(model="m", messages=chat("hi", []), max_tokens=2)
+            client.chat.completions.create(model=SERVED, messages=chat("hi", []), max_tokens=2)
         assert e.value.status_code == 503
     finally:
         stop_process_group(process, timeout_s=10)
+
+
+def test_a_client_that_drips_its_headers_is_disconnected_and_others_are_served(api, client):
+    """One header byte a second (the default head deadline is 10 s): closed well before a minute, and the
+    front end answers others meanwhile and after."""
+    url = urllib.parse.urlsplit(api)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.settimeout(1)
+        start = time.monotonic()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        closed = False
+        while not closed and time.monotonic() - start < 40:
+            try:
+                sock.sendall(b"X")
+                closed = sock.recv(1024) == b""
+            except TimeoutError:
+                if time.monotonic() - start < 2:
+                    assert client.chat.completions.create(model=SERVED, messages=chat("hi", []), max_tokens=2).choices
+            except OSError:
+                closed = True
+    assert closed and 9 < time.monotonic() - start < 20
+    assert client.chat.completions.create(model=SERVED, messages=chat("hi", []), max_tokens=2).choices

@@ -61,3 +61,12 @@ def test_a_body_that_is_not_a_json_object_is_400(raw):
 def test_server_errors_keep_their_status(message, status, text):
     error = api_error(message)
     assert (error.status, str(error)) == (status, text)
+
+
+def test_the_served_model_answers_to_its_name_its_path_and_its_folder_name_only():
+    from triton_vlm.openai_api.app import serves
+
+    assert serves("/models/qwen-7b", "/models/qwen-7b") and serves("/models/qwen-7b", "/models//qwen-7b/")
+    assert serves("/models/qwen-7b", "qwen-7b") and serves("vlm", "vlm")
+    assert not serves("/models/qwen-7b", "gpt-4o") and not serves("vlm", "other/vlm")
+    assert not serves("/models/qwen-7b", "/other/qwen-7b") and not serves("vlm", "vlm2")

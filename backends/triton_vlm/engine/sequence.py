@@ -92,8 +92,9 @@ class Sequence:
         if len(self.image_at) != rows.shape[0] or rows.shape[1] != family.embedding_width:
             raise InvalidRequest(f"the prompt has {len(self.image_at)} image tokens of width "
                                  f"{family.embedding_width}, but image embeddings {list(rows.shape)} came")
-        self.request, self.callback, self.block_size, self.max_model_len = request, callback, block_size, max_model_len
-        self.image_rows = rows
+        # the request itself is not kept: its ids live on as token_ids, once
+        self.request_id, self.sampling, self.callback = request.request_id, request.sampling, callback
+        self.block_size, self.max_model_len, self.image_rows = block_size, max_model_len, rows
         self.positions, self.delta = family.positions(ids, request.image_grid_thw)  # [3, S], int
         self.images = _image_spans(family, self.image_at, request.image_grid_thw, request.image_keys)
         self.token_ids: list[int] = ids.tolist()
@@ -107,14 +108,6 @@ class Sequence:
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stops = StopStrings(request.sampling.stop)
         self._keys: list[bytes | None] = []
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def sampling(self) -> SamplingParams:
-        return self.request.sampling
 
     @property
     def num_tokens(self) -> int:

@@ -4,6 +4,7 @@ streams: the response headers wait for `vlm`'s first answer, a token or an error
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import AsyncIterator
 
@@ -52,7 +53,11 @@ def create_app(triton_url: str, served_model_name: str | None = None, max_body_m
         upstream = request.app.state.upstream
         body = parse_json(await _read_body(request, max_body_mb * 2**20))
         call = chat_call(body) if chat else completion_call(body)
-        reply = Reply(call.model or await model_name(upstream), chat, call.include_usage, call.continuous_usage)
+        served = await model_name(upstream)
+        if call.model and not serves(served, call.model):
+            raise APIError(f"The model `{call.model}` does not exist; this server serves `{served}`", 404,
+                           "NotFoundError", "model")
+        reply = Reply(call.model or served, chat, call.include_usage, call.continuous_usage)
         deltas = upstream.generate(call.tensors, reply.id)
         try:
             first = await anext(deltas)
@@ -79,6 +84,17 @@ def create_app(triton_url: str, served_model_name: str | None = None, max_body_m
         return await answer(request, chat=False)
 
     return app
+
+
+def serves(served: str, requested: str) -> bool:
+    """Whether `requested` names the served model (vLLM answers 404 to any other): its name, or when that is
+    a folder, the same path written another way, or the folder's own name."""
+    if requested == served:
+        return True
+    if "/" not in served:
+        return False
+    folder = os.path.normpath(served)
+    return os.path.normpath(requested) == folder or requested == os.path.basename(folder)
 
 
 async def _events(reply: Reply, first: Delta, deltas: AsyncIterator[Delta]) -> AsyncIterator[str]:
@@ -110,7 +126,11 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def run(triton_url: str, host: str, port: int, served_model_name: str | None = None, max_body_mb: int = 256) -> None:
+def run(triton_url: str, host: str, port: int, served_model_name: str | None = None, max_body_mb: int = 256,
+        head_timeout_s: float = 10, body_timeout_s: float = 60) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(triton_url, served_model_name, max_body_mb), host=host, port=port, log_level="warning")
+    from .deadlines import with_deadlines
+
+    uvicorn.run(create_app(triton_url, served_model_name, max_body_mb), host=host, port=port, log_level="warning",
+                http=with_deadlines(head_timeout_s, body_timeout_s))
