@@ -10,8 +10,6 @@ import torch
 
 from . import env
 from .errors import InvalidRequest
-from .preprocess.images import ImageLimits
-from .preprocess.url_fetch import FetchPolicy
 
 
 def read_parameters(model_config: dict) -> dict[str, str]:
@@ -64,12 +62,6 @@ class PreprocessConfig:
     def check_image_count(self, count: int) -> None:
         if count > self.max_images:
             raise InvalidRequest(f"{count} images sent; the limit is {self.max_images} per request")
-
-    @property
-    def image_limits(self) -> ImageLimits:
-        fetch = FetchPolicy(timeout_s=self.url_timeout_s, max_bytes=self.max_image_bytes,
-                            allow_private=self.allow_private_urls)
-        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, fetch=fetch)
 
 
 def usable_cores() -> int:

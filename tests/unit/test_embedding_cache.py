@@ -9,9 +9,10 @@ import torch
 from tests.conftest import make_image
 from triton_vlm.config import EncoderConfig, PreprocessConfig
 from triton_vlm.encode.dispatch import ShardedEncode, even
-from triton_vlm.encode.embedding_cache import EmbeddingCache, image_key, model_fingerprint
+from triton_vlm.encode.embedding_cache import EmbeddingCache
 from triton_vlm.encode.encoder import VisionEncoder
 from triton_vlm.preprocess.image_inputs import Images
+from triton_vlm.preprocess.image_keys import image_key, model_fingerprint
 from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest
 

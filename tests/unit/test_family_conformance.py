@@ -18,6 +18,7 @@ from triton_vlm.errors import InvalidRequest
 from triton_vlm.models import FAMILIES, load_family
 from triton_vlm.models.tiny_model import make_tiny_model
 from triton_vlm.preprocess.image_inputs import ImageProcessing
+from triton_vlm.preprocess.images import ImageLimits
 from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest
 from triton_vlm_clients.hf_baseline import HFInputs, HFModel
@@ -49,7 +50,7 @@ def test_layout_from_size_equals_the_image_processor(family_model):
         else:
             usable.append((size, picture))
     assert len(usable) >= 7
-    _, decoded = processing.decode([p for _, p in usable], PreprocessConfig(model_path=path).image_limits)
+    _, decoded = processing.decode([p for _, p in usable], ImageLimits.of(PreprocessConfig(model_path=path)))
     assert np.array_equal(processing.grid([size for size, _ in usable]), decoded)
     for (size, picture), tokens in zip(usable, family.tokens_per_image(decoded), strict=True):
         ids = reference("", [picture])["input_ids"]

@@ -58,8 +58,8 @@ def test_each_rank_reads_only_its_slice_of_every_expert(tmp_path):
     import torch
     from safetensors import safe_open
 
-    from triton_vlm.engine.tp import TensorParallel
     from triton_vlm.models import load_family
+    from triton_vlm.models.tp import TensorParallel
 
     path = make_tiny_model(tmp_path / "moe", family="qwen3_vl_moe")
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
@@ -80,8 +80,8 @@ def test_each_rank_reads_only_its_slice_of_glm4v_fused_gate_up(tmp_path):
     import torch
     from safetensors import safe_open
 
-    from triton_vlm.engine.tp import TensorParallel
     from triton_vlm.models import load_family
+    from triton_vlm.models.tp import TensorParallel
 
     path = make_tiny_model(tmp_path / "glm", family="glm4v")
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:

@@ -87,7 +87,7 @@ def test_bad_request_tensors(arrays, error):
 def test_private_urls_can_be_allowed_by_parameter_or_environment(monkeypatch):
     from triton_vlm.config import PreprocessConfig
 
-    assert not PreprocessConfig.from_parameters({}).image_limits.fetch.allow_private
-    assert PreprocessConfig.from_parameters({"allow_private_urls": "true"}).image_limits.fetch.allow_private
+    assert not ImageLimits.of(PreprocessConfig.from_parameters({})).fetch.allow_private
+    assert ImageLimits.of(PreprocessConfig.from_parameters({"allow_private_urls": "true"})).fetch.allow_private
     monkeypatch.setenv("TRITON_VLM_ALLOW_PRIVATE_URLS", "1")
-    assert PreprocessConfig.from_parameters({"allow_private_urls": "false"}).image_limits.fetch.allow_private
+    assert ImageLimits.of(PreprocessConfig.from_parameters({"allow_private_urls": "false"})).fetch.allow_private

@@ -1,4 +1,5 @@
-"""The package's seams: server code never imports client code, and no stage asks which family it serves."""
+"""The package's seams: server code never imports client code, no stage asks which family it serves, and
+imports go one way, from the base layer up."""
 
 from __future__ import annotations
 
@@ -30,4 +31,39 @@ def test_no_stage_tests_the_model_type():
     models = ROOT / "backends" / "triton_vlm" / "models"
     offenders = [str(p.relative_to(ROOT)) for p in SERVER
                  if models not in p.parents and re.search(r"model_type\s*(==|!=|\bin\b)", p.read_text())]
+    assert not offenders
+
+
+# the package's layers, from the bottom: a module imports only from its own layer and those below
+LAYERS = [{"env", "errors", "protocol", "interface", "config", "stubs", "__init__"}, {"models"}, {"preprocess"},
+          {"encode"}, {"engine"}, {"serving"}, {"deploy", "openai_api", "cli"}]
+
+
+def _layer(part: str) -> int:
+    return next(i for i, names in enumerate(LAYERS) if part in names)
+
+
+def _package_imports(path: Path) -> set[str]:
+    """The triton_vlm subpackages or base modules a module of the package imports (relative ones resolved)."""
+    package = path.relative_to(ROOT / "backends").with_suffix("").parts[:-1]  # ("triton_vlm", "engine")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else ()
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            names = [module] if node.module else [f"{module}.{alias.name}" for alias in node.names]
+        found |= {name.split(".")[1] for name in names if name.startswith("triton_vlm.")}
+    return found
+
+
+def test_imports_go_one_way_from_the_base_up():
+    package = ROOT / "backends" / "triton_vlm"
+    offenders = []
+    for path in package.rglob("*.py"):
+        own = path.relative_to(package).parts[0].removesuffix(".py")
+        offenders += [f"{path.relative_to(ROOT)} -> {part}" for part in _package_imports(path)
+                      if _layer(part) > _layer(own)]
     assert not offenders

@@ -1,6 +1,6 @@
 """Image embeddings by content: the encode stage skips the encoder for an image it has seen.
 
-The key (`image_key`, computed by preprocess from the encoded file) is a BLAKE2b digest of the file's
+The key (`preprocess/image_keys.py`, computed by preprocess from the encoded file) is a BLAKE2b digest of the file's
 bytes and of everything else that changes the embeddings: the model's folder, its config and image
 processor files, and its weight files' names, sizes and times. The local tier is an LRU bounded in
 bytes; entries are private copies (a tensor that came through Triton may live in memory it reuses). A
@@ -8,34 +8,13 @@ shared Redis tier (`redis_tier.py`) may stand behind it: its hits are kept local
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from .redis_tier import RedisTier
-
-KEY_FILES = ("config.json", "preprocessor_config.json")
-
-
-def model_fingerprint(model_path) -> bytes:
-    """What identifies the encoder's output for a given image, besides the image."""
-    path = Path(model_path).resolve()
-    h = hashlib.blake2b(str(path).encode(), digest_size=16)
-    for name in KEY_FILES:
-        file = path / name
-        h.update(file.read_bytes() if file.exists() else b"-")
-    for weights in sorted(path.glob("*.safetensors")):
-        stat = weights.stat()
-        h.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return h.digest()
-
-
-def image_key(fingerprint: bytes, data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16, key=fingerprint).hexdigest().encode()
 
 
 class EmbeddingCache:

@@ -18,7 +18,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from ..serving.supervisor import shm_prefix
+from ..stubs import shm_prefix
 
 _MIN_BYTES = 1 << 20
 _ids = itertools.count()

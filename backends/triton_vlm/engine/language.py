@@ -83,7 +83,7 @@ class LanguageEngine:
             raise failure
 
     def _main(self, built: queue.Queue, dtype: torch.dtype, init_method: str, threads: int) -> None:
-        from .tp import init
+        from ..models.tp import init
 
         torch.set_num_threads(threads)  # on the thread that runs the model
         try:

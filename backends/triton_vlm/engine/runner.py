@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ..models.paged_attention import DecodeBatch, PrefillBatch
+from ..models.tp import TensorParallel
 from .sequence import Sequence
-from .tp import TensorParallel
 
 
 @dataclass

@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from ..config import torch_dtype
     from ..models import load_family
+    from ..models.tp import init
     from .runner import ModelRunner
-    from .tp import init
 
     tp = init(args.rank, args.size, args.init, args.device)
     runner = ModelRunner(load_family(args.model), args.device, torch_dtype(args.dtype, args.device), tp,

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..engine.tp import TensorParallel
 from .layers import DecoderSpec, Layer, RMSNorm, Rotary
 from .paged_attention import DecodeBatch, KVCache, PrefillBatch
+from .tp import TensorParallel
 
 
 class Body(nn.Module):

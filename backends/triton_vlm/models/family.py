@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..engine.tp import TensorParallel
+from .tp import TensorParallel
 
 
 class Family:

@@ -24,10 +24,10 @@ from transformers.models.internvl.modeling_internvl import (
     InternVLVisionModel,
 )
 
-from ..engine.tp import TensorParallel
 from .decoder import load_decoder
 from .family import Family
 from .layers import DecoderSpec
+from .tp import TensorParallel
 from .weights import load_renamed
 
 # The -hf checkpoints' chat format (as transformers' conversion script writes it): each image is marked

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm as RMSNorm
 
-from ..engine.tp import TensorParallel
+from .tp import TensorParallel
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ import torch
 from transformers import AutoConfig
 from transformers.modeling_utils import no_init_weights
 
-from ..engine.tp import TensorParallel
 from .decoder import load_decoder
 from .family import Family
 from .layers import DecoderSpec
 from .mrope import mrope_positions
 from .tiny_model import QWEN2_VL_TEMPLATE
+from .tp import TensorParallel
 from .weights import load_renamed
 
 # Checkpoints come in two layouts: legacy (`visual.*`, `model.*`) and transformers>=4.52

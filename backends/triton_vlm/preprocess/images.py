@@ -24,6 +24,13 @@ class ImageLimits:
     formats: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
     fetch: FetchPolicy = field(default_factory=FetchPolicy)
 
+    @classmethod
+    def of(cls, config) -> ImageLimits:
+        """The limits a `config.PreprocessConfig` sets."""
+        fetch = FetchPolicy(timeout_s=config.url_timeout_s, max_bytes=config.max_image_bytes,
+                            allow_private=config.allow_private_urls)
+        return cls(max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels, fetch=fetch)
+
 
 def is_url(source: bytes) -> bool:
     """An http(s) URL, to be fetched (rather than bytes or a data: URL)."""

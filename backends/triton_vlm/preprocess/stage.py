@@ -16,13 +16,13 @@ import numpy as np
 from transformers import AutoTokenizer, GenerationConfig
 
 from ..config import PreprocessConfig
-from ..encode.embedding_cache import image_key, model_fingerprint
 from ..errors import InvalidRequest
 from ..models import load_family
 from ..protocol import GenerateRequest, SamplingParams
 from .chat import build_conversation
 from .image_inputs import ImageProcessing
-from .images import is_url, open_image, read_source
+from .image_keys import image_key, model_fingerprint
+from .images import ImageLimits, is_url, open_image, read_source
 
 
 @dataclass
@@ -48,7 +48,7 @@ def default_sampling(model_path) -> SamplingParams:
 
 class Preprocessor:
     def __init__(self, config: PreprocessConfig) -> None:
-        self.config = config
+        self.config, self.limits = config, ImageLimits.of(config)
         self.family = load_family(config.model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_path)
         self.images = ImageProcessing(config.model_path, self.family)
@@ -69,20 +69,18 @@ class Preprocessor:
 
     def read_sources(self, sources: list[bytes]) -> list[bytes]:
         """Each source's encoded image file (URLs fetched under the fetch policy)."""
-        limits = self.config.image_limits
-        return [read_source(source, i, limits) for i, source in enumerate(sources)]
+        return [read_source(source, i, self.limits) for i, source in enumerate(sources)]
 
     def prepare(self, conversation: list[dict] | str, files: list[bytes], sampling: SamplingParams) -> Preprocessed:
         """Every check that needs no pixels comes first: each image's grid is computed from its header
         alone (the processor's own resize rule), so an over-long request is refused before any decoding."""
-        limits = self.config.image_limits
-        grid_thw = self.images.grid([open_image(data, i, limits).size for i, data in enumerate(files)])
+        grid_thw = self.images.grid([open_image(data, i, self.limits).size for i, data in enumerate(files)])
         input_ids = self._prompt_ids(conversation, grid_thw)
         keys = tuple(image_key(self.fingerprint, data) for data in files)
         if self.config.image_processing == "remote":  # the encoder servers decode them
             return Preprocessed(input_ids, np.zeros((0, self.images.patch_dim), np.float32), grid_thw, sampling,
                                 tuple(files), keys)
-        pixel_values, decoded_grid = self.images.decode(files, limits)
+        pixel_values, decoded_grid = self.images.decode(files, self.limits)
         if not np.array_equal(decoded_grid, grid_thw):  # the resize rule and the processor disagree: a bug
             raise RuntimeError(f"image grids from headers {grid_thw.tolist()} != decoded {decoded_grid.tolist()}")
         return Preprocessed(input_ids, pixel_values, grid_thw, sampling, image_keys=keys)

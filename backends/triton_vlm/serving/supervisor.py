@@ -24,10 +24,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from ..stubs import cmdline, shm_prefix, stub_model
+
 log = logging.getLogger(__name__)
 
 SHM = Path("/dev/shm")
-UUID_CHARS = 36
 LEARN_EVERY = 5  # rounds between the scans of a stub that does not lead
 PARENT_POLL_S = 0.1  # how often a stub asks whether its server still runs (one getppid)
 
@@ -42,28 +43,6 @@ def _stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[1])
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def stub_model(cmdline: list[str]) -> str | None:
-    """The model a python-backend stub serves, from its command line (<repository>/<model>/<version>/model.py)."""
-    if len(cmdline) < 3 or not cmdline[0].endswith("triton_python_backend_stub"):
-        return None
-    parts = Path(cmdline[1]).parts
-    return parts[-3] if len(parts) >= 3 else None
-
-
-def shm_prefix() -> str:
-    """The shared-memory prefix of this stub's server (its own region is the prefix + a uuid4), so that
-    regions we make ourselves go wherever the server's go; "tvlm_" outside a stub."""
-    own = _cmdline(os.getpid())
-    return own[2][:-UUID_CHARS] if stub_model(own) and len(own[2]) > UUID_CHARS else "tvlm_"
-
-
 def own_regions(prefix: str, pid: int) -> list[Path]:
     """Regions a stub made itself (`shm_outputs.py`): they die with it, so whoever sees it dead unlinks them."""
     return list(SHM.glob(f"{prefix}out{pid}_*"))
@@ -73,7 +52,7 @@ class StubSupervisor:
     def __init__(self, reload: Callable[[str], None], interval_s: float = 1.0) -> None:
         self.reload, self.interval_s = reload, interval_s
         self.server_pid = os.getppid()
-        own = _cmdline(os.getpid())
+        own = cmdline(os.getpid())
         self.region = own[2] if stub_model(own) else None
         self.prefix = shm_prefix()
         self.leader = False
@@ -158,10 +137,10 @@ class StubSupervisor:
                 if pid in self._stubs:
                     zombies.add(pid)
             elif pid not in self._stubs:
-                cmdline = _cmdline(pid)
-                model = stub_model(cmdline)
+                args = cmdline(pid)
+                model = stub_model(args)
                 if model:
-                    self._stubs[pid] = (model, cmdline[2])
+                    self._stubs[pid] = (model, args[2])
         return zombies
 
     def _dead_stubs(self) -> dict[int, tuple[str, str]]:

@@ -14,7 +14,7 @@ from triton_vlm.encode.dispatch import ShardedEncode, even
 from triton_vlm.encode.stage import LocalEncoder
 from triton_vlm.models import load_family
 from triton_vlm.preprocess.image_inputs import ImageProcessing, Images
-from triton_vlm.preprocess.images import open_image
+from triton_vlm.preprocess.images import ImageLimits, open_image
 from triton_vlm.serving import metrics, triton_io
 
 
@@ -22,11 +22,12 @@ class TritonPythonModel:
     def initialize(self, args):
         self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
         params = triton_io.parameters(args)
-        self.limits = PreprocessConfig.from_parameters(params)
+        self.config = PreprocessConfig.from_parameters(params)
+        self.limits = ImageLimits.of(self.config)
         encode = EncodeConfig.from_parameters(params)
         self.family = family = load_family(encode.model_path)
         self.processing = ImageProcessing(encode.model_path, family)
-        local = LocalEncoder(self.processing, triton_io.encode_on_replicas, self.limits.image_limits)
+        local = LocalEncoder(self.processing, triton_io.encode_on_replicas, self.limits)
         self.stage = ShardedEncode(local, even(encode.data_parallel), family.embedding_width,
                                    cache=metrics.embedding_cache(encode.embedding_cache_mb,
                                                                  encode.embedding_cache_redis, tier="encoder"),
@@ -41,9 +42,8 @@ class TritonPythonModel:
             arrays = triton_io.inputs(request, [I.IMAGES, I.IMAGE_KEYS])
             files = [bytes(f) for f in arrays[I.IMAGES]]
             keys = [bytes(k) for k in arrays.get(I.IMAGE_KEYS, np.zeros(0, np.object_))]
-            self.limits.check_image_count(len(files))
-            limits = self.limits.image_limits
-            grid = self.processing.grid([open_image(data, i, limits).size for i, data in enumerate(files)])
+            self.config.check_image_count(len(files))
+            grid = self.processing.grid([open_image(data, i, self.limits).size for i, data in enumerate(files)])
             embeds = self.stage.encode(Images.of(self.family, grid, files=tuple(files)), keys)
         except Exception as e:
             return triton_io.error_response(e, "image_encoder")

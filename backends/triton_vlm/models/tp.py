@@ -1,6 +1,8 @@
-"""Tensor parallelism: the process group of the language model's ranks and its one collective.
+"""Tensor parallelism: the language model's ranks, their process group and the collectives they use (the
+layers' all-reduce; rank 0's broadcasts of each step to the others). The layers hold a `TensorParallel`,
+so it lives here, below the engine.
 
-Rank 0 lives in the Triton stub; ranks 1..N-1 are worker processes it starts (`tp_worker.py`).
+Rank 0 lives in the Triton stub; ranks 1..N-1 are worker processes it starts (`engine/tp_worker.py`).
 NCCL on GPUs, gloo on CPU; the rendezvous is a file unique to rank 0's engine, so two servers on one
 host never meet and no port is raced for.
 """
