@@ -133,8 +133,8 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                    "over them by image tokens (default: the repository's, 2; on GPUs one per GPU)")
     p.add_argument("--encoder-threads", type=int, help="torch threads per encoder replica (default: cores / replicas)")
     p.add_argument("--mode", choices=["colocated", "encoder", "language"], default="colocated",
-                   help="encoder: only preprocess + vision_encoder (an E/PD encoder server); language: encode "
-                   "on the --encoder-urls servers")
+                   help="encoder: only image_encoder + vision_encoder (an E/PD encoder server: image files in, "
+                   "embeddings out); language: encode on the --encoder-urls servers")
     p.add_argument("--encoder-urls", nargs="+", metavar="HOST:PORT", help="gRPC addresses of encoder servers")
     p.add_argument("--encoder-urls-file", help="language mode: a file of encoder addresses, one a line, "
                    "re-read every second: edit it to add or remove encoders while serving")
@@ -143,9 +143,9 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-transport", choices=["auto", "grpc", "shm"], default="auto",
                    help="language mode: how embeddings come back; auto: system shared memory from encoders "
                    "on loopback addresses, gRPC tensors from the others (default auto)")
-    p.add_argument("--local-encode-below", type=int, default=0, metavar="PATCHES",
-                   help="language mode: encode requests with fewer image patches here, not on the encoder "
-                   "servers (default 0: send every image request out)")
+    p.add_argument("--local-encode-below", type=int, default=0, metavar="ROWS",
+                   help="language mode: encode requests with fewer pixel rows (patches; InternVL: tiles) here, "
+                   "not on the encoder servers (default 0: send every image request out)")
     p.add_argument("--tp", type=int, help="tensor-parallel ranks of the language model (default 1); "
                    "gloo on CPU, NCCL on GPUs")
     p.add_argument("--minimal", action="store_true", help="only the models the streaming `vlm` needs: no "

@@ -93,7 +93,7 @@ class EncodeConfig:
     encoder_urls_file: str = ""  # E/PD: a file listing them, watched while serving (live scaling)
     encoder_fallback: str = "local"  # local | none: where shards go when every encoder server fails
     encoder_timeout_s: float = 60.0
-    local_encode_below: int = 0  # E/PD: requests with fewer image patches are encoded here
+    local_encode_below: int = 0  # E/PD: requests with fewer pixel rows (patches; InternVL: tiles) are encoded here
     encoder_transport: str = "auto"  # E/PD embeddings: auto (shared memory on loopback) | grpc | shm
     embedding_cache_mb: int = 512  # image embeddings kept by content (0: no local cache)
     embedding_cache_redis: str = ""  # redis://HOST:PORT: a shared tier behind the local one

@@ -34,7 +34,7 @@ CANCEL = "cancel_request_id"
 # internal tensors between ensemble steps
 INPUT_IDS = "_INPUT_IDS"  # INT64 [S]
 PIXEL_VALUES = "_PIXEL_VALUES"  # FP32 [P, C*T*patch*patch]
-IMAGE_GRID_THW = "_IMAGE_GRID_THW"  # INT64 [N, 3]
+IMAGE_LAYOUT = "_IMAGE_LAYOUT"  # INT64 [N, 3]: each image's layout (Qwen/GLM: t/h/w patch grid; InternVL: tile counts)
 IMAGE_EMBEDS = "_IMAGE_EMBEDS"  # FP32 [sum tokens per image, H]
 SAMPLING = "_SAMPLING"  # BYTES [1]: SamplingParams JSON
 IMAGES = "_IMAGES"  # BYTES [N]: the encoded image files, when encoder servers preprocess them (else [0])
@@ -44,7 +44,7 @@ INTERNAL = {
     CANCEL: ("TYPE_STRING", [1]),
     INPUT_IDS: ("TYPE_INT64", [-1]),
     PIXEL_VALUES: ("TYPE_FP32", [-1, -1]),
-    IMAGE_GRID_THW: ("TYPE_INT64", [-1, 3]),
+    IMAGE_LAYOUT: ("TYPE_INT64", [-1, 3]),
     IMAGE_EMBEDS: ("TYPE_FP32", [-1, -1]),
     SAMPLING: ("TYPE_STRING", [1]),
     IMAGES: ("TYPE_STRING", [-1]),
@@ -53,13 +53,13 @@ INTERNAL = {
 
 # model name -> (inputs, outputs)
 MODELS = {
-    "preprocess": (list(PUBLIC_INPUTS), [INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING, IMAGES, IMAGE_KEYS]),
-    "encode": ([INPUT_IDS, PIXEL_VALUES, IMAGE_GRID_THW, SAMPLING, IMAGES, IMAGE_KEYS],
-               [INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING, IMAGE_KEYS]),
-    "vision_encoder": ([PIXEL_VALUES, IMAGE_GRID_THW], [IMAGE_EMBEDS]),
+    "preprocess": (list(PUBLIC_INPUTS), [INPUT_IDS, PIXEL_VALUES, IMAGE_LAYOUT, SAMPLING, IMAGES, IMAGE_KEYS]),
+    "encode": ([INPUT_IDS, PIXEL_VALUES, IMAGE_LAYOUT, SAMPLING, IMAGES, IMAGE_KEYS],
+               [INPUT_IDS, IMAGE_EMBEDS, IMAGE_LAYOUT, SAMPLING, IMAGE_KEYS]),
+    "vision_encoder": ([PIXEL_VALUES, IMAGE_LAYOUT], [IMAGE_EMBEDS]),
     # E/PD encoder servers: image files in, embeddings and grids out (decode, resize, patchify, encode)
-    "image_encoder": ([IMAGES, IMAGE_KEYS], [IMAGE_EMBEDS, IMAGE_GRID_THW]),
-    "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_GRID_THW, SAMPLING, IMAGE_KEYS, CANCEL], list(PUBLIC_OUTPUTS)),
+    "image_encoder": ([IMAGES, IMAGE_KEYS], [IMAGE_EMBEDS, IMAGE_LAYOUT]),
+    "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_LAYOUT, SAMPLING, IMAGE_KEYS, CANCEL], list(PUBLIC_OUTPUTS)),
     "vlm": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
     "vlm_unary": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
 }

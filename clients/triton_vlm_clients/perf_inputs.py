@@ -57,7 +57,7 @@ def encoder_input_data(model: str | Path, entries: int = 2, image_count: int = 1
         pixels, grid = vision["pixel_values"].astype(np.float32), vision["image_grid_thw"].astype(np.int64)
         data.append({
             "_PIXEL_VALUES": {"content": pixels.reshape(-1).tolist(), "shape": list(pixels.shape)},
-            "_IMAGE_GRID_THW": {"content": grid.reshape(-1).tolist(), "shape": list(grid.shape)},
+            "_IMAGE_LAYOUT": {"content": grid.reshape(-1).tolist(), "shape": list(grid.shape)},
         })
     return {"data": data}
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from .client import build_inputs, infer_inputs
 
-PREPROCESSED = ("_INPUT_IDS", "_PIXEL_VALUES", "_IMAGE_GRID_THW", "_SAMPLING", "_IMAGES")  # no keys: no cache
+PREPROCESSED = ("_INPUT_IDS", "_PIXEL_VALUES", "_IMAGE_LAYOUT", "_SAMPLING", "_IMAGES")  # no keys: no cache
 
 
 def preprocess(url: str, prompt: str, images: list[bytes], timeout_s: float = 300) -> dict[str, np.ndarray]:

@@ -87,7 +87,7 @@ def test_preprocess_refuses_bad_input_with_invalid_arg(server):
 def test_tiny_and_thin_images_are_served(server):
     """1x1 failed inside the image processor ("mean must have 1 elements"); 100x3 got a transposed grid."""
     images = [make_image(1, 1), make_image(100, 3, seed=1), make_image(3, 100, seed=2)]
-    grid = stages.preprocess(server.grpc_url, "what is it", images)["_IMAGE_GRID_THW"]
+    grid = stages.preprocess(server.grpc_url, "what is it", images)["_IMAGE_LAYOUT"]
     assert grid.tolist() == [[1, 4, 4], [1, 2, 24], [1, 24, 2]]  # t, h, w: heights 3 and 100 resized by 28s
     answer = stream(server.grpc_url, prompt="what is it", images=images, max_tokens=3)
     assert answer.output_ids

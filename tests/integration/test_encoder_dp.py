@@ -39,7 +39,7 @@ def images(n, seed=0):
 def test_two_replicas_give_the_same_embeddings_and_ids_as_one(server, dp1_server, n_images):
     prompt, imgs = "Compare the pictures.", images(n_images)
     pre = stages.preprocess(server.grpc_url, prompt, imgs)
-    grid = pre["_IMAGE_GRID_THW"]
+    grid = pre["_IMAGE_LAYOUT"]
     embeds_dp2, _ = stages.encode(server.grpc_url, pre)
     embeds_dp1, _ = stages.encode(dp1_server.grpc_url, pre)
     assert embeds_dp2.shape == embeds_dp1.shape == (int(np.prod(grid, axis=1).sum()) // 4, embeds_dp1.shape[1])
@@ -54,7 +54,7 @@ def test_encode_metrics_show_the_split_over_the_replicas(server):
     """A 4-image request of new images is one encoding in 2 shards: both replicas count their images and
     patches, which add up to the request's."""
     imgs = images(4, seed=500)  # not cached yet
-    grid = stages.preprocess(server.grpc_url, "Compare.", imgs)["_IMAGE_GRID_THW"]
+    grid = stages.preprocess(server.grpc_url, "Compare.", imgs)["_IMAGE_LAYOUT"]
     shards = [server_metric(server, f"triton_vlm_encode_shards_{part}", 'stage="encode"') for part in ("count", "sum")]
     replicas = _per_replica(server)
     stream(server.grpc_url, prompt="Compare.", images=imgs, max_tokens=2)

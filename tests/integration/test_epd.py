@@ -213,7 +213,7 @@ def test_an_encoder_server_refuses_too_many_images_and_keeps_serving(epd):
     with pytest.raises(InferenceServerException, match="9 images sent; the limit is 8") as err:
         call([make_image(32, 32)] * 9)
     assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
-    assert call(images(2)).as_numpy("_IMAGE_GRID_THW").shape == (2, 3)
+    assert call(images(2)).as_numpy("_IMAGE_LAYOUT").shape == (2, 3)
 
 
 def test_killing_an_encoder_under_load_loses_no_request(epd, tiny_model):  # last: it kills an `epd` encoder

@@ -40,9 +40,9 @@ def test_one_image_is_encoded_by_both_replicas_tile_by_tile(family_servers, fami
     pre = stages.preprocess(server.grpc_url, PROMPT, images("one-image"))
     rows, _ = stages.encode(server.grpc_url, pre)
     after = tiles_per_replica(server)
-    assert pre["_IMAGE_GRID_THW"].tolist() == [[13, 4, 3]]
+    assert pre["_IMAGE_LAYOUT"].tolist() == [[13, 4, 3]]
     assert sorted(n - before.get(replica, 0) for replica, n in after.items()) == [6, 7], "tiles per replica"
-    whole = VisionEncoder(EncoderConfig(model_path=family_model)).encode(pre["_PIXEL_VALUES"], pre["_IMAGE_GRID_THW"])
+    whole = VisionEncoder(EncoderConfig(model_path=family_model)).encode(pre["_PIXEL_VALUES"], pre["_IMAGE_LAYOUT"])
     assert rows.shape == (13 * 16, 64)
     np.testing.assert_allclose(rows, whole.numpy(), rtol=0, atol=1e-5)
 

@@ -33,8 +33,8 @@ def test_two_replicas_gather_embeddings_and_deepstack_features_in_image_order(fa
     pre = stages.preprocess(family_servers["dp2"].grpc_url, PROMPT, images("four-images"))
     rows, _ = stages.encode(family_servers["dp2"].grpc_url, pre)
     encoder = VisionEncoder(EncoderConfig(model_path=family_model))
-    whole = encoder.encode(pre["_PIXEL_VALUES"], pre["_IMAGE_GRID_THW"])
-    assert rows.shape == (int(np.prod(pre["_IMAGE_GRID_THW"], axis=1).sum()) // 4, 4 * 64)
+    whole = encoder.encode(pre["_PIXEL_VALUES"], pre["_IMAGE_LAYOUT"])
+    assert rows.shape == (int(np.prod(pre["_IMAGE_LAYOUT"], axis=1).sum()) // 4, 4 * 64)
     np.testing.assert_allclose(rows, whole.numpy(), rtol=0, atol=1e-5)
 
 

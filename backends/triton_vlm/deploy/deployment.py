@@ -28,7 +28,7 @@ class Deployment:
     encoder_urls: tuple[str, ...] = ()  # language mode: gRPC addresses of the encoder servers
     encoder_urls_file: str | None = None  # language mode: a file listing them, watched (live scaling)
     encoder_fallback: str = "local"  # language mode: local | none
-    local_encode_below: int = 0  # language mode: requests with fewer image patches are encoded here
+    local_encode_below: int = 0  # language mode: requests with fewer pixel rows (patches, tiles) are encoded here
     encoder_transport: str = "auto"  # language mode: embeddings by shm on loopback (auto) | grpc | shm
     minimal: bool = False  # only what `vlm` needs: no vlm_unary, and (colocated) no image_encoder
     embedding_cache_mb: int | None = None  # the encode stage's embedding cache (0: none; None: the repository's)

@@ -195,8 +195,8 @@ class RemoteEncoders:
             region = self.shm.region(client, url, nbytes)
             embeds.set_shared_memory(region, nbytes)
         result = client.infer(MODEL, inputs, client_timeout=self.timeout_s,
-                              outputs=[embeds, grpcclient.InferRequestedOutput("_IMAGE_GRID_THW")])
-        grid = result.as_numpy("_IMAGE_GRID_THW")
+                              outputs=[embeds, grpcclient.InferRequestedOutput("_IMAGE_LAYOUT")])
+        grid = result.as_numpy("_IMAGE_LAYOUT")
         if not np.array_equal(grid.reshape(-1, 3), images.layout):
             raise RuntimeError(f"it returned image_grid_thw {grid.tolist()} for {images.layout.tolist()} "
                                "(a different model or image processor?)")

@@ -4,7 +4,7 @@
 (E/PD: the encoder server decodes, resizes and patchifies, so only the files go out and only the
 embeddings come back), with each image's layout as the family reads it (tokens, pixel rows). Either
 way the layout is known up front: the placeholder tokens need it, and `ImageProcessing.grid` gets it
-from each image's size alone, by the family's resize rule. On the wire it is `_IMAGE_GRID_THW` [N, 3].
+from each image's size alone, by the family's resize rule. On the wire it is `_IMAGE_LAYOUT` [N, 3].
 """
 
 from __future__ import annotations

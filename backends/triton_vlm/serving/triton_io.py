@@ -52,7 +52,7 @@ def infer(model_name: str, inputs: list[pb_utils.Tensor], output_names: list[str
 def encode_on_replicas(pixel_values, grid_thw) -> torch.Tensor:
     """Image embeddings from this server's `vision_encoder` (BLS: Triton picks a replica). A replica whose
     stub died fails at once; the shard is tried again until a healthy (or reloaded) replica takes it."""
-    inputs = [output(I.PIXEL_VALUES, pixel_values), output(I.IMAGE_GRID_THW, grid_thw)]
+    inputs = [output(I.PIXEL_VALUES, pixel_values), output(I.IMAGE_LAYOUT, grid_thw)]
     return retry(lambda: infer("vision_encoder", inputs, [I.IMAGE_EMBEDS])[I.IMAGE_EMBEDS], replica_down)
 
 

@@ -1,5 +1,5 @@
-"""encode (decoupled): _PIXEL_VALUES [P, D] or _IMAGES [N] (image files), _IMAGE_GRID_THW [N, 3]
--> _IMAGE_EMBEDS [sum tokens, H]; _INPUT_IDS, _IMAGE_GRID_THW, _SAMPLING and _IMAGE_KEYS pass through (an ensemble
+"""encode (decoupled): _PIXEL_VALUES [P, D] or _IMAGES [N] (image files), _IMAGE_LAYOUT [N, 3]
+-> _IMAGE_EMBEDS [sum tokens, H]; _INPUT_IDS, _IMAGE_LAYOUT, _SAMPLING and _IMAGE_KEYS pass through (an ensemble
 step may take its inputs from one decoupled origin only, so the language model gets all of them here).
 
 Colocated: splits the images into up to `data_parallel` patch-balanced shards and runs them in parallel
@@ -19,7 +19,7 @@ from triton_vlm.models import load_family
 from triton_vlm.preprocess.image_inputs import Images
 from triton_vlm.serving import metrics, triton_io
 
-_PASS_THROUGH = [I.INPUT_IDS, I.IMAGE_GRID_THW, I.SAMPLING]
+_PASS_THROUGH = [I.INPUT_IDS, I.IMAGE_LAYOUT, I.SAMPLING]
 
 
 class TritonPythonModel:
@@ -40,7 +40,7 @@ class TritonPythonModel:
             try:
                 passed = triton_io.inputs(request, _PASS_THROUGH)
                 files = triton_io.inputs(request, [I.IMAGES]).get(I.IMAGES, np.zeros(0, np.object_))
-                grid = passed[I.IMAGE_GRID_THW]
+                grid = passed[I.IMAGE_LAYOUT]
                 if len(files):
                     images = Images.of(self.family, grid, files=tuple(bytes(f) for f in files))
                 else:

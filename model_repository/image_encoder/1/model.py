@@ -1,5 +1,5 @@
 """image_encoder (E/PD encoder servers): _IMAGES [N] (encoded image files), _IMAGE_KEYS [N] (optional
-content keys) -> _IMAGE_EMBEDS [sum tokens, H], _IMAGE_GRID_THW [N, 3]. Grids come from the file headers;
+content keys) -> _IMAGE_EMBEDS [sum tokens, H], _IMAGE_LAYOUT [N, 3]. Grids come from the file headers;
 images whose embeddings are cached (by key) are neither decoded nor encoded; the others are decoded,
 patchified and encoded on this server's `vision_encoder` instances, split by tokens (a family that
 encodes pieces of images, InternVL's tiles, has its images decoded first and split by pieces). Files only: it
@@ -48,7 +48,7 @@ class TritonPythonModel:
         except Exception as e:
             return triton_io.error_response(e, "image_encoder")
         return pb_utils.InferenceResponse([triton_io.output(I.IMAGE_EMBEDS, embeds),
-                                           triton_io.output(I.IMAGE_GRID_THW, grid)])
+                                           triton_io.output(I.IMAGE_LAYOUT, grid)])
 
     def finalize(self):
         self.supervisor.stop()

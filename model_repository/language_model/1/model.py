@@ -1,4 +1,4 @@
-"""language_model (decoupled): _INPUT_IDS, _IMAGE_EMBEDS, _IMAGE_GRID_THW, _SAMPLING, optional _IMAGE_KEYS ->
+"""language_model (decoupled): _INPUT_IDS, _IMAGE_EMBEDS, _IMAGE_LAYOUT, _SAMPLING, optional _IMAGE_KEYS ->
 text_output, output_ids, finish_reason, num_input_tokens, num_output_tokens (so far). Streaming: one
 response per new token (deltas), the last one FINAL with the finish_reason. Otherwise one FINAL response
 with everything. Errors: an error response, then FINAL. `cancel_request_id` alone: that request ends
@@ -33,21 +33,21 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                arrays = triton_io.inputs(request, [I.INPUT_IDS, I.IMAGE_GRID_THW, I.SAMPLING, I.IMAGE_KEYS, I.CANCEL])
+                arrays = triton_io.inputs(request, [I.INPUT_IDS, I.IMAGE_LAYOUT, I.SAMPLING, I.IMAGE_KEYS, I.CANCEL])
                 if I.CANCEL in arrays:  # a control request: end that request (if it runs), answer nothing
                     self.in_flight.cancel(bytes(arrays[I.CANCEL].reshape(-1)[0]).decode(errors="replace"))
                     sender.send(flags=triton_io.FINAL)
                     continue
-                prompt = [I.INPUT_IDS, I.IMAGE_GRID_THW, I.SAMPLING]
+                prompt = [I.INPUT_IDS, I.IMAGE_LAYOUT, I.SAMPLING]
                 if any(name not in arrays for name in prompt) or \
                         pb_utils.get_input_tensor_by_name(request, I.IMAGE_EMBEDS) is None:
-                    raise InvalidRequest("language_model takes _INPUT_IDS, _IMAGE_EMBEDS, _IMAGE_GRID_THW and "
+                    raise InvalidRequest("language_model takes _INPUT_IDS, _IMAGE_EMBEDS, _IMAGE_LAYOUT and "
                                          "_SAMPLING (and _IMAGE_KEYS), or cancel_request_id alone")
                 sampling = SamplingParams.from_json(arrays[I.SAMPLING].reshape(-1)[0]).validate()
                 keys = tuple(bytes(k) for k in arrays.get(I.IMAGE_KEYS, np.zeros(0, np.object_)))
                 language_request = LanguageRequest(request.request_id() or uuid.uuid4().hex, arrays[I.INPUT_IDS],
                                                    triton_io.input_tensor(request, I.IMAGE_EMBEDS),
-                                                   arrays[I.IMAGE_GRID_THW], sampling, keys)
+                                                   arrays[I.IMAGE_LAYOUT], sampling, keys)
                 stream = ResponseStream(self.outbox, triton_io.LanguageWire, sender, language_request.request_id,
                                         sampling.stream, len(arrays[I.INPUT_IDS]), sampling.arrival_s or arrival_s,
                                         self.metrics, self.in_flight)

@@ -1,5 +1,5 @@
 """preprocess (decoupled): text_input | messages, images, sampling knobs -> _INPUT_IDS [S], _PIXEL_VALUES [P, D],
-_IMAGE_GRID_THW [N, 3], _SAMPLING (JSON), _IMAGES (the image files, when encoder servers preprocess them;
+_IMAGE_LAYOUT [N, 3], _SAMPLING (JSON), _IMAGES (the image files, when encoder servers preprocess them;
 else empty), _IMAGE_KEYS [N] (content keys for the embedding cache), in one FINAL response. A bad request
 gets INVALID_ARG naming its problem. Decoupled so that a request waiting on a slow image URL never holds
 the instance (the fetch waits on an I/O thread)."""
@@ -51,7 +51,7 @@ class _Reply:
             response = pb_utils.InferenceResponse([
                 triton_io.output(I.INPUT_IDS, out.input_ids),
                 triton_io.output(I.PIXEL_VALUES, out.pixel_values),
-                triton_io.output(I.IMAGE_GRID_THW, out.image_grid_thw),
+                triton_io.output(I.IMAGE_LAYOUT, out.image_grid_thw),
                 triton_io.text_tensor(I.SAMPLING, out.sampling.to_json()),
                 triton_io.bytes_tensor(I.IMAGES, out.image_files),
                 triton_io.bytes_tensor(I.IMAGE_KEYS, out.image_keys),

@@ -1,4 +1,4 @@
-"""vision_encoder: _PIXEL_VALUES [P, D], _IMAGE_GRID_THW [N, 3] -> _IMAGE_EMBEDS [sum tokens, H].
+"""vision_encoder: _PIXEL_VALUES [P, D], _IMAGE_LAYOUT [N, 3] -> _IMAGE_EMBEDS [sum tokens, H].
 On a KIND_GPU instance the embeddings stay on that instance's GPU (DLPack)."""
 
 import triton_python_backend_utils as pb_utils
@@ -22,7 +22,7 @@ class TritonPythonModel:
         for request in requests:
             try:
                 pixels = triton_io.input_tensor(request, I.PIXEL_VALUES)
-                grid = triton_io.inputs(request, [I.IMAGE_GRID_THW])[I.IMAGE_GRID_THW]
+                grid = triton_io.inputs(request, [I.IMAGE_LAYOUT])[I.IMAGE_LAYOUT]
                 embeds = self.engine.encode(pixels, grid)
                 self.metrics.encoded(len(grid), pixels.shape[0])
                 responses.append(pb_utils.InferenceResponse([triton_io.output(I.IMAGE_EMBEDS, embeds)]))
