@@ -10,7 +10,8 @@ from tests.conftest import make_image
 from triton_vlm.config import EncodeConfig, EncoderConfig, PreprocessConfig
 from triton_vlm.deploy.server import free_port
 from triton_vlm.encode.encoder import VisionEncoder
-from triton_vlm.encode.stage import encode_stage
+from triton_vlm.encode.stage import ImageEncoderStage, encode_stage
+from triton_vlm.errors import InvalidRequest
 from triton_vlm.preprocess.image_inputs import Images
 from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest
@@ -56,3 +57,27 @@ def test_an_unreachable_encoder_server_is_reported_and_the_local_replicas_take_o
         torch.testing.assert_close(rows, encoder.encode(p.pixel_values, p.image_grid_thw), rtol=0, atol=1e-5)
     stage.shutdown()
     remote.close()
+
+
+def test_an_encoder_servers_stage_encodes_files_as_preprocess_and_one_encoder_do(tiny_model, parts):
+    """`image_encoder`'s stage: layouts from the headers, the files decoded and split over the replicas,
+    the same rows as preprocess + one encoder; a bad file or too many files fail that request alone."""
+    encoder, files, p = parts
+    calls = []
+
+    def replicas(pixels, grid):
+        calls.append(len(grid))
+        return encoder.encode(pixels, grid)
+
+    stage = ImageEncoderStage(PreprocessConfig(model_path=tiny_model, max_images=3),
+                              EncodeConfig(model_path=tiny_model, data_parallel=2), encoder.family, replicas)
+    try:
+        rows, layout = stage(files, [])
+        assert layout.tolist() == p.image_grid_thw.tolist() and sorted(calls) == [1, 2]
+        torch.testing.assert_close(rows, encoder.encode(p.pixel_values, p.image_grid_thw), rtol=0, atol=1e-5)
+        with pytest.raises(InvalidRequest, match="image 1 could not be decoded"):
+            stage([files[0], b"not an image"], [])
+        with pytest.raises(InvalidRequest, match="4 images sent; the limit is 3"):
+            stage(files + files[:1], [])
+    finally:
+        stage.shutdown()

@@ -1,16 +1,17 @@
 """The encode stage wired for one server: local replicas, or E/PD encoder servers with the local replicas
-as the fallback. Triton-free: `encode_on_replicas(pixels, grid)` (BLS to this server's `vision_encoder`)
-and the log functions come from the caller."""
+as the fallback; and an encoder server's own stage (`ImageEncoderStage`). Triton-free:
+`encode_on_replicas(pixels, grid)` (BLS to this server's `vision_encoder`), the cache, the metrics'
+callbacks and the log functions come from the caller."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
 
-from ..config import EncodeConfig
+from ..config import EncodeConfig, PreprocessConfig
 from ..models.family import Family
 from ..preprocess.image_inputs import ImageProcessing, Images
-from ..preprocess.images import ImageLimits
+from ..preprocess.images import ImageLimits, open_image
 from .dispatch import ShardedEncode, even
 from .embedding_cache import EmbeddingCache
 from .remote_encoders import RemoteEncoders
@@ -64,3 +65,28 @@ def encode_stage(config: EncodeConfig, family: Family, encode_on_replicas: Calla
         run, split = local, even(config.data_parallel)
     return ShardedEncode(run, split, family.embedding_width, cache=cache, on_split=on_split,
                          pieces=lambda images: images.pieces(family)), remote
+
+
+class ImageEncoderStage:
+    """An E/PD encoder server's `image_encoder`: image files (and their content keys) -> embeddings and
+    layouts. Layouts come from the file headers; images whose embeddings are cached are neither decoded
+    nor encoded; the others are decoded under the preprocess limits and split over this server's replicas
+    by tokens (InternVL's images decoded first and split by tiles)."""
+
+    def __init__(self, preprocess: PreprocessConfig, encode: EncodeConfig, family: Family,
+                 encode_on_replicas: Callable, cache: EmbeddingCache | None = None,
+                 on_split: Callable[[int], None] | None = None) -> None:
+        self.config, self.limits, self.family = preprocess, ImageLimits.of(preprocess), family
+        self.processing = ImageProcessing(encode.model_path, family)
+        local = LocalEncoder(self.processing, encode_on_replicas, self.limits)
+        self.stage = ShardedEncode(local, even(encode.data_parallel), family.embedding_width, cache=cache,
+                                   on_split=on_split, pieces=lambda images: images.pieces(family, local.pixels))
+
+    def __call__(self, files: list[bytes], keys: list[bytes]):
+        """-> (embeddings [sum tokens, embedding_width], layouts [N, 3]); a bad image raises InvalidRequest."""
+        self.config.check_image_count(len(files))
+        layout = self.processing.grid([open_image(data, i, self.limits).size for i, data in enumerate(files)])
+        return self.stage.encode(Images.of(self.family, layout, files=tuple(files)), keys), layout
+
+    def shutdown(self) -> None:
+        self.stage.shutdown()

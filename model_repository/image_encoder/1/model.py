@@ -10,11 +10,8 @@ import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
 from triton_vlm.config import EncodeConfig, PreprocessConfig
-from triton_vlm.encode.dispatch import ShardedEncode, even
-from triton_vlm.encode.stage import LocalEncoder
+from triton_vlm.encode.stage import ImageEncoderStage
 from triton_vlm.models import load_family
-from triton_vlm.preprocess.image_inputs import ImageProcessing, Images
-from triton_vlm.preprocess.images import ImageLimits, open_image
 from triton_vlm.serving import metrics, triton_io
 
 
@@ -22,17 +19,12 @@ class TritonPythonModel:
     def initialize(self, args):
         self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
         params = triton_io.parameters(args)
-        self.config = PreprocessConfig.from_parameters(params)
-        self.limits = ImageLimits.of(self.config)
         encode = EncodeConfig.from_parameters(params)
-        self.family = family = load_family(encode.model_path)
-        self.processing = ImageProcessing(encode.model_path, family)
-        local = LocalEncoder(self.processing, triton_io.encode_on_replicas, self.limits)
-        self.stage = ShardedEncode(local, even(encode.data_parallel), family.embedding_width,
-                                   cache=metrics.embedding_cache(encode.embedding_cache_mb,
-                                                                 encode.embedding_cache_redis, tier="encoder"),
-                                   on_split=metrics.EncodeMetrics("image_encoder").encoded,
-                                   pieces=lambda images: images.pieces(family, local.pixels))
+        self.stage = ImageEncoderStage(
+            PreprocessConfig.from_parameters(params), encode, load_family(encode.model_path),
+            triton_io.encode_on_replicas,
+            cache=metrics.embedding_cache(encode.embedding_cache_mb, encode.embedding_cache_redis, tier="encoder"),
+            on_split=metrics.EncodeMetrics("image_encoder").encoded)
 
     def execute(self, requests):
         return [self._one(request) for request in requests]
@@ -40,15 +32,12 @@ class TritonPythonModel:
     def _one(self, request):
         try:
             arrays = triton_io.inputs(request, [I.IMAGES, I.IMAGE_KEYS])
-            files = [bytes(f) for f in arrays[I.IMAGES]]
             keys = [bytes(k) for k in arrays.get(I.IMAGE_KEYS, np.zeros(0, np.object_))]
-            self.config.check_image_count(len(files))
-            grid = self.processing.grid([open_image(data, i, self.limits).size for i, data in enumerate(files)])
-            embeds = self.stage.encode(Images.of(self.family, grid, files=tuple(files)), keys)
+            embeds, layout = self.stage([bytes(f) for f in arrays[I.IMAGES]], keys)
         except Exception as e:
             return triton_io.error_response(e, "image_encoder")
         return pb_utils.InferenceResponse([triton_io.output(I.IMAGE_EMBEDS, embeds),
-                                           triton_io.output(I.IMAGE_LAYOUT, grid)])
+                                           triton_io.output(I.IMAGE_LAYOUT, layout)])
 
     def finalize(self):
         self.supervisor.stop()
