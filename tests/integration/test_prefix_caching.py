@@ -4,7 +4,9 @@ for all sequences at once: preemption that loses and changes nothing, and a prom
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -86,9 +88,10 @@ def test_same_size_images_with_other_pixels_are_never_served_from_the_cache(serv
 
 @pytest.fixture(scope="module")
 def small_pool(tiny_model, tmp_path_factory):
-    """A pool of 128 blocks (2048 tokens: 1 MiB at 512 bytes a token) for up to 16 sequences."""
+    """A pool of 128 blocks (2048 tokens: 1 MiB at 512 bytes a token) for up to 16 sequences, and steps of
+    at most 32 tokens (long prompts are prefilled in many chunks)."""
     root = tmp_path_factory.mktemp("small-pool")
-    repo = Deployment(tiny_model, minimal=True, kv_cache_mb=1, max_num_seqs=16, max_num_batched_tokens=256,
+    repo = Deployment(tiny_model, minimal=True, kv_cache_mb=1, max_num_seqs=16, max_num_batched_tokens=32,
                       encoder_dp=1).render(root / "repository")
     triton = TritonServer(repo, graceful_stop=False, log_file=root / "tritonserver.log")
     try:
@@ -118,13 +121,62 @@ def test_a_prompt_larger_than_the_pool_is_refused_and_the_next_one_served(small_
     assert stream(small_pool.grpc_url, prompt="hi", max_tokens=4).output_ids
 
 
+class _Enough(Exception):
+    pass
+
+
 def test_a_larger_pool_runs_max_num_seqs_at_once(server):
-    seen = []
+    """12 long streams on the committed repository (max_num_seqs 8, a pool for 8 whole contexts): 8 run at
+    once and the rest wait; then the clients leave, and every block comes back."""
+    enough = threading.Event()
+
+    def until_enough(text, ids):
+        if enough.is_set():
+            raise _Enough
+
+    def one(i):
+        with contextlib.suppress(_Enough):
+            stream(server.grpc_url, prompt=f"count {i}", max_tokens=3000, ignore_eos=True, on_delta=until_enough)
+
     with ThreadPoolExecutor(12) as pool:
-        futures = [pool.submit(stream, server.grpc_url, prompt=f"count {i}", max_tokens=300, ignore_eos=True)
-                   for i in range(12)]
-        while not all(f.done() for f in futures):
-            seen.append(server_metric(server, "triton_vlm_running_sequences"))
-            time.sleep(0.05)
-        assert all(len(f.result().output_ids) == 300 for f in futures)
-    assert max(seen) == 8  # the committed max_num_seqs
+        futures = [pool.submit(one, i) for i in range(12)]
+        wait_until(lambda: server_metric(server, "triton_vlm_running_sequences") == 8, 120, "8 running at once")
+        assert server_metric(server, "triton_vlm_waiting_sequences") >= 1
+        enough.set()
+        for f in futures:
+            f.result()
+    wait_until(lambda: server_metric(server, "triton_vlm_kv_blocks_in_use") == 0, 60, "the blocks back")
+
+
+def test_streams_keep_decoding_while_a_long_prompt_is_prefilled_in_chunks(small_pool):
+    """4 streams decode; a 2-image prompt of L tokens arrives. From its admission (the running gauge reaches
+    5) to its first token, each step has room for 28 of its tokens after the 4 decodes, so the streams
+    produce tokens in every one of about L / 28 steps (unchunked, it would take one step: no tokens)."""
+    images = [make_image(640, 480, seed=801), make_image(480, 640, seed=802)]
+    # the images' embeddings cached first (text before them here, so no KV of theirs is): the prompt is
+    # admitted a few steps after it arrives, long before the streams end
+    warm = [{"role": "user", "content": [{"type": "text", "text": "first look"}, {"type": "image"}, {"type": "image"}]}]
+    stream(small_pool.grpc_url, messages=json.dumps(warm), images=images, max_tokens=1)
+    events, lock = [], threading.Lock()
+
+    def note(what: str, n: int = 1) -> None:
+        with lock:
+            events.extend([what] * n)
+
+    with ThreadPoolExecutor(5) as pool:
+        # 4 x (prompt + 250) + the long prompt's ~800 tokens fit the pool: nothing is preempted
+        streams = [pool.submit(stream, small_pool.grpc_url, prompt=f"stream {i}", max_tokens=250, ignore_eos=True,
+                               on_delta=lambda text, ids: note("token", len(ids))) for i in range(4)]
+        wait_until(lambda: events.count("token") >= 20, 60, "the streams to decode")
+        long = pool.submit(stream, small_pool.grpc_url, prompt="compare them", images=images, max_tokens=2,
+                           on_delta=lambda text, ids: note("first") if ids else None)
+        while "first" not in events:
+            if "admitted" not in events and server_metric(small_pool, "triton_vlm_running_sequences") >= 5:
+                note("admitted")
+            time.sleep(0.005)
+        answer = long.result()
+        assert all(len(s.result().output_ids) == 250 for s in streams)
+    with lock:
+        between = events[events.index("admitted"):events.index("first")].count("token")
+    steps = answer.num_input_tokens // 28
+    assert steps >= 20 and between >= 4 * (steps // 2), (answer.num_input_tokens, between)
