@@ -90,7 +90,7 @@ def test_a_cancelled_or_failing_client_ends_its_generation():
     for sender in (Sender(cancelled=True), Sender(fail=True)):
         outbox = Outbox()
         rs = ResponseStream(outbox, Wire, sender, "r1", True, num_input_tokens=7, arrival_s=time.time())
-        rs.handle = Handle()
+        rs.attach(Handle())
         rs.checked -= 1  # the last cancel check was long ago
         rs(StepOutput([0], "t0"))  # not the end: the stream is asked whether its client is still there
         outbox.close()
@@ -101,12 +101,16 @@ def test_cancel_by_id_reaches_the_unfinished_requests_of_that_id_only():
     in_flight, outbox = InFlight(), Outbox()
     streams = [ResponseStream(outbox, Wire, Sender(), rid, True, num_input_tokens=7, arrival_s=time.time(),
                               in_flight=in_flight) for rid in ("a", "a", "b")]
-    for rs in streams:
-        rs.handle = Handle()
+    late = Handle()
+    assert in_flight.cancel("b") and late.cancelled == 0  # before the engine's handle is attached
+    streams[2].attach(late)
+    assert late.cancelled == 1
+    for rs in streams[:2]:
+        rs.attach(Handle())
     streams[1](StepOutput([0], "t0", "length"))  # the second "a" has finished
     assert streams[1].sender.done.wait(5)
     assert in_flight.cancel("a") and not in_flight.cancel("c")
-    assert [rs.handle.cancelled for rs in streams] == [1, 0, 0]
+    assert [rs.handle.cancelled for rs in streams] == [1, 0, 1]
     streams[0](StepOutput([], "", "cancelled"))
     assert streams[0].sender.done.wait(5)
     assert not in_flight.cancel("a")  # nothing of "a" runs: a later request reusing the id is spared

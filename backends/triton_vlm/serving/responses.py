@@ -93,11 +93,18 @@ class ResponseStream:
         self.ids: list[int] = []
         self.text: list[str] = []
         self.checked = time.monotonic()
-        self.handle = None  # the engine's handle (`cancel()`), once submitted
+        self.handle, self.cancelled = None, False  # the engine's handle (`cancel()`), once submitted
         if in_flight is not None:
             in_flight.add(self)
 
+    def attach(self, handle) -> None:
+        """The engine's handle of this request (None if it refused it); a cancel that came first applies now."""
+        self.handle = handle
+        if self.cancelled and handle is not None:
+            handle.cancel()
+
     def cancel(self) -> None:
+        self.cancelled = True
         if self.handle is not None:
             self.handle.cancel()
 

@@ -51,7 +51,7 @@ class TritonPythonModel:
                 stream = ResponseStream(self.outbox, triton_io.LanguageWire, sender, language_request.request_id,
                                         sampling.stream, len(arrays[I.INPUT_IDS]), sampling.arrival_s or arrival_s,
                                         self.metrics, self.in_flight)
-                stream.handle = self.engine.submit(language_request, stream)
+                stream.attach(self.engine.submit(language_request, stream))
             except Exception as e:
                 sender.send(triton_io.error_response(e, "language_model"), flags=triton_io.FINAL)
         return None
