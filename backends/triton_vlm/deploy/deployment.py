@@ -8,6 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import LanguageConfig
 from ..models import family_class
 from .launcher import MODEL_CONTROL
 from .repository import COMMITTED, render
@@ -64,9 +65,8 @@ class Deployment:
             raise ValueError(f"tensor_parallel {self.tensor_parallel} needs as many GPUs; got {list(self.gpus)}")
         if self.encoder_threads is not None and self.encoder_threads < 0:
             raise ValueError(f"encoder_threads must be >= 0, got {self.encoder_threads}")
-        for name in self.LANGUAGE_KNOBS[:-1]:
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        # the language model's own rules, checked here rather than when the server loads it
+        LanguageConfig(**{name: getattr(self, name) for name in self.LANGUAGE_KNOBS if getattr(self, name) is not None})
         config = Path(self.model) / "config.json"
         if config.exists():  # a family we do not serve fails here, not inside the server's model loads
             family_class(json.loads(config.read_text()).get("model_type"))
