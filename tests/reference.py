@@ -7,13 +7,13 @@ import numpy as np
 
 from triton_vlm_clients.hf_baseline import HFModel
 
-_MODELS: dict[str, HFModel] = {}
+_MODELS: dict[tuple[str, str], HFModel] = {}
 
 
-def _load(path) -> HFModel:
-    if str(path) not in _MODELS:
-        _MODELS[str(path)] = HFModel(path)
-    return _MODELS[str(path)]
+def _load(path, device: str = "cpu") -> HFModel:
+    if (str(path), device) not in _MODELS:
+        _MODELS[str(path), device] = HFModel(path, device=device)
+    return _MODELS[str(path), device]
 
 
 def reference_inputs(path, prompt: str, images: list[bytes]) -> dict:
@@ -21,10 +21,10 @@ def reference_inputs(path, prompt: str, images: list[bytes]) -> dict:
 
 
 def reference_generate(path, prompt: str, images: list[bytes], max_new_tokens: int,
-                       messages: list[dict] | None = None) -> list[int]:
-    """Greedy ids for `prompt` after the images, or for a whole conversation (`messages` with
-    {"type": "image"} parts, which take `images` in order)."""
-    return _load(path).generate(prompt, images, max_new_tokens, messages).output_ids
+                       messages: list[dict] | None = None, device: str = "cpu") -> list[int]:
+    """Greedy ids (fp32, on `device`) for `prompt` after the images, or for a whole conversation (`messages`
+    with {"type": "image"} parts, which take `images` in order)."""
+    return _load(path, device).generate(prompt, images, max_new_tokens, messages).output_ids
 
 
 def reference_prefill_logits(path, prompt: str, images: list[bytes]) -> np.ndarray:

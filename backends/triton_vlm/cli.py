@@ -39,7 +39,7 @@ def _deployment(args):
                           encoder_fallback=args.encoder_fallback, local_encode_below=args.local_encode_below,
                           encoder_transport=args.encoder_transport, minimal=args.minimal,
                           embedding_cache_mb=args.embedding_cache_mb, embedding_cache_redis=args.embedding_cache_redis,
-                          **{name: getattr(args, name) for name in Deployment.LANGUAGE_KNOBS})
+                          dtype=args.dtype, **{name: getattr(args, name) for name in Deployment.LANGUAGE_KNOBS})
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
 
@@ -167,6 +167,9 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                    "(default: on; --no-enable-prefix-caching turns it off)")
     p.add_argument("--gpus", default="auto", help="GPU ids for the encoder replicas, e.g. 0,1; 'none' for CPU "
                    "(default: every visible GPU, else CPU)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,
+                   help="the vision encoder's and language model's weights and activations (default: the "
+                   "repository's, auto: bfloat16 on GPUs, float32 on CPU)")
 
 
 def main(argv: list[str] | None = None) -> int:

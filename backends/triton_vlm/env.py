@@ -19,3 +19,9 @@ def default_model_path() -> Path:
 def allow_private_urls() -> bool:
     """TRITON_VLM_ALLOW_PRIVATE_URLS=1 lets image URLs reach local and private addresses."""
     return os.environ.get("TRITON_VLM_ALLOW_PRIVATE_URLS", "0").lower() in ("1", "true", "yes")
+
+
+def cuda_copy_trace() -> str:
+    """TRITON_VLM_CUDA_COPY_TRACE=DIR: the embedding stubs record their CUDA memory copies there
+    (`serving.cuda_copies`; the GPU check reads them)."""
+    return os.environ.get("TRITON_VLM_CUDA_COPY_TRACE", "")

@@ -114,16 +114,21 @@ class HFInputs:
 
 
 class HFModel:
-    def __init__(self, path, dtype=torch.float32) -> None:
+    def __init__(self, path, dtype=torch.float32, device: str = "cpu") -> None:
         self.inputs = HFInputs(path)
-        self.model = getattr(transformers, MODELS[self.inputs.model_type]).from_pretrained(path, dtype=dtype).eval()
+        self.device = torch.device(device)
+        self.model = getattr(transformers, MODELS[self.inputs.model_type]).from_pretrained(path, dtype=dtype)
+        self.model = self.model.to(self.device).eval()
+
+    def _inputs(self, prompt: str, images: list[bytes], messages: list[dict] | None = None) -> dict:
+        return {k: v.to(self.device) for k, v in self.inputs(prompt, images, messages).items()}
 
     @torch.inference_mode()
     def generate(self, prompt: str, images: list[bytes], max_new_tokens: int,
                  messages: list[dict] | None = None) -> Generation:
         """Greedy; the clock starts before the inputs are built, as a server's does at arrival."""
         start = time.perf_counter()
-        inputs = self.inputs(prompt, images, messages)
+        inputs = self._inputs(prompt, images, messages)
         clock = _Clock(start)
         out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=clock)
         ids = out[0, inputs["input_ids"].shape[1]:].tolist()
@@ -131,4 +136,4 @@ class HFModel:
 
     @torch.inference_mode()
     def prefill_logits(self, prompt: str, images: list[bytes]):
-        return self.model(**self.inputs(prompt, images)).logits[0, -1].numpy()
+        return self.model(**self._inputs(prompt, images)).logits[0, -1].cpu().numpy()

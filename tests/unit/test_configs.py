@@ -104,6 +104,17 @@ def test_deployment_renders_encoder_replicas(tmp_path, dp, gpus, groups):
     assert encoder.parameters["threads"].string_value == "1"
     language = _load(repo / "language_model" / "config.pbtxt")
     assert language.parameters["device"].string_value == (f"cuda:{gpus[0]}" if gpus else "cpu")
+    # the stubs that take embeddings as GPU tensors are GPU instances on the first GPU
+    for stage in (language, encode):
+        assert _groups(stage) == ([(1, "KIND_GPU", [gpus[0]])] if gpus else [(1, "KIND_CPU", [])])
+
+
+def test_deployment_dtype_reaches_the_encoder_and_the_language_model(tmp_path):
+    repo = Deployment(tmp_path / "model", dtype="float32").render(tmp_path / "repo")
+    for model in ("vision_encoder", "language_model"):
+        assert _load(repo / model / "config.pbtxt").parameters["dtype"].string_value == "float32"
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        Deployment(tmp_path / "model", dtype="fp8")
 
 
 def test_deployment_defaults_keep_the_repository(tmp_path):

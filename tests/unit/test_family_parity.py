@@ -19,12 +19,13 @@ from triton_vlm.protocol import GenerateRequest, SamplingParams
 
 
 @contextlib.contextmanager
-def colocated(path, prefix_caching: bool = True):
+def colocated(path, prefix_caching: bool = True, device: str = "cpu"):
     """-> ours(images): greedy ids for PROMPT through preprocess, one vision encoder and the language engine
-    (prompts prefilled in chunks of at most 64 tokens, so chunks end inside images)."""
-    engine = LanguageEngine(LanguageConfig(model_path=path, max_num_batched_tokens=64,
+    (prompts prefilled in chunks of at most 64 tokens, so chunks end inside images), in fp32 on `device`."""
+    engine = LanguageEngine(LanguageConfig(model_path=path, max_num_batched_tokens=64, device=device, dtype="float32",
                                            enable_prefix_caching=prefix_caching))
-    pre, encoder = Preprocessor(PreprocessConfig(model_path=path)), VisionEncoder(EncoderConfig(model_path=path))
+    pre = Preprocessor(PreprocessConfig(model_path=path))
+    encoder = VisionEncoder(EncoderConfig(model_path=path, device=device, dtype="float32"))
 
     def ours(pictures: list[bytes]) -> list[int]:
         p = pre(GenerateRequest(text_input=PROMPT, images=pictures, sampling=SamplingParams(max_tokens=12)))

@@ -40,6 +40,10 @@ class Deployment:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool | None = None
+    dtype: str | None = None  # the vision encoder's and language model's: auto (bf16 on GPUs, fp32 on CPU) | float32 |
+    # bfloat16 | float16
+
+    DTYPES = ("auto", "float32", "bfloat16", "float16")
 
     LANGUAGE_KNOBS = ("block_size", "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching")
 
@@ -63,6 +67,8 @@ class Deployment:
             raise ValueError(f"tensor_parallel must be >= 1, got {self.tensor_parallel}")
         if self.gpus and (self.tensor_parallel or 1) > len(self.gpus):
             raise ValueError(f"tensor_parallel {self.tensor_parallel} needs as many GPUs; got {list(self.gpus)}")
+        if self.dtype is not None and self.dtype not in self.DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(self.DTYPES)}, got {self.dtype!r}")
         if self.encoder_threads is not None and self.encoder_threads < 0:
             raise ValueError(f"encoder_threads must be >= 0, got {self.encoder_threads}")
         # the language model's own rules, checked here rather than when the server loads it
@@ -98,6 +104,12 @@ class Deployment:
             parameters["image_encoder"]["embedding_cache_redis"] = self.embedding_cache_redis
         if self.gpus:
             parameters["language_model"]["device"] = f"cuda:{self.gpus[0]}"
+            # the stubs that take embeddings on the GPU (from the replicas by BLS; from `encode` as an
+            # ensemble input) run as GPU instances: the python backend hands them GPU tensors as they are
+            for model in ("encode", "language_model"):
+                groups[model] = [{"count": 1, "kind": "KIND_GPU", "gpus": [self.gpus[0]]}]
+        if self.dtype is not None:
+            parameters["vision_encoder"]["dtype"] = parameters["language_model"]["dtype"] = self.dtype
         if self.tensor_parallel is not None:
             parameters["language_model"]["tensor_parallel"] = str(self.tensor_parallel)
         for name in self.LANGUAGE_KNOBS:

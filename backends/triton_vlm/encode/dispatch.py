@@ -113,7 +113,8 @@ class ShardedEncode:
         others = [self._shards.submit(run, *shard) for shard in shards[1:]]
         first = run(*shards[0])  # this thread runs the first shard itself
         outputs = [first, *(f.result() for f in others)]
-        return torch.cat(gather(outputs, [indices for _, indices in shards]))
+        embeds = gather(outputs, [indices for _, indices in shards])
+        return torch.cat([e.to(embeds[0].device) for e in embeds])  # replicas on other GPUs: to the first's
 
     def submit(self, images: Images, done: Done, keys: Sequence[bytes] = ()) -> None:
         """Encode on a worker thread; `done(embeddings, None)` or `done(None, error)` when finished."""

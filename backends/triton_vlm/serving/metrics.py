@@ -169,6 +169,9 @@ class EngineMetrics:
         }
         self.finished = Metric("triton_vlm_finished_sequences_total",
                                "Sequences the language model ended, by finish_reason", counter=True)
+        self.embeds_in = Metric("triton_vlm_image_embeds_received_total", "Requests by the memory their "
+                                "image embeddings arrived in at the language model (gpu: passed as GPU tensors)",
+                                counter=True)
         self.ttft = Metric("triton_vlm_time_to_first_token_seconds", "From a request's arrival at the server "
                            "(preprocess) to its first token", buckets=TTFT_BUCKETS_S)
         self._published = dict.fromkeys(self._COUNTERS, 0)  # the totals as last published (one thread publishes)
@@ -183,6 +186,9 @@ class EngineMetrics:
             value = getattr(stats, name)
             metric().increment(value - self._published[name])
             self._published[name] = value
+
+    def embeds_received(self, on_gpu: bool) -> None:
+        self.embeds_in(memory="gpu" if on_gpu else "cpu").increment(1)
 
     def first_token(self, arrival_s: float) -> None:
         self.ttft().observe(max(0.0, time.time() - arrival_s))

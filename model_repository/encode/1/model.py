@@ -18,6 +18,7 @@ from triton_vlm.encode.stage import encode_stage
 from triton_vlm.models import load_family
 from triton_vlm.preprocess.image_inputs import Images
 from triton_vlm.serving import metrics, triton_io
+from triton_vlm.serving.cuda_copies import CopyTrace
 
 _PASS_THROUGH = [I.INPUT_IDS, I.IMAGE_LAYOUT, I.SAMPLING]
 
@@ -25,6 +26,7 @@ _PASS_THROUGH = [I.INPUT_IDS, I.IMAGE_LAYOUT, I.SAMPLING]
 class TritonPythonModel:
     def initialize(self, args):
         self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
+        self.copies = CopyTrace("encode")  # with TRITON_VLM_CUDA_COPY_TRACE only (the GPU check)
         config = EncodeConfig.from_parameters(triton_io.parameters(args))
         self.family = load_family(config.model_path)
         self.stage, self.remote = encode_stage(
@@ -58,6 +60,7 @@ class TritonPythonModel:
         if self.remote is not None:
             self.remote_metrics.stop()
             self.remote.close()
+        self.copies.stop()
 
 
 class _Reply:

@@ -16,12 +16,14 @@ from triton_vlm.engine.language import LanguageEngine, LanguageRequest
 from triton_vlm.errors import InvalidRequest
 from triton_vlm.protocol import SamplingParams
 from triton_vlm.serving import metrics, triton_io
+from triton_vlm.serving.cuda_copies import CopyTrace
 from triton_vlm.serving.responses import InFlight, Outbox, ResponseStream
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
+        self.copies = CopyTrace("language_model")  # with TRITON_VLM_CUDA_COPY_TRACE only (the GPU check)
         config = LanguageConfig.from_parameters(triton_io.parameters(args), device=triton_io.device(args))
         self.engine = LanguageEngine(config)
         self.metrics = metrics.EngineMetrics()
@@ -45,9 +47,10 @@ class TritonPythonModel:
                                          "_SAMPLING (and _IMAGE_KEYS), or cancel_request_id alone")
                 sampling = SamplingParams.from_json(arrays[I.SAMPLING].reshape(-1)[0]).validate()
                 keys = tuple(bytes(k) for k in arrays.get(I.IMAGE_KEYS, np.zeros(0, np.object_)))
+                embeds = triton_io.input_tensor(request, I.IMAGE_EMBEDS)
+                self.metrics.embeds_received(embeds.is_cuda)
                 language_request = LanguageRequest(request.request_id() or uuid.uuid4().hex, arrays[I.INPUT_IDS],
-                                                   triton_io.input_tensor(request, I.IMAGE_EMBEDS),
-                                                   arrays[I.IMAGE_LAYOUT], sampling, keys)
+                                                   embeds, arrays[I.IMAGE_LAYOUT], sampling, keys)
                 stream = ResponseStream(self.outbox, triton_io.LanguageWire, sender, language_request.request_id,
                                         sampling.stream, len(arrays[I.INPUT_IDS]), sampling.arrival_s or arrival_s,
                                         self.metrics, self.in_flight)
@@ -60,3 +63,4 @@ class TritonPythonModel:
         self.supervisor.stop()
         self.engine.shutdown()
         self.outbox.close()
+        self.copies.stop()
