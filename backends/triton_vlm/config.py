@@ -27,14 +27,30 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _typed(cls, params: dict[str, str], **extra):
-    """Build `cls` from the parameters whose names match its fields (converted to the field's type)."""
+BACKEND_KEYS = frozenset({"FORCE_CPU_ONLY_INPUT_TENSORS", "EXECUTION_ENV_PATH"})  # the python backend's own
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
+def _typed(cls, params: dict[str, str], shared: tuple = (), **extra):
+    """Build `cls` from config.pbtxt parameters, each converted to its field's type. A key that is no field
+    of `cls` (nor of the `shared` configs built from the same parameters, nor the python backend's own),
+    or a value of the wrong type, fails with a ValueError that names it: a misspelt or retired setting is
+    an error at load, not a default silently kept."""
+    known = {f.name for c in (cls, *shared) for f in fields(c)}
+    unknown = sorted(set(params) - known - BACKEND_KEYS)
+    if unknown:
+        raise ValueError(f"unknown parameter{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} in "
+                         f"config.pbtxt; this model takes {', '.join(sorted(known))}")
     values = {}
     for f in fields(cls):
         if f.name in params and params[f.name] != "" and f.name not in extra:
             kind = type(f.default) if f.default is not None else str
             raw = params[f.name]
-            values[f.name] = raw.lower() in ("1", "true", "yes") if kind is bool else kind(raw)
+            try:
+                values[f.name] = _BOOLEANS[raw.strip().lower()] if kind is bool else kind(raw)
+            except (KeyError, ValueError):
+                expected = {bool: "true or false", int: "an integer", float: "a number"}.get(kind, kind.__name__)
+                raise ValueError(f"parameter {f.name!r} in config.pbtxt must be {expected}, got {raw!r}") from None
     return cls(**values, **extra)
 
 
@@ -54,10 +70,11 @@ class PreprocessConfig:
             raise ValueError(f"image_processing must be local or remote, got {self.image_processing!r}")
 
     @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> PreprocessConfig:
+    def from_parameters(cls, params: dict[str, str], shared: tuple = ()) -> PreprocessConfig:
+        """`shared`: the other configs built from the same parameters (image_encoder: EncodeConfig)."""
         if env.allow_private_urls():
             params = {**params, "allow_private_urls": "true"}
-        return _typed(cls, params, model_path=_model_path(params))
+        return _typed(cls, params, shared, model_path=_model_path(params))
 
     def check_image_count(self, count: int) -> None:
         if count > self.max_images:
@@ -103,8 +120,8 @@ class EncodeConfig:
         return [u.strip() for u in self.encoder_urls.split(",") if u.strip()]
 
     @classmethod
-    def from_parameters(cls, params: dict[str, str]) -> EncodeConfig:
-        return _typed(cls, params, model_path=_model_path(params))
+    def from_parameters(cls, params: dict[str, str], shared: tuple = ()) -> EncodeConfig:
+        return _typed(cls, params, shared, model_path=_model_path(params))
 
 
 @dataclass(frozen=True)

@@ -86,3 +86,21 @@ def test_serve_refuses_a_family_we_do_not_serve_naming_the_ones_we_do(tiny_model
                          timeout=120)
     assert out.returncode != 0
     assert f"model type 'llava' is not supported; supported families: {', '.join(FAMILIES)}" in out.stderr
+
+
+def test_tritonserver_refuses_a_repository_with_a_setting_we_do_not_know(tiny_model, tmp_path):
+    """A misspelt or retired config.pbtxt parameter stops the load with its name, instead of being ignored
+    (the paged engine retired `max_prefill_tokens`; a repository that still sets it must not start)."""
+    from triton_vlm.deploy.repository import render, set_parameter
+
+    repo = render(tmp_path / "repo", tiny_model)
+    for model in [p for p in repo.iterdir() if p.name != "preprocess"]:
+        subprocess.run(["rm", "-rf", str(model)], check=True)
+    config = repo / "preprocess" / "config.pbtxt"
+    config.write_text(set_parameter(config.read_text(), "max_image_pixel", "1000"))
+    http, grpc, metrics = free_ports(3)
+    out = subprocess.run([str(BIN / "tritonserver"), f"--model-repository={repo}", f"--http-port={http}",
+                          f"--grpc-port={grpc}", f"--metrics-port={metrics}"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert "unknown parameter 'max_image_pixel' in config.pbtxt; this model takes" in out.stdout + out.stderr

@@ -177,3 +177,33 @@ def test_the_docker_image_sets_the_launchers_malloc_knobs():
     dockerfile = (COMMITTED.parent / "docker" / "Dockerfile").read_text()
     line = next(x for x in dockerfile.splitlines() if x.startswith("ENV MALLOC_"))
     assert dict(kv.split("=") for kv in line.split()[1:]) == MALLOC
+
+
+# Each committed model's parameters, read the way its model.py reads them (image_encoder: two configs)
+_Pre, _Encode = config_module.PreprocessConfig, config_module.EncodeConfig
+_READERS = {
+    "preprocess": lambda p: _Pre.from_parameters(p),
+    "vision_encoder": lambda p: EncoderConfig.from_parameters(p),
+    "encode": lambda p: _Encode.from_parameters(p),
+    "image_encoder": lambda p: (_Encode.from_parameters(p, shared=(_Pre,)), _Pre.from_parameters(p, shared=(_Encode,))),
+    "language_model": lambda p: config_module.LanguageConfig.from_parameters(p),
+}
+
+
+@pytest.mark.parametrize("model", sorted(_READERS))
+def test_every_committed_parameter_is_read_and_an_unknown_one_fails_at_load(model):
+    params = config_module.read_parameters({"parameters": {
+        k: {"string_value": v.string_value} for k, v in _load(COMMITTED / model / "config.pbtxt").parameters.items()}})
+    _READERS[model](params)  # the committed keys are all known
+    with pytest.raises(ValueError, match=r"unknown parameter 'max_prefill_tokens' in config.pbtxt; this model takes"):
+        _READERS[model]({**params, "max_prefill_tokens": "512"})  # retired by the paged engine: no longer ignored
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("enable_prefix_caching", "ture", "must be true or false, got 'ture'"),
+    ("max_num_seqs", "eight", "must be an integer, got 'eight'"),
+])
+def test_a_badly_typed_parameter_fails_naming_it(key, value, message):
+    with pytest.raises(ValueError, match=f"parameter '{key}' in config.pbtxt {message}"):
+        config_module.LanguageConfig.from_parameters({key: value})
+    assert not config_module.LanguageConfig.from_parameters({"enable_prefix_caching": "False"}).enable_prefix_caching

@@ -19,9 +19,9 @@ class TritonPythonModel:
     def initialize(self, args):
         self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
         params = triton_io.parameters(args)
-        encode = EncodeConfig.from_parameters(params)
+        encode = EncodeConfig.from_parameters(params, shared=(PreprocessConfig,))
         self.stage = ImageEncoderStage(
-            PreprocessConfig.from_parameters(params), encode, load_family(encode.model_path),
+            PreprocessConfig.from_parameters(params, shared=(EncodeConfig,)), encode, load_family(encode.model_path),
             triton_io.encode_on_replicas,
             cache=metrics.embedding_cache(encode.embedding_cache_mb, encode.embedding_cache_redis, tier="encoder"),
             on_split=metrics.EncodeMetrics("image_encoder").encoded)
