@@ -67,3 +67,15 @@ def test_imports_go_one_way_from_the_base_up():
         offenders += [f"{path.relative_to(ROOT)} -> {part}" for part in _package_imports(path)
                       if _layer(part) > _layer(own)]
     assert not offenders
+
+
+def test_the_decoder_parts_name_no_family():
+    """Families compose their decoders (`DecoderSpec`: their rotary embedding, attention options and each
+    layer's MLP); the shared parts never branch on, or import, a family."""
+    from triton_vlm.models import FAMILIES
+
+    shared = ["layers.py", "rotary.py", "moe.py", "decoder.py", "paged_attention.py", "tp.py", "weights.py"]
+    models = ROOT / "backends" / "triton_vlm" / "models"
+    offenders = [(name, family) for name in shared for family in FAMILIES
+                 if re.search(rf"\b{family}\b", (models / name).read_text().lower())]
+    assert not offenders

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import DecoderSpec, Layer, RMSNorm, Rotary
+from .layers import DecoderSpec, Layer, RMSNorm
 from .paged_attention import DecodeBatch, KVCache, PrefillBatch
+from .rotary import Rotary
 from .tp import TensorParallel
 
 
@@ -37,7 +38,7 @@ class Decoder(nn.Module):
     def __init__(self, config, spec: DecoderSpec, tp: TensorParallel) -> None:
         super().__init__()
         sizes = ["num_attention_heads", "num_key_value_heads", "intermediate_size"]
-        sizes += ["moe_intermediate_size"] if spec.moe else []
+        sizes += ["moe_intermediate_size"] if getattr(config, "moe_intermediate_size", None) else []
         for name in sizes:
             if getattr(config, name) % tp.size:
                 raise ValueError(f"{name}={getattr(config, name)} is not divisible by tensor parallel size {tp.size}")

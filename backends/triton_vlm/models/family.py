@@ -15,11 +15,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .tp import TensorParallel
+
+if TYPE_CHECKING:
+    from .layers import DecoderSpec
 
 
 class Family:
@@ -34,6 +38,7 @@ class Family:
     hidden_size: int  # the language model's width: one embedding row
     extra_features: int = 0  # hidden-wide feature blocks that ride with each embedding row
     max_model_len: int
+    decoder_spec: DecoderSpec  # what its decoder is built from: rotary, attention options, each layer's MLP
 
     def __init__(self, model_path: str | Path) -> None:
         self.path = Path(model_path)

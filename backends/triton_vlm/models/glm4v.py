@@ -9,6 +9,7 @@ experts (GLM-4.5V). The chat format starts with `[gMASK]<sop>`; an image is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,8 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .layers import DecoderSpec
+from .layers import DecoderSpec, dense_mlp
+from .moe import SharedMoE
 from .qwen2_5_vl import Qwen2_5_VL
+from .rotary import RotarySpec
 
 # GLM-4.1V's chat format, for the parts our requests use.
 GLM4V_TEMPLATE = (
@@ -56,7 +59,11 @@ class Glm4v(Qwen2_5_VL):
                       "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
                       "<|begin_of_video|>", "<|end_of_video|>", "<|image|>", "<|video|>", "<think>", "</think>")
     eos_token, pad_token = "<|endoftext|>", "<|endoftext|>"
-    decoder_spec = DecoderSpec(rotary="glm4v", qkv_bias=True, fused_gate_up=True, sandwich_norm=True)
+    moe = False  # the tiny checkpoint's config (`write_tiny`)
+    # GLM's partial M-RoPE; MLPs hold gate and up as one gate_up_proj; norms after attention and MLP too
+    decoder_spec = DecoderSpec(RotarySpec("glm4v.modeling_glm4v", "Glm4vTextRotaryEmbedding",
+                                          "apply_multimodal_rotary_pos_emb"), qkv_bias=True,
+                               mlp=functools.partial(dense_mlp, fused=True), sandwich_norm=True)
 
     def layout_from_sizes(self, processor, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
         from transformers.models.glm4v.image_processing_glm4v import smart_resize
@@ -86,7 +93,7 @@ class Glm4v(Qwen2_5_VL):
         text.update(vocab_size=vocab_size, rope_theta=10000.0, partial_rotary_factor=0.5, rms_norm_eps=1e-5,
                     initializer_range=INIT_RANGE, rope_scaling={"rope_type": "default", "mrope_section": section},
                     tie_word_embeddings=False, image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"])
-        moe = cls.decoder_spec.moe
+        moe = cls.moe
         if moe:
             text.update(MOE, moe_intermediate_size=text["intermediate_size"] // 4, attention_bias=True,
                         head_dim=text["hidden_size"] // text["num_attention_heads"])
@@ -110,9 +117,21 @@ class Glm4v(Qwen2_5_VL):
         }, indent=2) + "\n")
 
 
+def shared_moe_mlp(config, tp, layer: int) -> torch.nn.Module:
+    """GLM-4.5V's layers after the first `first_k_dense_replace` are MoE blocks with transformers' own router
+    (sigmoid scores with a correction bias, the best groups, then the top k, renormalized and scaled)."""
+    if layer < config.first_k_dense_replace:
+        return dense_mlp(config, tp, layer)
+    from transformers.models.glm4v_moe.modeling_glm4v_moe import Glm4vMoeTextTopkRouter
+
+    return SharedMoE(config, tp, Glm4vMoeTextTopkRouter(config))
+
+
 class Glm4vMoe(Glm4v):
     model_type = "glm4v_moe"
-    decoder_spec = DecoderSpec(rotary="glm4v_moe", qkv_bias=True, moe="glm4")
+    moe = True
+    decoder_spec = DecoderSpec(RotarySpec("glm4v_moe.modeling_glm4v_moe", "Glm4vMoeTextRotaryEmbedding",
+                                          "apply_multimodal_rotary_pos_emb"), qkv_bias=True, mlp=shared_moe_mlp)
 
     def __init__(self, model_path) -> None:
         super().__init__(model_path)

@@ -27,6 +27,7 @@ from transformers.models.internvl.modeling_internvl import (
 from .decoder import load_decoder
 from .family import Family
 from .layers import DecoderSpec
+from .rotary import RotarySpec
 from .tp import TensorParallel
 from .weights import load_renamed
 
@@ -48,8 +49,9 @@ VISION_NAMES = {"model.vision_tower.": "vision_tower.", "model.multi_modal_proje
 TEXT_NAMES = {"model.language_model.": "model.", "lm_head.": "lm_head.",
               "language_model.model.": "model.", "language_model.lm_head.": "lm_head."}
 LANGUAGE_MODELS = {  # text_config.model_type -> our decoder (not yet Qwen3-MoE, whose experts are not fused)
-    "qwen2": DecoderSpec(rotary="1d", qkv_bias=True),
-    "qwen3": DecoderSpec(rotary="1d", qkv_bias=False, qk_norm=True),
+    "qwen2": DecoderSpec(RotarySpec("qwen2.modeling_qwen2", "Qwen2RotaryEmbedding", one_d=True), qkv_bias=True),
+    "qwen3": DecoderSpec(RotarySpec("qwen2.modeling_qwen2", "Qwen2RotaryEmbedding", one_d=True), qkv_bias=False,
+                         qk_norm=True),
 }
 
 # (vision, text, tile side) of the tiny checkpoints. `tiny` cuts 112-pixel tiles (16 tokens each) so that

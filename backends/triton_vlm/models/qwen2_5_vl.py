@@ -15,6 +15,7 @@ from .decoder import load_decoder
 from .family import Family
 from .layers import DecoderSpec
 from .mrope import mrope_positions
+from .rotary import RotarySpec
 from .tiny_model import QWEN2_VL_TEMPLATE
 from .tp import TensorParallel
 from .weights import load_renamed
@@ -32,7 +33,8 @@ class Qwen2_5_VL(Family):
     special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                       "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
     eos_token, pad_token = "<|im_end|>", "<|endoftext|>"
-    decoder_spec = DecoderSpec(rotary="mrope", qkv_bias=True)
+    decoder_spec = DecoderSpec(RotarySpec("qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLRotaryEmbedding",
+                                          "apply_multimodal_rotary_pos_emb"), qkv_bias=True)
 
     def __init__(self, model_path: str | Path) -> None:
         super().__init__(model_path)

@@ -8,13 +8,16 @@ The deepstack features ride with the embeddings as `extra_features` column block
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
-from .layers import DecoderSpec
+from .layers import DecoderSpec, dense_mlp
+from .moe import MoE
 from .qwen2_5_vl import Qwen2_5_VL
+from .rotary import RotarySpec
 
 # Qwen3-VL-Instruct's chat format (no default system message), for the parts our requests use.
 QWEN3_VL_TEMPLATE = (
@@ -46,10 +49,22 @@ SHAPES = {
 MOE = dict(num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
 
 
+def sparse_mlp(config, tp, layer: int) -> torch.nn.Module:
+    """Qwen3-MoE's rule for which layers are MoE blocks: every `decoder_sparse_step`-th, except
+    `mlp_only_layers`."""
+    if layer not in (getattr(config, "mlp_only_layers", None) or []) and config.num_experts > 0 and \
+            (layer + 1) % config.decoder_sparse_step == 0:
+        return MoE(config, tp)
+    return dense_mlp(config, tp, layer)
+
+
 class Qwen3VL(Qwen2_5_VL):
     model_type = "qwen3_vl"
     chat_template = QWEN3_VL_TEMPLATE
-    decoder_spec = DecoderSpec(rotary="mrope_interleaved", qkv_bias=False, qk_norm=True)
+    moe = False  # the tiny checkpoint's config (`write_tiny`)
+    # Qwen3 attention and interleaved M-RoPE (cos/sin come interleaved: the plain apply)
+    decoder_spec = DecoderSpec(RotarySpec("qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextRotaryEmbedding"),
+                               qkv_bias=False, qk_norm=True)
 
     def __init__(self, model_path) -> None:
         super().__init__(model_path)
@@ -81,7 +96,7 @@ class Qwen3VL(Qwen2_5_VL):
 
         vision, text = (dict(part) for part in SHAPES[size])
         mrope_section = text.pop("mrope_section")
-        moe = cls.decoder_spec.moe
+        moe = cls.moe
         text.update(vocab_size=vocab_size, rope_theta=5000000.0, attention_bias=False, rms_norm_eps=1e-6,
                     initializer_range=INIT_RANGE,
                     rope_scaling={"rope_type": "default", "mrope_section": mrope_section, "mrope_interleaved": True},
@@ -125,7 +140,8 @@ class Qwen3VL(Qwen2_5_VL):
 
 class Qwen3VLMoe(Qwen3VL):
     model_type = "qwen3_vl_moe"
-    decoder_spec = DecoderSpec(rotary="mrope_interleaved", qkv_bias=False, qk_norm=True, moe="qwen3")
+    moe = True
+    decoder_spec = dataclasses.replace(Qwen3VL.decoder_spec, mlp=sparse_mlp)
 
     def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
         from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
