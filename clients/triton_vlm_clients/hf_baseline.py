@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import transformers
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 
@@ -42,9 +42,6 @@ class _Clock(BaseStreamer):
         pass
 
 
-MODELS = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-          "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "internvl": "InternVLForConditionalGeneration",
-          "glm4v": "Glm4vForConditionalGeneration", "glm4v_moe": "Glm4vMoeForConditionalGeneration"}
 COMBINED = {"internvl": "InternVLProcessor", "glm4v": "Glm4vProcessor", "glm4v_moe": "Glm4vProcessor"}
 
 
@@ -117,7 +114,7 @@ class HFModel:
     def __init__(self, path, dtype=torch.float32, device: str = "cpu") -> None:
         self.inputs = HFInputs(path)
         self.device = torch.device(device)
-        self.model = getattr(transformers, MODELS[self.inputs.model_type]).from_pretrained(path, dtype=dtype)
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)  # the family's own class
         self.model = self.model.to(self.device).eval()
 
     def _inputs(self, prompt: str, images: list[bytes], messages: list[dict] | None = None) -> dict:

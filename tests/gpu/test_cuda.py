@@ -16,17 +16,17 @@ from tests.reference import reference_generate
 from tests.unit.test_family_parity import colocated
 from triton_vlm.config import EncoderConfig, PreprocessConfig
 from triton_vlm.encode.encoder import VisionEncoder
+from triton_vlm.models import FAMILIES
 from triton_vlm.models.tiny_model import make_tiny_model
 from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest, SamplingParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-FAMILIES = ["qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "internvl", "glm4v", "glm4v_moe"]
 CUDA = "cuda:0"
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def family_path(request, tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp(request.param) / "model", family=request.param)
 
