@@ -1,5 +1,5 @@
-"""GLM-4.1V and GLM-4.5V (`glm4v`, `glm4v_moe`): Qwen2.5-VL's layout (t/h/w patch grids; patch 14, merge 2)
-and 3D positions (GLM's `get_rope_index` places image tokens as Qwen's does), resized by GLM's own rule;
+"""GLM-4.1V and GLM-4.5V (`glm4v`, `glm4v_moe`): patch-grid families (`grid.py`: t/h/w grids; patch 14,
+merge 2; 3D positions, GLM's `get_rope_index` places image tokens as Qwen's does), resized by GLM's own rule;
 transformers' own vision tower (2D RoPE, learned position embeddings interpolated per image); and our
 decoder with GLM's partial M-RoPE, its extra norms and fused gate/up (GLM-4.1V), or routed and shared
 experts (GLM-4.5V). The chat format starts with `[gMASK]<sop>`; an image is
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .grid import PatchGridFamily
 from .layers import DecoderSpec, dense_mlp
 from .moe import SharedMoE
-from .qwen2_5_vl import Qwen2_5_VL
 from .rotary import RotarySpec
 
 # GLM-4.1V's chat format, for the parts our requests use.
@@ -51,7 +51,7 @@ MOE = dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_
            topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0)
 
 
-class Glm4v(Qwen2_5_VL):
+class Glm4v(PatchGridFamily):
     model_type = "glm4v"
     image_placeholder = "<|image|>"
     chat_template = GLM4V_TEMPLATE

@@ -1,5 +1,5 @@
-"""Qwen2.5-VL: transformers' own vision tower, and our tensor-parallel decoder (HF names), each loaded with
-only its weights. Images are t/h/w patch grids, resized by Qwen's `smart_resize`; M-RoPE positions."""
+"""Qwen2.5-VL: a patch-grid family (`grid.py`) resized by Qwen's `smart_resize`; transformers' own vision
+tower (windowed attention) and our tensor-parallel decoder, each loaded with only its weights."""
 
 from __future__ import annotations
 
@@ -8,25 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig
-from transformers.modeling_utils import no_init_weights
 
-from .decoder import load_decoder
-from .family import Family
+from .grid import PatchGridFamily
 from .layers import DecoderSpec
-from .mrope import mrope_positions
 from .rotary import RotarySpec
 from .tiny_model import QWEN2_VL_TEMPLATE
-from .tp import TensorParallel
-from .weights import load_renamed
-
-# Checkpoints come in two layouts: legacy (`visual.*`, `model.*`) and transformers>=4.52
-# (`model.visual.*`, `model.language_model.*`).
-VISION_NAMES = {"visual.": "", "model.visual.": ""}
-TEXT_NAMES = {"model.": "model.", "model.visual.": None, "model.language_model.": "model.", "lm_head.": "lm_head."}
 
 
-class Qwen2_5_VL(Family):
+class Qwen2_5_VL(PatchGridFamily):
     model_type = "qwen2_5_vl"
     image_placeholder = "<|image_pad|>"
     chat_template = QWEN2_VL_TEMPLATE
@@ -35,24 +24,6 @@ class Qwen2_5_VL(Family):
     eos_token, pad_token = "<|im_end|>", "<|endoftext|>"
     decoder_spec = DecoderSpec(RotarySpec("qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLRotaryEmbedding",
                                           "apply_multimodal_rotary_pos_emb"), qkv_bias=True)
-
-    def __init__(self, model_path: str | Path) -> None:
-        super().__init__(model_path)
-        self.config = AutoConfig.from_pretrained(self.path)
-        self.image_token_id: int = self.config.image_token_id
-        self.merge_size: int = self.config.vision_config.spatial_merge_size
-        self.hidden_size: int = self.config.text_config.hidden_size
-        self.max_model_len: int = self.config.text_config.max_position_embeddings
-
-    @property
-    def text_config(self):
-        return self.config.text_config
-
-    def tokens_per_image(self, layout: np.ndarray) -> np.ndarray:
-        return self.pixel_rows(layout) // (self.merge_size**2)
-
-    def pixel_rows(self, layout: np.ndarray) -> np.ndarray:
-        return np.prod(np.asarray(layout, np.int64).reshape(-1, 3), axis=1)
 
     def layout_from_sizes(self, processor, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
@@ -64,36 +35,10 @@ class Qwen2_5_VL(Family):
             rows.append((1, h // p.patch_size, w // p.patch_size))
         return np.asarray(rows, np.int64).reshape(-1, 3)
 
-    def pixel_dim(self, processor) -> int:
-        return 3 * processor.temporal_patch_size * processor.patch_size**2
-
-    def process(self, processor, pictures) -> tuple[np.ndarray, np.ndarray]:
-        # RGB pictures are channels-last; left to guess, the processor takes a height of 1 or 3 for the
-        # channels (a 1x1 image failed with "mean must have 1 elements", a 100x3 one got a transposed grid)
-        out = processor(images=pictures, return_tensors="np", input_data_format="channels_last")
-        return out["pixel_values"].astype(np.float32), out["image_grid_thw"].astype(np.int64)
-
-    def expand_placeholder(self, tokens: int) -> str:
-        return self.image_placeholder * tokens
-
-    def positions(self, input_ids: np.ndarray, layout: np.ndarray) -> tuple[np.ndarray, int]:
-        return mrope_positions(input_ids, layout, self.image_token_id, self.merge_size)
-
     def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
         return self._vision(Qwen2_5_VisionTransformerPretrainedModel, device, dtype)
-
-    def _vision(self, cls, device: str, dtype: torch.dtype) -> torch.nn.Module:
-        with no_init_weights():
-            model = cls._from_config(self.config.vision_config)
-        model.load_state_dict(load_renamed(self.path, VISION_NAMES), strict=True)
-        return model.to(device=device, dtype=dtype).eval()
-
-    @torch.inference_mode()
-    def encode(self, vision: torch.nn.Module, pixel_values: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
-        """pixel_values: [P, C*T*14*14], layout (grid_thw): [N, 3] -> embeddings [sum tokens_per_image, H]."""
-        return vision(pixel_values.to(vision.dtype), grid_thw=layout)
 
     @staticmethod
     def write_tiny(out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
@@ -121,8 +66,3 @@ class Qwen2_5_VL(Family):
         model.save_pretrained(out, safe_serialization=True)
         # A 1280x720 image becomes ~1200 tokens; cap pixels so one image stays cheap on a CPU.
         Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=1280 * 28 * 28).save_pretrained(out)
-
-    def load_decoder(self, device: str, dtype: torch.dtype, tp: TensorParallel):
-        return load_decoder(self.text_config, self.decoder_spec,
-                            lambda take: load_renamed(self.path, TEXT_NAMES, take=take), device, dtype, tp,
-                            getattr(self.config, "tie_word_embeddings", False))  # e.g. Qwen2.5-VL-3B ties
