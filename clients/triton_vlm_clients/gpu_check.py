@@ -7,14 +7,14 @@ that fails or hangs does not stop the next; the servers a step started are stopp
 happened. Writes DIR/gpu-check.json (each step: ok, seconds, its figures or its error), DIR/steps.log
 and DIR/servers.log (the tail of every server's log).
 
-1. gpu_tests: pytest's `gpu` marker (tests/gpu): each family's vision tower, decoder and tensor-parallel
-   layers on CUDA, greedy ids equal to transformers' generate on the same GPU.
+1. environment: versions, the GPU, and whether the python backend stub finds every library it links.
 2. server_parity: the real tritonserver with 2 KIND_GPU vision_encoder replicas and the language model on
-   the GPU, fp32, against the same deployment on CPU: a 4-image request's greedy ids must be equal.
-3. (same servers) where the embeddings travel: the language model counts the memory its `_IMAGE_EMBEDS`
-   arrived in (triton_vlm_image_embeds_received_total{memory}), and the encode and language_model stubs
-   record their CUDA copies (TRITON_VLM_CUDA_COPY_TRACE): no device-to-host copy as large as the
-   request's embeddings.
+   the GPU, fp32, against the same deployment on CPU: a 4-image request's greedy ids must be equal. And
+   where the embeddings travel: the language model counts the memory its `_IMAGE_EMBEDS` arrived in
+   (triton_vlm_image_embeds_received_total{memory}), and the encode and language_model stubs record their
+   CUDA copies (TRITON_VLM_CUDA_COPY_TRACE): no device-to-host copy as large as the request's embeddings.
+3. gpu_tests: pytest's `gpu` marker (tests/gpu): each family's vision tower, decoder and tensor-parallel
+   layers on CUDA, greedy ids equal to transformers' generate on the same GPU.
 4. bench_7b: Qwen2.5-VL-7B's shapes with random bf16 weights made on the GPU: TTFT, ITL and 8-stream
    throughput through the server, next to transformers' generate on the same GPU and weights.
 5. encoder_dp: 4 x 1280x720 images through `image_encoder` with 1 vision_encoder replica and with 2 on
@@ -222,7 +222,8 @@ def step_server_parity(work: Path, dry_run: bool) -> dict:
     dtoh = max([kind["max_bytes"] for t in traces.values() for name, kind in t.items() if "DtoH" in name] or [0])
     evidence = {"embeds_received": received, "image_tokens": image_tokens, "embeddings_bytes": embeds_bytes,
                 "copy_traces": traces, "largest_device_to_host_copy_bytes": dtoh}
-    on_gpu = received.get("gpu", 0) >= 1 and not received.get("cpu") and bool(traces) and dtoh < embeds_bytes
+    traced = {name.split("-")[0] for name in traces} >= {"encode", "language_model"}
+    on_gpu = received.get("gpu", 0) >= 1 and not received.get("cpu") and traced and dtoh < embeds_bytes
     equal = ids["cpu"] == ids["gpu"] and len(ids["cpu"]) == 16
     return {"ok": equal and (dry_run or on_gpu), "ids_equal": equal, "ids": ids, "embeddings_stay_on_gpu": on_gpu,
             **evidence}

@@ -128,3 +128,12 @@ class Family:
     def text_config(self):
         """The language model's config (sizes for the KV-cache budget: layers, kv heads, head_dim)."""
         raise NotImplementedError
+
+    # --- the tiny checkpoint (`triton-vlm make-tiny-model`; tests and benchmarks) ---------------------
+    @classmethod
+    def write_tiny(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
+        """Write a random checkpoint of this family to `out`: its real config class and parameter names,
+        `ids` (the tokenizer's ids of `special_tokens`) where the config names tokens, and a slow image
+        processor config. `chat_template`, `special_tokens`, `eos_token`, `pad_token` and `tokenizer_extras`
+        make its tokenizer (`tiny_model.py`)."""
+        raise NotImplementedError

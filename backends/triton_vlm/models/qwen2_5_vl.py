@@ -40,8 +40,8 @@ class Qwen2_5_VL(PatchGridFamily):
 
         return self._vision(Qwen2_5_VisionTransformerPretrainedModel, device, dtype)
 
-    @staticmethod
-    def write_tiny(out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
+    @classmethod
+    def write_tiny(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
