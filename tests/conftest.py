@@ -13,6 +13,31 @@ from triton_vlm_clients.images import synthetic_image
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+    _count_server_starts()
+
+
+_SERVER_STARTS = [0]
+
+
+def _count_server_starts() -> None:
+    """Count the tritonservers this test process starts (the suite's main cost: issue 24 asks for fewer);
+    the count is printed at the end of the run. Servers started by commands the tests run are not in it."""
+    from triton_vlm.deploy.server import TritonServer
+
+    start = TritonServer.start
+    if getattr(start, "counted", False):
+        return
+
+    def counted(self):
+        _SERVER_STARTS[0] += 1
+        return start(self)
+
+    counted.counted = True
+    TritonServer.start = counted
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    terminalreporter.write_line(f"tritonserver starts in the test process: {_SERVER_STARTS[0]}")
 
 
 @pytest.fixture(scope="session")
