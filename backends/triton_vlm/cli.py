@@ -126,6 +126,20 @@ def _client(module: str, argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", f"triton_vlm_clients.{module}", *argv])
 
 
+def _language_knobs(p: argparse.ArgumentParser) -> None:
+    """--max-num-seqs etc.: one flag per `serve` knob of `LanguageConfig`, with its help and default."""
+    from .config import LanguageConfig, serve_knobs
+
+    for f in serve_knobs(LanguageConfig):
+        flag, kind = f"--{f.name.replace('_', '-')}", type(f.default)
+        default = f"default: the repository's, {({True: 'on', False: 'off'}.get(f.default, f.default))}"
+        if kind is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                           help=f"{f.metadata['serve']} ({default}; --no-{flag[2:]} turns it off)")
+        else:
+            p.add_argument(flag, type=kind, help=f"{f.metadata['serve']} ({default})")
+
+
 def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help=f"model folder (default {env.default_model_path()}, built if missing)")
     p.add_argument("--model-repository", help="repository to render from (default: the committed one)")
@@ -155,16 +169,7 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
                    "content, so a repeated image skips the encoder (default: the repository's, 512; 0: off)")
     p.add_argument("--embedding-cache-redis", default="", metavar="redis://HOST:PORT", help="a Redis that "
                    "language servers share embeddings through (a slow or absent Redis is bypassed, never an error)")
-    p.add_argument("--block-size", type=int, help="tokens per KV-cache block (default: the repository's, 16)")
-    p.add_argument("--kv-cache-mb", type=int, help="KV-cache pool per tensor-parallel rank, in MiB (default: the "
-                   "repository's, 1024; never more than --max-num-seqs full-length sequences take)")
-    p.add_argument("--max-num-seqs", type=int, help="sequences prefilled or decoded at once; more wait in the queue "
-                   "(default: the repository's, 8)")
-    p.add_argument("--max-num-batched-tokens", type=int, help="tokens one engine step computes: running decodes "
-                   "first, then prompt chunks, so long prompts do not stall streams (default: the repository's, 512)")
-    p.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
-                   help="reuse the KV blocks of earlier prompts' equal prefixes, images told apart by content "
-                   "(default: on; --no-enable-prefix-caching turns it off)")
+    _language_knobs(p)
     p.add_argument("--gpus", default="auto", help="GPU ids for the encoder replicas, e.g. 0,1; 'none' for CPU "
                    "(default: every visible GPU, else CPU)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,

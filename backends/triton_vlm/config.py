@@ -124,6 +124,14 @@ class EncodeConfig:
         return _typed(cls, params, shared, model_path=_model_path(params))
 
 
+SERVE = "serve"  # field metadata: a knob `triton-vlm serve` takes as a flag, its value its help
+
+
+def serve_knobs(cls) -> list:
+    """The fields of `cls` that are `serve` flags (and `Deployment` fields), in declaration order."""
+    return [f for f in fields(cls) if SERVE in f.metadata]
+
+
 @dataclass(frozen=True)
 class LanguageConfig:
     model_path: Path = field(default_factory=env.default_model_path)
@@ -132,11 +140,16 @@ class LanguageConfig:
     threads: int = 0  # torch threads per rank; 0: the cores divided by the ranks
     max_model_len: int = 0
     tensor_parallel: int = 1
-    max_num_seqs: int = 8  # sequences admitted at once (prefilling or decoding); more wait in the queue
-    kv_cache_mb: int = 1024  # per rank: the pool of KV blocks (at most what max_num_seqs full contexts take)
-    block_size: int = 16  # tokens per KV block
-    max_num_batched_tokens: int = 512  # tokens one step computes: decodes first, then prompt chunks
-    enable_prefix_caching: bool = True  # reuse the KV blocks of earlier prompts' equal prefixes
+    # The engine's knobs: `serve --max-num-seqs` etc. and `Deployment`'s fields come from these (`SERVE`)
+    max_num_seqs: int = field(default=8, metadata={SERVE: "sequences prefilled or decoded at once; more wait in "
+                                                          "the queue"})
+    kv_cache_mb: int = field(default=1024, metadata={SERVE: "KV-cache pool per tensor-parallel rank, in MiB; never "
+                                                            "more than --max-num-seqs full-length sequences take"})
+    block_size: int = field(default=16, metadata={SERVE: "tokens per KV-cache block"})
+    max_num_batched_tokens: int = field(default=512, metadata={SERVE: "tokens one engine step computes: running "
+                                        "decodes first, then prompt chunks, so long prompts do not stall streams"})
+    enable_prefix_caching: bool = field(default=True, metadata={SERVE: "reuse the KV blocks of earlier prompts' "
+                                        "equal prefixes, images told apart by content"})
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "kv_cache_mb", "block_size", "max_num_batched_tokens", "tensor_parallel"):

@@ -207,3 +207,24 @@ def test_a_badly_typed_parameter_fails_naming_it(key, value, message):
     with pytest.raises(ValueError, match=f"parameter '{key}' in config.pbtxt {message}"):
         config_module.LanguageConfig.from_parameters({key: value})
     assert not config_module.LanguageConfig.from_parameters({"enable_prefix_caching": "False"}).enable_prefix_caching
+
+
+def test_serve_flags_of_the_language_knobs_come_from_its_config_and_reach_the_repository(tmp_path, capsys):
+    """`LanguageConfig` declares each engine knob once (default and help); `serve`/`render` take it as a flag,
+    `Deployment` as a field, and the rendered language_model gets it."""
+    from triton_vlm import cli
+    from triton_vlm.models.tiny_model import make_tiny_model
+
+    knobs = [f.name for f in config_module.serve_knobs(config_module.LanguageConfig)]
+    assert set(knobs) == {"max_num_seqs", "kv_cache_mb", "block_size", "max_num_batched_tokens",
+                          "enable_prefix_caching"} == set(Deployment.LANGUAGE_KNOBS)
+    assert set(knobs) <= set(Deployment.__dataclass_fields__)
+    model = make_tiny_model(tmp_path / "model")
+    assert cli.main(["render", str(tmp_path / "repo"), "--model", str(model), "--gpus", "none", "--max-num-seqs",
+                     "4", "--kv-cache-mb", "64", "--no-enable-prefix-caching"]) == 0
+    language = _load(tmp_path / "repo" / "language_model" / "config.pbtxt").parameters
+    assert (language["max_num_seqs"].string_value, language["kv_cache_mb"].string_value,
+            language["enable_prefix_caching"].string_value, language["block_size"].string_value) == (
+        "4", "64", "false", "16")  # not given: the repository's
+    with pytest.raises(SystemExit, match="max_num_batched_tokens"):
+        cli.main(["render", str(tmp_path / "repo2"), "--model", str(model), "--max-num-batched-tokens", "4"])

@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import LanguageConfig
+from ..config import LanguageConfig, serve_knobs
 from ..models import family_class
 from .launcher import MODEL_CONTROL
 from .repository import COMMITTED, render
@@ -45,7 +45,7 @@ class Deployment:
 
     DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-    LANGUAGE_KNOBS = ("block_size", "kv_cache_mb", "max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching")
+    LANGUAGE_KNOBS = tuple(f.name for f in serve_knobs(LanguageConfig))  # a field each, above
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocated", "encoder", "language"):
