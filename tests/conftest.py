@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import subprocess
 import time
-import urllib.request
 
 import pytest
 
 from triton_vlm_clients.images import synthetic_image
+from triton_vlm_clients.prometheus import server_metric, server_series  # noqa: F401 (the tests' helpers)
 
 
 def pytest_configure(config):
@@ -49,28 +48,6 @@ def tiny_model(tmp_path_factory):
 
 
 make_image = synthetic_image
-
-
-def server_metric(server, name: str, labels: str = "") -> float:
-    """The sum of the series of `name` in the server's Prometheus metrics whose labels include `labels`
-    ('stage="encode",kind="unavailable"'); 0 before one appears."""
-    return sum(value for _, value in server_series(server, name, labels))
-
-
-def server_series(server, name: str, labels: str = "") -> list[tuple[dict[str, str], float]]:
-    """(labels, value) of each series of `name` whose labels include `labels`."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    wanted = dict(_LABEL.findall(labels))
-    found = []
-    for match in re.finditer(rf"^{name}(?:\{{(.*)\}})? (\S+)$", text, re.MULTILINE):
-        series = dict(_LABEL.findall(match.group(1) or ""))
-        if wanted.items() <= series.items():
-            found.append((series, float(match.group(2))))
-    return found
-
-
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 def wait_until(condition, timeout_s: float = 180, what: str = "", interval_s: float = 0.2) -> None:

