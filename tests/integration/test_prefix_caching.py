@@ -163,11 +163,19 @@ def test_streams_keep_decoding_while_a_long_prompt_is_prefilled_in_chunks(small_
         with lock:
             events.extend([what] * n)
 
+    started = set()
+
+    def decoded(i: int, ids) -> None:
+        started.add(i)
+        note("token", len(ids))
+
     with ThreadPoolExecutor(5) as pool:
-        # 4 x (prompt + 250) + the long prompt's ~800 tokens fit the pool: nothing is preempted
+        # 4 x (prompt + 250) + the long prompt's ~800 tokens fit the pool: nothing is preempted. The long
+        # prompt comes as soon as every stream decodes, so that they are still running when it is admitted
+        # (on a loaded machine, waiting for more tokens let the streams end before its admission)
         streams = [pool.submit(stream, small_pool.grpc_url, prompt=f"stream {i}", max_tokens=250, ignore_eos=True,
-                               on_delta=lambda text, ids: note("token", len(ids))) for i in range(4)]
-        wait_until(lambda: events.count("token") >= 20, 60, "the streams to decode")
+                               on_delta=lambda text, ids, i=i: decoded(i, ids)) for i in range(4)]
+        wait_until(lambda: len(started) == 4, 60, "every stream to decode")
         long = pool.submit(stream, small_pool.grpc_url, prompt="compare them", images=images, max_tokens=2,
                            on_delta=lambda text, ids: note("first") if ids else None)
         while "first" not in events:
