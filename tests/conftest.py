@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import collections
 import contextlib
+import os
 import subprocess
 import time
 
@@ -15,7 +17,7 @@ def pytest_configure(config):
     _count_server_starts()
 
 
-_SERVER_STARTS = [0]
+_SERVER_STARTS: collections.Counter = collections.Counter()  # test module -> tritonservers it started
 
 
 def _count_server_starts() -> None:
@@ -28,7 +30,7 @@ def _count_server_starts() -> None:
         return
 
     def counted(self):
-        _SERVER_STARTS[0] += 1
+        _SERVER_STARTS[os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[0]] += 1
         return start(self)
 
     counted.counted = True
@@ -36,7 +38,9 @@ def _count_server_starts() -> None:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    terminalreporter.write_line(f"tritonserver starts in the test process: {_SERVER_STARTS[0]}")
+    terminalreporter.write_line(f"tritonserver starts in the test process: {sum(_SERVER_STARTS.values())}")
+    for module, count in _SERVER_STARTS.most_common():
+        terminalreporter.write_line(f"  {count:3d}  {module}")
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.families import CASES, PROMPT, deployments, epd_pair, images
+from tests.integration.families import CASES, PROMPT, family_deployments, images
+from tests.integration.serve import serving
 from tests.reference import reference_generate
-from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.repository import COMMITTED
-from triton_vlm.deploy.server import TritonServer
 from triton_vlm.models.tiny_model import make_tiny_model
 
 
@@ -18,14 +17,9 @@ from triton_vlm.models.tiny_model import make_tiny_model
 def server(tiny_model, tmp_path_factory):
     """The committed repository, unchanged, served the way the README says (`tritonserver
     --model-repository model_repository` with $TRITON_VLM_MODEL), on free ports; always stopped."""
-    root = tmp_path_factory.mktemp("server")
-    triton = TritonServer(COMMITTED, log_file=root / "tritonserver.log", graceful_stop=False,
-                          executable=str(Path(sys.executable).parent / "tritonserver"),
-                          env={**os.environ, "TRITON_VLM_MODEL": str(tiny_model)})
-    try:
-        yield triton.start().wait_ready(timeout_s=300)
-    finally:
-        triton.stop()
+    with serving((COMMITTED, tmp_path_factory.mktemp("server")), executable=str(Path(sys.executable).parent /
+                 "tritonserver"), env={**os.environ, "TRITON_VLM_MODEL": str(tiny_model)}) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +37,9 @@ def family_expected(family_model) -> dict[str, list[int]]:
 
 @pytest.fixture(scope="module")
 def family_servers(request, family_model, tmp_path_factory):
-    """The test module's deployments of its FAMILY's tiny checkpoint, started together: COLOCATED (name ->
-    `Deployment` keyword arguments, minimal repositories) and EPD (name -> `families.epd_pair` keyword
-    arguments: one language server and two encoder servers each), as `families.Servers`; all stopped
-    after."""
+    """The test module's FAMILY in its two deployments (`families.family_deployments`): "colocated" and
+    "epd", whose embeddings come back by the module's EPD_TRANSPORT (grpc | shm); stopped after."""
     module = request.module
-    colocated = {name: Deployment(family_model, minimal=True, **kwargs) for name, kwargs in module.COLOCATED.items()}
-    epd = {name: epd_pair(family_model, **kwargs) for name, kwargs in getattr(module, "EPD", {}).items()}
-    with deployments(tmp_path_factory.mktemp(f"{module.FAMILY}-servers"), colocated, epd) as started:
+    with family_deployments(tmp_path_factory.mktemp(f"{module.FAMILY}-servers"), family_model,
+                            module.EPD_TRANSPORT) as started:
         yield started

@@ -3,13 +3,13 @@ skip the encoder, and the answers stay transformers' own; two servers share a re
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 from tests.conftest import make_image, redis_server, server_metric
+from tests.integration.serve import serving
 from tests.reference import reference_generate
 from triton_vlm.deploy.deployment import Deployment
-from triton_vlm.deploy.server import TritonServer, free_port
+from triton_vlm.deploy.server import free_port
 from triton_vlm_clients.client import stream
 
 HITS = ("triton_vlm_embedding_cache_hits_total", 'tier="local"')
@@ -50,15 +50,9 @@ RETRY_S = 5  # RedisTier's bypass interval after a failure
 
 def test_two_servers_share_embeddings_through_redis_and_survive_it_going_away(tiny_model, tmp_path):
     port = free_port()
-    with contextlib.ExitStack() as stack:
-        servers = []
-        for name in ("a", "b"):  # started together, then waited for
-            repo = Deployment(tiny_model, encoder_dp=1, encoder_threads=1, minimal=True,
-                              embedding_cache_redis=f"redis://127.0.0.1:{port}").render(tmp_path / name)
-            servers.append(TritonServer(repo, graceful_stop=False, log_file=tmp_path / f"{name}.log"))
-            stack.callback(servers[-1].stop)
-            servers[-1].start()
-        a, b = (s.wait_ready(timeout_s=300) for s in servers)
+    deployment = Deployment(tiny_model, encoder_dp=1, encoder_threads=1, minimal=True,
+                            embedding_cache_redis=f"redis://127.0.0.1:{port}")
+    with serving((deployment, tmp_path / "a"), (deployment, tmp_path / "b")) as (a, b):
         with redis_server(port):
             images = [make_image(150, 110, seed=7), make_image(96, 200, seed=8)]
             expected = reference_generate(tiny_model, PROMPT, images, max_new_tokens=12)

@@ -1,5 +1,6 @@
 """Data-parallel vision encoder through the real server: the committed repository (2 encoder replicas,
-a request's images split over them) against a 1-replica deployment, and under concurrent load."""
+a request's images split over them) against one whole encoder in this process and transformers' ids, and
+under concurrent load."""
 
 from __future__ import annotations
 
@@ -7,28 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 
 from tests.conftest import make_image, server_metric, server_series
 from tests.reference import reference_generate
-from triton_vlm.deploy.deployment import Deployment
-from triton_vlm.deploy.server import TritonServer
+from triton_vlm.config import EncoderConfig
+from triton_vlm.encode.encoder import VisionEncoder
 from triton_vlm_clients import stages
 from triton_vlm_clients.client import stream
 
 MIXED = [(640, 480), (300, 200), (1280, 720), (200, 500)]
-
-
-@pytest.fixture(scope="module")
-def dp1_server(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("dp1")
-    repo = Deployment(tiny_model, embedding_cache_mb=0, enable_prefix_caching=False,  # both caches off
-                      encoder_dp=1, encoder_threads=1, minimal=True).render(root / "repository")
-    triton = TritonServer(repo, graceful_stop=False, log_file=root / "tritonserver.log")
-    try:
-        yield triton.start().wait_ready(timeout_s=300)
-    finally:
-        triton.stop()
 
 
 def images(n, seed=0):
@@ -36,18 +24,18 @@ def images(n, seed=0):
 
 
 @pytest.mark.parametrize("n_images", [1, 3, 4])
-def test_two_replicas_give_the_same_embeddings_and_ids_as_one(server, dp1_server, n_images):
-    prompt, imgs = "Compare the pictures.", images(n_images)
+def test_two_replicas_give_the_embeddings_of_one_encoder_and_transformers_ids(server, tiny_model, n_images):
+    """The committed repository's two replicas each encode a shard of the request's images (new ones: no
+    cache has them): the rows put back together are one whole encoder's, and the ids transformers'."""
+    prompt, imgs = "Compare the pictures.", images(n_images, seed=300 + 10 * n_images)
     pre = stages.preprocess(server.grpc_url, prompt, imgs)
     grid = pre["_IMAGE_LAYOUT"]
-    embeds_dp2, _ = stages.encode(server.grpc_url, pre)
-    embeds_dp1, _ = stages.encode(dp1_server.grpc_url, pre)
-    assert embeds_dp2.shape == embeds_dp1.shape == (int(np.prod(grid, axis=1).sum()) // 4, embeds_dp1.shape[1])
-    np.testing.assert_allclose(embeds_dp2, embeds_dp1, rtol=0, atol=1e-5)
-
-    dp2 = stream(server.grpc_url, prompt=prompt, images=imgs, max_tokens=16)
-    dp1 = stream(dp1_server.grpc_url, prompt=prompt, images=imgs, max_tokens=16)
-    assert dp2.output_ids == dp1.output_ids and dp2.output_ids
+    rows, _ = stages.encode(server.grpc_url, pre)
+    whole = VisionEncoder(EncoderConfig(model_path=tiny_model)).encode(pre["_PIXEL_VALUES"], grid).numpy()
+    assert rows.shape == whole.shape == (int(np.prod(grid, axis=1).sum()) // 4, whole.shape[1])
+    np.testing.assert_allclose(rows, whole, rtol=0, atol=1e-5)
+    answer = stream(server.grpc_url, prompt=prompt, images=imgs, max_tokens=16)
+    assert answer.output_ids == reference_generate(tiny_model, prompt, imgs, max_new_tokens=16)
 
 
 def test_encode_metrics_show_the_split_over_the_replicas(server):
@@ -81,18 +69,3 @@ def test_eight_concurrent_clients_with_many_images_all_complete_correctly(server
                                 requests))
     assert [a.output_ids for a in answers] == expected
     assert all(a.finish_reason in ("stop", "length") for a in answers)
-
-
-def test_with_the_cache_off_a_repeat_is_encoded_again(dp1_server):
-    """`embedding_cache_mb` 0 (this fixture's deployment): no hits, the same ids."""
-    def encoded():
-        with grpcclient.InferenceServerClient(dp1_server.grpc_url) as client:
-            stats = client.get_inference_statistics("vision_encoder", as_json=True)["model_stats"]
-        return sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats)
-
-    imgs = images(2, seed=77)
-    first = stream(dp1_server.grpc_url, prompt="Compare the pictures.", images=imgs, max_tokens=8)
-    before = encoded()
-    again = stream(dp1_server.grpc_url, prompt="Compare the pictures.", images=imgs, max_tokens=8)
-    assert again.output_ids == first.output_ids and encoded() > before
-    assert server_metric(dp1_server, "triton_vlm_embedding_cache_hits_total", 'tier="local"') == 0

@@ -1,21 +1,18 @@
-"""GLM-4.1V through the real server, in every deployment mode, against transformers' own `generate` on a
-tiny checkpoint: colocated with encoder DP 2 (a request's images split over two replicas), tensor
-parallelism 2 (the fused gate/up split by rank), and E/PD with one language server and two encoder
-servers. GLM-4.5V (MoE): `test_glm4v_moe.py`."""
+"""GLM-4.1V through the real server against transformers' own `generate` on a tiny checkpoint, in both of
+`families.family_deployments`: colocated (encoder DP 2 and tensor parallelism 2, the fused gate/up split
+by rank) and E/PD over gRPC. GLM-4.5V (MoE): `test_glm4v_moe.py`."""
 
 from __future__ import annotations
 
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.conftest import make_image
+from tests.conftest import make_image, server_metric
 from tests.integration.families import CASES, PROMPT, assert_every_mode_equals, images
 from triton_vlm_clients.client import stream
 
 FAMILY = "glm4v"
-COLOCATED = {"dp2": dict(encoder_dp=2, embedding_cache_mb=0, enable_prefix_caching=False),
-             "tp2": dict(encoder_dp=1, tensor_parallel=2)}
-EPD = {"epd": {}}
+EPD_TRANSPORT = "grpc"
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -25,8 +22,25 @@ def test_every_mode_equals_transformers(family_servers, family_expected, case):
 
 def test_an_image_too_small_for_glm_is_refused_and_the_server_keeps_serving(family_servers, family_expected):
     """GLM's resize rule needs both sides of at least 28 pixels: a 20x300 image is that request's error."""
-    server = family_servers["dp2"]
+    server = family_servers["colocated"]
     with pytest.raises(grpcclient.InferenceServerException, match=r"image 0 \(20x300\) cannot be used"):
         stream(server.grpc_url, prompt=PROMPT, images=[make_image(20, 300)], max_tokens=4)
     answer = stream(server.grpc_url, prompt=PROMPT, images=images("one-image"), max_tokens=12)
     assert answer.output_ids == family_expected["one-image"]
+
+
+def image_encoder_requests(server) -> int:
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        stats = client.get_inference_statistics("image_encoder", as_json=True)["model_stats"]
+    return sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats)
+
+
+def test_a_language_server_without_a_cache_sends_a_repeated_image_again(family_servers):
+    """`embedding_cache_mb` 0 (the E/PD server's): no hits, the file goes to the encoder server again, and
+    the ids are the same."""
+    epd, fresh = family_servers["epd"], images("two-sizes", seed=70)
+    first = stream(epd.grpc_url, prompt=PROMPT, images=fresh, max_tokens=8)
+    before = image_encoder_requests(family_servers["colocated"])
+    again = stream(epd.grpc_url, prompt=PROMPT, images=fresh, max_tokens=8)
+    assert again.output_ids == first.output_ids and image_encoder_requests(family_servers["colocated"]) > before
+    assert server_metric(epd, "triton_vlm_embedding_cache_hits_total", 'tier="local"') == 0

@@ -1,6 +1,6 @@
-"""GLM-4.5V (MoE) through the real server against transformers' own `generate` on a tiny checkpoint: two
-tensor-parallel ranks (each holding a slice of every routed and shared expert) with two encoder
-replicas, and E/PD with one language server and two encoder servers."""
+"""GLM-4.5V (MoE) through the real server against transformers' own `generate` on a tiny checkpoint, in
+both of `families.family_deployments`: colocated (two tensor-parallel ranks, each holding a slice of every
+routed and shared expert, and two encoder replicas) and E/PD over shared memory."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 from tests.integration.families import CASES, assert_every_mode_equals
 
 FAMILY = "glm4v_moe"
-COLOCATED = {"tp2": dict(encoder_dp=2, tensor_parallel=2, embedding_cache_mb=0)}
-EPD = {"epd": {}}
+EPD_TRANSPORT = "shm"
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -18,8 +18,8 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import make_image, wait_until
+from tests.integration.serve import serving
 from triton_vlm.deploy.deployment import Deployment
-from triton_vlm.deploy.server import TritonServer
 from triton_vlm.serving.supervisor import stub_model
 from triton_vlm_clients.client import stream
 
@@ -56,15 +56,10 @@ def _stubs(server, model: str) -> set[int]:
 @pytest.fixture(scope="module")
 def own_server(tiny_model, tmp_path_factory):
     """A server of its own: the tests below kill its processes, the last one the server itself."""
-    root = tmp_path_factory.mktemp("victim")
-    repo = Deployment(tiny_model, embedding_cache_mb=0,
-                      encoder_dp=2, encoder_threads=1, minimal=True).render(root / "repository")
-    triton = TritonServer(repo, graceful_stop=False, log_file=root / "tritonserver.log",
-                          env={**os.environ, "TRITON_VLM_ALLOW_PRIVATE_URLS": "1"})  # for the dripping server
-    try:
-        yield triton.start().wait_ready(timeout_s=300)
-    finally:
-        triton.stop()
+    deployment = Deployment(tiny_model, embedding_cache_mb=0, encoder_dp=2, encoder_threads=1, minimal=True)
+    with serving((deployment, tmp_path_factory.mktemp("victim")),
+                 env={**os.environ, "TRITON_VLM_ALLOW_PRIVATE_URLS": "1"}) as server:  # for the dripping server
+        yield server
 
 
 class _Drip(http.server.BaseHTTPRequestHandler):

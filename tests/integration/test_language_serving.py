@@ -13,10 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.conftest import make_image, server_metric, wait_until
+from tests.integration.serve import serving
 from tests.integration.test_prefix_caching import prefix_counts
 from tests.reference import reference_generate
 from triton_vlm.deploy.deployment import Deployment
-from triton_vlm.deploy.server import TritonServer
 from triton_vlm_clients.client import stream
 
 CASES = {"text-only": [], "one-image": [(640, 480)], "three-images": [(300, 200), (800, 600), (200, 500)]}
@@ -29,13 +29,8 @@ def _tp_workers() -> set[int]:
 
 @pytest.fixture(scope="module")
 def tp2_server(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tp2")
-    repo = Deployment(tiny_model, tensor_parallel=2, minimal=True).render(root / "repository")
-    triton = TritonServer(repo, graceful_stop=False, log_file=root / "tritonserver.log")
-    try:
-        yield triton.start().wait_ready(timeout_s=300)
-    finally:
-        triton.stop()
+    with serving((Deployment(tiny_model, tensor_parallel=2, minimal=True), tmp_path_factory.mktemp("tp2"))) as server:
+        yield server
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -1,6 +1,7 @@
-"""Qwen3-VL-MoE through the real server against transformers' own `generate` on a tiny checkpoint: two
-tensor-parallel ranks (each holding a slice of every expert) with two encoder replicas, and E/PD with
-one language server and two encoder servers."""
+"""Qwen3-VL-MoE through the real server against transformers' own `generate` on a tiny checkpoint, in both
+of `families.family_deployments`: colocated (two tensor-parallel ranks, each holding a slice of every
+expert, and two encoder replicas) and E/PD, its deepstack features coming back by shared memory (the
+dense Qwen3-VL's by gRPC)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,7 @@ import pytest
 from tests.integration.families import CASES, assert_every_mode_equals
 
 FAMILY = "qwen3_vl_moe"
-COLOCATED = {"tp2": dict(encoder_dp=2, tensor_parallel=2, embedding_cache_mb=0)}
-EPD = {"epd": {}}
+EPD_TRANSPORT = "shm"
 
 
 @pytest.mark.parametrize("case", CASES)

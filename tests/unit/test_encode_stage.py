@@ -59,6 +59,20 @@ def test_an_unreachable_encoder_server_is_reported_and_the_local_replicas_take_o
     remote.close()
 
 
+def test_the_servers_of_a_watched_list_are_probed_at_start_too(tiny_model, parts, tmp_path):
+    encoder, _, _ = parts
+    dead, urls = f"127.0.0.1:{free_port()}", tmp_path / "encoders.txt"
+    urls.write_text(f"{dead}  # nothing listens here\n")
+    warnings, lists = [], []
+    config = EncodeConfig(model_path=tiny_model, encoder_urls_file=str(urls), encoder_timeout_s=2)
+    stage, remote = encode_stage(config, encoder.family, encoder.encode, warn=warnings.append, info=lists.append)
+    assert warnings == [f"encoder server {dead} is unreachable at start; its shards go to the other encoders or "
+                        "the local encoder"]
+    assert remote.state() == {dead: (0, False)}
+    stage.shutdown()
+    remote.close()
+
+
 def test_an_encoder_servers_stage_encodes_files_as_preprocess_and_one_encoder_do(tiny_model, parts):
     """`image_encoder`'s stage: layouts from the headers, the files decoded and split over the replicas,
     the same rows as preprocess + one encoder; a bad file or too many files fail that request alone."""

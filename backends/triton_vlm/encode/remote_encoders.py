@@ -42,6 +42,15 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 AFFINITY_KEYS = 65536  # image keys remembered for cache-aware routing
 
 
+def read_urls_file(path: str) -> list[str] | None:
+    """An encoder list file: one HOST:PORT per line, # comments. None while it cannot be read."""
+    try:
+        lines = open(path).read().splitlines()  # noqa: SIM115 (read at once)
+    except OSError:
+        return None
+    return [u for u in (line.split("#")[0].strip() for line in lines) if u]
+
+
 class RemoteEncoders:
     def __init__(self, urls: list[str], fallback: Callable[[Images], torch.Tensor] | None = None,
                  timeout_s: float = 60.0, retry_after_s: float = 5.0, local_below: int = 0,
@@ -71,19 +80,12 @@ class RemoteEncoders:
             self.urls = list(dict.fromkeys(urls))
 
     def watch(self, path: str, on_change: Callable[[list[str]], None], interval_s: float = 1.0) -> threading.Thread:
-        """Poll `path` (one HOST:PORT per line, # comments); on a change, `set_urls` and then `on_change`."""
-
-        def read() -> list[str] | None:
-            try:
-                lines = open(path).read().splitlines()  # noqa: SIM115 (read at once)
-            except OSError:
-                return None
-            return [u for u in (line.split("#")[0].strip() for line in lines) if u]
+        """Poll `path` (`read_urls_file`); on a change, `set_urls` and then `on_change`."""
 
         def loop() -> None:
             last = None
             while True:
-                urls = read()
+                urls = read_urls_file(path)
                 if urls is not None and urls != last:
                     last = urls
                     self.set_urls(urls)

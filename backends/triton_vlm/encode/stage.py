@@ -14,7 +14,7 @@ from ..preprocess.image_inputs import ImageProcessing, Images
 from ..preprocess.images import ImageLimits, open_image
 from .dispatch import ShardedEncode, even
 from .embedding_cache import EmbeddingCache
-from .remote_encoders import RemoteEncoders
+from .remote_encoders import RemoteEncoders, read_urls_file
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ def encode_stage(config: EncodeConfig, family: Family, encode_on_replicas: Calla
         remote = RemoteEncoders(config.remote_encoders, fallback=fallback, timeout_s=config.encoder_timeout_s,
                                 local_below=config.local_encode_below, transport=config.encoder_transport,
                                 embedding_bytes=lambda images: family.embedding_bytes(images.layout))
+        listed = read_urls_file(config.encoder_urls_file) if config.encoder_urls_file else None
+        if listed is not None:  # a watched file's list replaces the URLs, and is probed at start too
+            remote.set_urls(listed)
         elsewhere = "the other encoders or the local encoder" if fallback else "the others"
         for url, ready in remote.probe().items():
             if not ready:

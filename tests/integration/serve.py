@@ -1,0 +1,29 @@
+"""The one way the integration tests start servers: deployments (or rendered repositories) on free
+ports, started together, waited for, and always stopped."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from triton_vlm.deploy.deployment import Deployment
+from triton_vlm.deploy.server import TritonServer
+
+
+@contextlib.contextmanager
+def serving(*what: tuple[Deployment | Path, Path], ready_s: float = 300, **server_args):
+    """Started, ready tritonservers, one per (deployment or repository, root): each one's repository and
+    log under its root, `server_args` for `TritonServer` (env, executable). -> the server, or a list of
+    them for several. All are started before any is waited for, and all stopped after (no graceful
+    drain: nothing outlives a test module)."""
+    with contextlib.ExitStack() as stack:
+        servers = []
+        for deployment, root in what:
+            root.mkdir(parents=True, exist_ok=True)
+            repo = deployment.render(root / "repository") if isinstance(deployment, Deployment) else deployment
+            server = TritonServer(repo, graceful_stop=False, log_file=root / "tritonserver.log", **server_args)
+            stack.callback(server.stop)
+            servers.append(server.start())
+        for server in servers:
+            server.wait_ready(timeout_s=ready_s)
+        yield servers[0] if len(servers) == 1 else servers
