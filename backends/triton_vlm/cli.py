@@ -36,10 +36,8 @@ def _deployment(args):
         return Deployment(ensure_model(args.model), encoder_dp=args.encoder_dp, encoder_threads=args.encoder_threads,
                           gpus=_gpus(args.gpus), tensor_parallel=args.tp, mode=args.mode,
                           encoder_urls=tuple(args.encoder_urls or ()), encoder_urls_file=args.encoder_urls_file,
-                          encoder_fallback=args.encoder_fallback, local_encode_below=args.local_encode_below,
-                          encoder_transport=args.encoder_transport, minimal=args.minimal,
-                          embedding_cache_mb=args.embedding_cache_mb, embedding_cache_redis=args.embedding_cache_redis,
-                          dtype=args.dtype, **{name: getattr(args, name) for name in Deployment.LANGUAGE_KNOBS})
+                          minimal=args.minimal, dtype=args.dtype,
+                          **{name: getattr(args, name) for name in Deployment.KNOBS})
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
 
@@ -126,18 +124,22 @@ def _client(module: str, argv: list[str]) -> int:
     return subprocess.call([sys.executable, "-m", f"triton_vlm_clients.{module}", *argv])
 
 
-def _language_knobs(p: argparse.ArgumentParser) -> None:
-    """--max-num-seqs etc.: one flag per `serve` knob of `LanguageConfig`, with its help and default."""
-    from .config import LanguageConfig, serve_knobs
+def _knobs(p: argparse.ArgumentParser) -> None:
+    """--encoder-transport, --max-num-seqs etc.: one flag per knob (`config.knob`) of the encode stage and the
+    language engine, with its help, choices and default."""
+    from .config import CHOICES, LANGUAGE_MODE
+    from .deploy.deployment import Deployment
 
-    for f in serve_knobs(LanguageConfig):
+    for f in Deployment.KNOBS.values():
         flag, kind = f"--{f.name.replace('_', '-')}", type(f.default)
-        default = f"default: the repository's, {({True: 'on', False: 'off'}.get(f.default, f.default))}"
+        shown = ("on" if f.default else "off") if kind is bool else (f.default if f.default != "" else "none")
+        mode = "language mode: " if f.metadata[LANGUAGE_MODE] else ""
+        help = f"{mode}{f.metadata['serve']} (default: the repository's, {shown}"
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                           help=f"{f.metadata['serve']} ({default}; --no-{flag[2:]} turns it off)")
+                           help=f"{help}; --no-{flag[2:]} turns it off)")
         else:
-            p.add_argument(flag, type=kind, help=f"{f.metadata['serve']} ({default})")
+            p.add_argument(flag, type=kind, choices=f.metadata[CHOICES] or None, help=f"{help})")
 
 
 def _deployment_args(p: argparse.ArgumentParser) -> None:
@@ -152,24 +154,12 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-urls", nargs="+", metavar="HOST:PORT", help="gRPC addresses of encoder servers")
     p.add_argument("--encoder-urls-file", help="language mode: a file of encoder addresses, one a line, "
                    "re-read every second: edit it to add or remove encoders while serving")
-    p.add_argument("--encoder-fallback", choices=["local", "none"], default="local",
-                   help="language mode: encode here when every encoder server fails (default local)")
-    p.add_argument("--encoder-transport", choices=["auto", "grpc", "shm"], default="auto",
-                   help="language mode: how embeddings come back; auto: system shared memory from encoders "
-                   "on loopback addresses, gRPC tensors from the others (default auto)")
-    p.add_argument("--local-encode-below", type=int, default=0, metavar="ROWS",
-                   help="language mode: encode requests with fewer pixel rows (patches; InternVL: tiles) here, "
-                   "not on the encoder servers (default 0: send every image request out)")
     p.add_argument("--tp", type=int, help="tensor-parallel ranks of the language model (default 1); "
                    "gloo on CPU, NCCL on GPUs")
     p.add_argument("--minimal", action="store_true", help="only the models the streaming `vlm` needs: no "
                    "`vlm_unary` (plain infer() callers) and, colocated, no `image_encoder` (serving as another "
                    "server's encoder); fewer processes, faster start")
-    p.add_argument("--embedding-cache-mb", type=int, help="image embeddings the encode stage keeps by image "
-                   "content, so a repeated image skips the encoder (default: the repository's, 512; 0: off)")
-    p.add_argument("--embedding-cache-redis", default="", metavar="redis://HOST:PORT", help="a Redis that "
-                   "language servers share embeddings through (a slow or absent Redis is bypassed, never an error)")
-    _language_knobs(p)
+    _knobs(p)
     p.add_argument("--gpus", default="auto", help="GPU ids for the encoder replicas, e.g. 0,1; 'none' for CPU "
                    "(default: every visible GPU, else CPU)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=None,

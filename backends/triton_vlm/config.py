@@ -100,6 +100,37 @@ class EncoderConfig:
         return config
 
 
+SERVE = "serve"  # field metadata: a knob `triton-vlm serve` takes as a flag, its value its help
+CHOICES = "choices"  # field metadata: the values a knob takes (checked when the config is built)
+MODELS = "models"  # field metadata: the repository's models whose parameters carry the knob
+LANGUAGE_MODE = "language_mode"  # field metadata: a knob of E/PD language servers (`--mode language`) only
+
+
+def knob(default, help: str, models: tuple[str, ...], choices: tuple = (), language_mode: bool = False):
+    """A field that `triton-vlm serve` takes as a flag and `Deployment` as a field (`serve_knobs`): declared
+    once, here, with its default, its help, its choices and the models that get it."""
+    return field(default=default, metadata={SERVE: help, MODELS: models, CHOICES: choices,
+                                            LANGUAGE_MODE: language_mode})
+
+
+def serve_knobs(cls) -> list:
+    """The fields of `cls` that are `serve` flags (and `Deployment` fields), in declaration order."""
+    return [f for f in fields(cls) if SERVE in f.metadata]
+
+
+def _check_knobs(config) -> None:
+    for f in serve_knobs(type(config)):
+        value = getattr(config, f.name)
+        if f.metadata[CHOICES] and value not in f.metadata[CHOICES]:
+            raise ValueError(f"{f.name} must be one of {', '.join(map(str, f.metadata[CHOICES]))}, got {value!r}")
+        if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            raise ValueError(f"{f.name} must be >= 0, got {value}")
+
+
+_ENCODE = ("encode",)
+_CACHE = ("encode", "image_encoder")  # an E/PD encoder server's image_encoder keeps embeddings too
+
+
 @dataclass(frozen=True)
 class EncodeConfig:
     """The encode stage: how many shards a request's images may be split into (= vision_encoder instances)."""
@@ -108,12 +139,23 @@ class EncodeConfig:
     data_parallel: int = 1
     encoder_urls: str = ""  # E/PD: comma-separated gRPC addresses of encoder servers; "" = encode here
     encoder_urls_file: str = ""  # E/PD: a file listing them, watched while serving (live scaling)
-    encoder_fallback: str = "local"  # local | none: where shards go when every encoder server fails
     encoder_timeout_s: float = 60.0
-    local_encode_below: int = 0  # E/PD: requests with fewer pixel rows (patches; InternVL: tiles) are encoded here
-    encoder_transport: str = "auto"  # E/PD embeddings: auto (shared memory on loopback) | grpc | shm
-    embedding_cache_mb: int = 512  # image embeddings kept by content (0: no local cache)
-    embedding_cache_redis: str = ""  # redis://HOST:PORT: a shared tier behind the local one
+    # The stage's knobs: `serve --encoder-transport` etc. and `Deployment`'s fields come from these (`SERVE`)
+    encoder_fallback: str = knob("local", "encode here when every encoder server fails", _ENCODE,
+                                 choices=("local", "none"), language_mode=True)
+    encoder_transport: str = knob("auto", "how embeddings come back; auto: system shared memory from encoders "
+                                  "on loopback addresses, gRPC tensors from the others", _ENCODE,
+                                  choices=("auto", "grpc", "shm"), language_mode=True)
+    local_encode_below: int = knob(0, "encode requests with fewer pixel rows (patches; InternVL: tiles) here, not "
+                                   "on the encoder servers (0: send every image request out)", _ENCODE,
+                                   language_mode=True)
+    embedding_cache_mb: int = knob(512, "image embeddings kept by image content, so a repeated image skips the "
+                                   "encoder (0: off)", _CACHE)
+    embedding_cache_redis: str = knob("", "redis://HOST:PORT: a Redis that servers share embeddings through (a "
+                                      "slow or absent Redis is bypassed, never an error)", _CACHE)
+
+    def __post_init__(self) -> None:
+        _check_knobs(self)
 
     @property
     def remote_encoders(self) -> list[str]:
@@ -124,12 +166,7 @@ class EncodeConfig:
         return _typed(cls, params, shared, model_path=_model_path(params))
 
 
-SERVE = "serve"  # field metadata: a knob `triton-vlm serve` takes as a flag, its value its help
-
-
-def serve_knobs(cls) -> list:
-    """The fields of `cls` that are `serve` flags (and `Deployment` fields), in declaration order."""
-    return [f for f in fields(cls) if SERVE in f.metadata]
+_LANGUAGE = ("language_model",)
 
 
 @dataclass(frozen=True)
@@ -141,15 +178,14 @@ class LanguageConfig:
     max_model_len: int = 0
     tensor_parallel: int = 1
     # The engine's knobs: `serve --max-num-seqs` etc. and `Deployment`'s fields come from these (`SERVE`)
-    max_num_seqs: int = field(default=8, metadata={SERVE: "sequences prefilled or decoded at once; more wait in "
-                                                          "the queue"})
-    kv_cache_mb: int = field(default=1024, metadata={SERVE: "KV-cache pool per tensor-parallel rank, in MiB; never "
-                                                            "more than --max-num-seqs full-length sequences take"})
-    block_size: int = field(default=16, metadata={SERVE: "tokens per KV-cache block"})
-    max_num_batched_tokens: int = field(default=512, metadata={SERVE: "tokens one engine step computes: running "
-                                        "decodes first, then prompt chunks, so long prompts do not stall streams"})
-    enable_prefix_caching: bool = field(default=True, metadata={SERVE: "reuse the KV blocks of earlier prompts' "
-                                        "equal prefixes, images told apart by content"})
+    max_num_seqs: int = knob(8, "sequences prefilled or decoded at once; more wait in the queue", _LANGUAGE)
+    kv_cache_mb: int = knob(1024, "KV-cache pool per tensor-parallel rank, in MiB; never more than --max-num-seqs "
+                            "full-length sequences take", _LANGUAGE)
+    block_size: int = knob(16, "tokens per KV-cache block", _LANGUAGE)
+    max_num_batched_tokens: int = knob(512, "tokens one engine step computes: running decodes first, then prompt "
+                                       "chunks, so long prompts do not stall streams", _LANGUAGE)
+    enable_prefix_caching: bool = knob(True, "reuse the KV blocks of earlier prompts' equal prefixes, images told "
+                                       "apart by content", _LANGUAGE)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "kv_cache_mb", "block_size", "max_num_batched_tokens", "tensor_parallel"):

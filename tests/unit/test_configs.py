@@ -209,22 +209,43 @@ def test_a_badly_typed_parameter_fails_naming_it(key, value, message):
     assert not config_module.LanguageConfig.from_parameters({"enable_prefix_caching": "False"}).enable_prefix_caching
 
 
-def test_serve_flags_of_the_language_knobs_come_from_its_config_and_reach_the_repository(tmp_path, capsys):
-    """`LanguageConfig` declares each engine knob once (default and help); `serve`/`render` take it as a flag,
-    `Deployment` as a field, and the rendered language_model gets it."""
+def test_serve_flags_of_the_knobs_come_from_their_configs_and_reach_the_repository(tmp_path, capsys):
+    """`EncodeConfig` and `LanguageConfig` declare each knob once (default, help, choices, the models that
+    get it); `serve`/`render` take it as a flag, `Deployment` as a field, and the rendered models get it."""
     from triton_vlm import cli
     from triton_vlm.models.tiny_model import make_tiny_model
 
-    knobs = [f.name for f in config_module.serve_knobs(config_module.LanguageConfig)]
-    assert set(knobs) == {"max_num_seqs", "kv_cache_mb", "block_size", "max_num_batched_tokens",
-                          "enable_prefix_caching"} == set(Deployment.LANGUAGE_KNOBS)
-    assert set(knobs) <= set(Deployment.__dataclass_fields__)
+    language_knobs = [f.name for f in config_module.serve_knobs(config_module.LanguageConfig)]
+    encode_knobs = [f.name for f in config_module.serve_knobs(config_module.EncodeConfig)]
+    assert set(language_knobs) == {"max_num_seqs", "kv_cache_mb", "block_size", "max_num_batched_tokens",
+                                   "enable_prefix_caching"}
+    assert set(encode_knobs) == {"encoder_fallback", "encoder_transport", "local_encode_below", "embedding_cache_mb",
+                                 "embedding_cache_redis"}
+    assert [*encode_knobs, *language_knobs] == list(Deployment.KNOBS)
+    assert set(Deployment.KNOBS) <= set(Deployment.__dataclass_fields__)
     model = make_tiny_model(tmp_path / "model")
     assert cli.main(["render", str(tmp_path / "repo"), "--model", str(model), "--gpus", "none", "--max-num-seqs",
-                     "4", "--kv-cache-mb", "64", "--no-enable-prefix-caching"]) == 0
+                     "4", "--kv-cache-mb", "64", "--no-enable-prefix-caching", "--embedding-cache-mb", "32",
+                     "--embedding-cache-redis", "redis://Cache-Host:6379"]) == 0
     language = _load(tmp_path / "repo" / "language_model" / "config.pbtxt").parameters
     assert (language["max_num_seqs"].string_value, language["kv_cache_mb"].string_value,
             language["enable_prefix_caching"].string_value, language["block_size"].string_value) == (
         "4", "64", "false", "16")  # not given: the repository's
+    for model_name in ("encode", "image_encoder"):  # the cache's knobs go to both
+        params = _load(tmp_path / "repo" / model_name / "config.pbtxt").parameters
+        assert (params["embedding_cache_mb"].string_value, params["embedding_cache_redis"].string_value) == (
+            "32", "redis://Cache-Host:6379")
+    assert cli.main(["render", str(tmp_path / "epd"), "--model", str(model), "--gpus", "none", "--mode", "language",
+                     "--encoder-urls", "h1:1", "--encoder-transport", "grpc", "--local-encode-below", "300"]) == 0
+    encode = _load(tmp_path / "epd" / "encode" / "config.pbtxt").parameters
+    assert (encode["encoder_transport"].string_value, encode["local_encode_below"].string_value,
+            encode["encoder_fallback"].string_value) == ("grpc", "300", "local")
     with pytest.raises(SystemExit, match="max_num_batched_tokens"):
         cli.main(["render", str(tmp_path / "repo2"), "--model", str(model), "--max-num-batched-tokens", "4"])
+    with pytest.raises(SystemExit):  # argparse: not one of the knob's choices
+        cli.main(["render", str(tmp_path / "repo3"), "--model", str(model), "--encoder-transport", "pigeon"])
+    assert "invalid choice: 'pigeon'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="encoder_transport must be one of auto, grpc, shm, got 'pigeon'"):
+        Deployment(model, mode="language", encoder_urls=("h1:1",), encoder_transport="pigeon")
+    with pytest.raises(ValueError, match="embedding_cache_mb must be >= 0"):
+        Deployment(model, embedding_cache_mb=-1)

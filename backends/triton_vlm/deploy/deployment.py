@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import LanguageConfig, serve_knobs
+from ..config import LANGUAGE_MODE, MODELS, EncodeConfig, LanguageConfig, serve_knobs
 from ..models import family_class
 from .launcher import MODEL_CONTROL
 from .repository import COMMITTED, render
@@ -28,13 +28,14 @@ class Deployment:
     mode: str = "colocated"  # colocated | encoder (image_encoder + vision_encoder only) | language (E/PD)
     encoder_urls: tuple[str, ...] = ()  # language mode: gRPC addresses of the encoder servers
     encoder_urls_file: str | None = None  # language mode: a file listing them, watched (live scaling)
-    encoder_fallback: str = "local"  # language mode: local | none
-    local_encode_below: int = 0  # language mode: requests with fewer pixel rows (patches, tiles) are encoded here
-    encoder_transport: str = "auto"  # language mode: embeddings by shm on loopback (auto) | grpc | shm
     minimal: bool = False  # only what `vlm` needs: no vlm_unary, and (colocated) no image_encoder
-    embedding_cache_mb: int | None = None  # the encode stage's embedding cache (0: none; None: the repository's)
-    embedding_cache_redis: str = ""  # redis://HOST:PORT: the cache's shared tier
-    # the language model's KV cache and batching (None: the repository's); vLLM's names
+    # the knobs (`config.knob`; None: the repository's): the encode stage's, E/PD's and its embedding cache
+    encoder_fallback: str | None = None
+    encoder_transport: str | None = None
+    local_encode_below: int | None = None
+    embedding_cache_mb: int | None = None
+    embedding_cache_redis: str | None = None
+    # the language model's KV cache and batching; vLLM's names
     block_size: int | None = None
     kv_cache_mb: int | None = None
     max_num_seqs: int | None = None
@@ -45,22 +46,19 @@ class Deployment:
 
     DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-    LANGUAGE_KNOBS = tuple(f.name for f in serve_knobs(LanguageConfig))  # a field each, above
+    KNOBS = {f.name: f for config in (EncodeConfig, LanguageConfig) for f in serve_knobs(config)}  # a field each
 
     def __post_init__(self) -> None:
         if self.mode not in ("colocated", "encoder", "language"):
             raise ValueError(f"mode must be colocated, encoder or language, got {self.mode!r}")
         if (self.mode == "language") != bool(self.encoder_urls or self.encoder_urls_file):
             raise ValueError("--encoder-urls/--encoder-urls-file go with --mode language, which needs one of them")
-        if self.encoder_fallback not in ("local", "none"):
-            raise ValueError(f"encoder_fallback must be local or none, got {self.encoder_fallback!r}")
-        if self.local_encode_below and (self.mode != "language" or self.encoder_fallback != "local"):
+        # the knobs' own rules (choices, ranges), checked here rather than when the server loads them
+        encode = EncodeConfig(**self._knobs(EncodeConfig))
+        LanguageConfig(**self._knobs(LanguageConfig))
+        if encode.local_encode_below and (self.mode != "language" or encode.encoder_fallback != "local"):
             raise ValueError("--local-encode-below needs --mode language and the local encoder "
                              "(--encoder-fallback local)")
-        if self.encoder_transport not in ("auto", "grpc", "shm"):
-            raise ValueError(f"encoder_transport must be auto, grpc or shm, got {self.encoder_transport!r}")
-        if self.embedding_cache_mb is not None and self.embedding_cache_mb < 0:
-            raise ValueError(f"embedding_cache_mb must be >= 0, got {self.embedding_cache_mb}")
         if self.encoder_dp is not None and self.encoder_dp < 1:
             raise ValueError(f"encoder_dp must be >= 1, got {self.encoder_dp}")
         if self.tensor_parallel is not None and self.tensor_parallel < 1:
@@ -71,11 +69,13 @@ class Deployment:
             raise ValueError(f"dtype must be one of {', '.join(self.DTYPES)}, got {self.dtype!r}")
         if self.encoder_threads is not None and self.encoder_threads < 0:
             raise ValueError(f"encoder_threads must be >= 0, got {self.encoder_threads}")
-        # the language model's own rules, checked here rather than when the server loads it
-        LanguageConfig(**{name: getattr(self, name) for name in self.LANGUAGE_KNOBS if getattr(self, name) is not None})
         config = Path(self.model) / "config.json"
         if config.exists():  # a family we do not serve fails here, not inside the server's model loads
             family_class(json.loads(config.read_text()).get("model_type"))
+
+    def _knobs(self, config) -> dict:
+        """The knobs of `config` this deployment sets."""
+        return {f.name: getattr(self, f.name) for f in serve_knobs(config) if getattr(self, f.name) is not None}
 
     def encoder_groups(self, count: int) -> list[dict]:
         """`count` instances: KIND_CPU, or KIND_GPU spread as evenly as possible over the GPUs."""
@@ -96,12 +96,6 @@ class Deployment:
             groups["image_encoder"] = [{"count": max(2, dp), "kind": "KIND_CPU"}]
         if self.encoder_threads is not None:
             parameters["vision_encoder"]["threads"] = str(self.encoder_threads)
-        if self.embedding_cache_mb is not None:
-            parameters["encode"]["embedding_cache_mb"] = str(self.embedding_cache_mb)
-            parameters["image_encoder"]["embedding_cache_mb"] = str(self.embedding_cache_mb)
-        if self.embedding_cache_redis:
-            parameters["encode"]["embedding_cache_redis"] = self.embedding_cache_redis
-            parameters["image_encoder"]["embedding_cache_redis"] = self.embedding_cache_redis
         if self.gpus:
             parameters["language_model"]["device"] = f"cuda:{self.gpus[0]}"
             # the stubs that take embeddings on the GPU (from the replicas by BLS; from `encode` as an
@@ -112,16 +106,15 @@ class Deployment:
             parameters["vision_encoder"]["dtype"] = parameters["language_model"]["dtype"] = self.dtype
         if self.tensor_parallel is not None:
             parameters["language_model"]["tensor_parallel"] = str(self.tensor_parallel)
-        for name in self.LANGUAGE_KNOBS:
-            if getattr(self, name) is not None:
-                parameters["language_model"][name] = str(getattr(self, name)).lower()
+        for name, f in self.KNOBS.items():  # E/PD's own (LANGUAGE_MODE) only on its language servers
+            if getattr(self, name) is not None and (self.mode == "language" or not f.metadata[LANGUAGE_MODE]):
+                value = getattr(self, name)
+                for model in f.metadata[MODELS]:
+                    parameters[model][name] = str(value).lower() if isinstance(value, bool) else str(value)
         if self.mode == "language":
             parameters["encode"].update(encoder_urls=",".join(self.encoder_urls),
                                         encoder_urls_file=str(Path(self.encoder_urls_file).resolve())
-                                        if self.encoder_urls_file else "",
-                                        encoder_fallback=self.encoder_fallback,
-                                        local_encode_below=str(self.local_encode_below),
-                                        encoder_transport=self.encoder_transport)
+                                        if self.encoder_urls_file else "")
             parameters["preprocess"]["image_processing"] = "remote"  # the files go to the encoder servers
         repo = render(dest, self.model, parameters, source, groups)
         # a colocated server keeps image_encoder: other language servers may use it as their encoder
