@@ -102,3 +102,21 @@ def test_an_unsupported_family_fails_clearly_naming_the_supported_ones(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
     with pytest.raises(ValueError, match=f"'llava' is not supported; supported families: {', '.join(FAMILIES)}$"):
         load_family(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_every_family_has_every_member_the_interface_declares(model_type, tmp_path):
+    """What `Family` declares, each registered family has once it has loaded its checkpoint's config (some
+    members come from it: `hidden_size`, InternVL's `decoder_spec`), and its tiny-checkpoint companion all
+    that `TinyCheckpoint` declares, before any checkpoint exists."""
+    from triton_vlm.models import family_class
+    from triton_vlm.models.family import Family, TinyCheckpoint
+
+    cls = family_class(model_type)
+    family = load_family(make_tiny_model(tmp_path / "model", family=model_type))
+    assert type(family) is cls and cls.model_type == model_type
+    missing = [name for name in Family.__annotations__ if not hasattr(family, name)]
+    assert not missing, f"{cls.__name__} lacks {missing}"
+    tiny = cls.tiny
+    assert issubclass(tiny, TinyCheckpoint) and tiny.write is not TinyCheckpoint.write
+    assert all(hasattr(tiny, name) for name in TinyCheckpoint.__annotations__), tiny.__name__

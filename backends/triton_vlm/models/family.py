@@ -30,15 +30,11 @@ class Family:
     model_type: str  # config.json's model_type
     image_token_id: int  # the prompt token the image embeddings replace
     image_placeholder: str  # the chat template's text for one image, before expansion
-    chat_template: str  # the tiny checkpoints' chat template (the real one, for the parts we use)
-    special_tokens: tuple[str, ...]  # the tiny checkpoints' tokenizer: its special tokens,
-    eos_token: str  # end of turn,
-    pad_token: str  # and padding
-    tokenizer_extras: dict = {}  # and its named special tokens (`extra_special_tokens`) a processor reads
     hidden_size: int  # the language model's width: one embedding row
     extra_features: int = 0  # hidden-wide feature blocks that ride with each embedding row
     max_model_len: int
     decoder_spec: DecoderSpec  # what its decoder is built from: rotary, attention options, each layer's MLP
+    tiny: type[TinyCheckpoint]  # how `triton-vlm make-tiny-model` writes a random checkpoint of it
 
     def __init__(self, model_path: str | Path) -> None:
         self.path = Path(model_path)
@@ -129,11 +125,21 @@ class Family:
         """The language model's config (sizes for the KV-cache budget: layers, kv heads, head_dim)."""
         raise NotImplementedError
 
-    # --- the tiny checkpoint (`triton-vlm make-tiny-model`; tests and benchmarks) ---------------------
+
+class TinyCheckpoint:
+    """A family's companion for tests and benchmarks (`triton-vlm make-tiny-model`, `tiny_model.py`): the
+    tokenizer of its random checkpoints (`special_tokens`, `eos_token`, `pad_token`, `tokenizer_extras`,
+    and the real chat template for the parts we use), and `write`. Serving never reads it."""
+
+    chat_template: str
+    special_tokens: tuple[str, ...]
+    eos_token: str  # end of turn
+    pad_token: str
+    tokenizer_extras: dict = {}  # named special tokens (`extra_special_tokens`) a processor reads
+
     @classmethod
-    def write_tiny(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
-        """Write a random checkpoint of this family to `out`: its real config class and parameter names,
+    def write(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
+        """Write a random checkpoint of the family to `out`: its real config class and parameter names,
         `ids` (the tokenizer's ids of `special_tokens`) where the config names tokens, and a slow image
-        processor config. `chat_template`, `special_tokens`, `eos_token`, `pad_token` and `tokenizer_extras`
-        make its tokenizer (`tiny_model.py`)."""
+        processor config."""
         raise NotImplementedError

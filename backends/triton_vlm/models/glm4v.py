@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .family import TinyCheckpoint
 from .grid import PatchGridFamily
 from .layers import DecoderSpec, dense_mlp
 from .moe import SharedMoE
@@ -51,38 +52,16 @@ MOE = dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_
            topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0)
 
 
-class Glm4v(PatchGridFamily):
-    model_type = "glm4v"
-    image_placeholder = "<|image|>"
+class Glm4vTiny(TinyCheckpoint):
     chat_template = GLM4V_TEMPLATE
     special_tokens = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
                       "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
                       "<|begin_of_video|>", "<|end_of_video|>", "<|image|>", "<|video|>", "<think>", "</think>")
     eos_token, pad_token = "<|endoftext|>", "<|endoftext|>"
-    moe = False  # the tiny checkpoint's config (`write_tiny`)
-    # GLM's partial M-RoPE; MLPs hold gate and up as one gate_up_proj; norms after attention and MLP too
-    decoder_spec = DecoderSpec(RotarySpec("glm4v.modeling_glm4v", "Glm4vTextRotaryEmbedding",
-                                          "apply_multimodal_rotary_pos_emb"), qkv_bias=True,
-                               mlp=functools.partial(dense_mlp, fused=True), sandwich_norm=True)
-
-    def layout_from_sizes(self, processor, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
-        from transformers.models.glm4v.image_processing_glm4v import smart_resize
-
-        p, rows = processor, []
-        for width, height in sizes:
-            h, w = smart_resize(p.temporal_patch_size, height, width, temporal_factor=p.temporal_patch_size,
-                                factor=p.patch_size * p.merge_size, min_pixels=p.size["shortest_edge"],
-                                max_pixels=p.size["longest_edge"])
-            rows.append((1, h // p.patch_size, w // p.patch_size))
-        return np.asarray(rows, np.int64).reshape(-1, 3)
-
-    def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
-        from transformers.models.glm4v.modeling_glm4v import Glm4vVisionModel
-
-        return self._vision(Glm4vVisionModel, device, dtype)
+    moe = False  # the checkpoint's config
 
     @classmethod
-    def write_tiny(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
+    def write(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
         """Real config fields and parameter names (`model.visual.*`, `model.language_model.*`), GLM's
         end-of-turn tokens, and a real-style slow processor config (pixel budget as `size`)."""
         import transformers
@@ -117,6 +96,33 @@ class Glm4v(PatchGridFamily):
         }, indent=2) + "\n")
 
 
+class Glm4v(PatchGridFamily):
+    model_type = "glm4v"
+    image_placeholder = "<|image|>"
+    tiny = Glm4vTiny
+    # GLM's partial M-RoPE; MLPs hold gate and up as one gate_up_proj; norms after attention and MLP too
+    decoder_spec = DecoderSpec(RotarySpec("glm4v.modeling_glm4v", "Glm4vTextRotaryEmbedding",
+                                          "apply_multimodal_rotary_pos_emb"), qkv_bias=True,
+                               mlp=functools.partial(dense_mlp, fused=True), sandwich_norm=True)
+
+    def layout_from_sizes(self, processor, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+        from transformers.models.glm4v.image_processing_glm4v import smart_resize
+
+        p, rows = processor, []
+        for width, height in sizes:
+            h, w = smart_resize(p.temporal_patch_size, height, width, temporal_factor=p.temporal_patch_size,
+                                factor=p.patch_size * p.merge_size, min_pixels=p.size["shortest_edge"],
+                                max_pixels=p.size["longest_edge"])
+            rows.append((1, h // p.patch_size, w // p.patch_size))
+        return np.asarray(rows, np.int64).reshape(-1, 3)
+
+    def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers.models.glm4v.modeling_glm4v import Glm4vVisionModel
+
+        return self._vision(Glm4vVisionModel, device, dtype)
+
+
+
 def shared_moe_mlp(config, tp, layer: int) -> torch.nn.Module:
     """GLM-4.5V's layers after the first `first_k_dense_replace` are MoE blocks with transformers' own router
     (sigmoid scores with a correction bias, the best groups, then the top k, renormalized and scaled)."""
@@ -127,9 +133,13 @@ def shared_moe_mlp(config, tp, layer: int) -> torch.nn.Module:
     return SharedMoE(config, tp, Glm4vMoeTextTopkRouter(config))
 
 
+class Glm4vMoeTiny(Glm4vTiny):
+    moe = True
+
+
 class Glm4vMoe(Glm4v):
     model_type = "glm4v_moe"
-    moe = True
+    tiny = Glm4vMoeTiny
     decoder_spec = DecoderSpec(RotarySpec("glm4v_moe.modeling_glm4v_moe", "Glm4vMoeTextRotaryEmbedding",
                                           "apply_multimodal_rotary_pos_emb"), qkv_bias=True, mlp=shared_moe_mlp)
 

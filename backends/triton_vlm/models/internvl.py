@@ -25,7 +25,7 @@ from transformers.models.internvl.modeling_internvl import (
 )
 
 from .decoder import load_decoder
-from .family import Family
+from .family import Family, TinyCheckpoint
 from .layers import DecoderSpec
 from .rotary import RotarySpec
 from .tp import TensorParallel
@@ -87,14 +87,48 @@ class _Vision(nn.Module):
         return self.multi_modal_projector.linear_1.weight.dtype
 
 
-class InternVL(Family):
-    model_type = "internvl"
-    image_placeholder = "<IMG_CONTEXT>"
+class InternVLTiny(TinyCheckpoint):
     chat_template = INTERNVL_TEMPLATE
     special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>")
     eos_token, pad_token = "<|im_end|>", "<|endoftext|>"
     tokenizer_extras = {"extra_special_tokens": {"start_image_token": "<img>", "end_image_token": "</img>",
                                                  "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}}
+
+    @classmethod
+    def write(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
+        """Real config fields and parameter names, a Qwen2 language model, and a real-style slow processor
+        config (tiling off in it, as in the real ones: the combined processor turns it on)."""
+        import json
+
+        from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+        from .tiny_model import INIT_RANGE, generation_config, save_random
+
+        vision, text, side = (dict(SHAPES[size][0]), dict(SHAPES[size][1]), SHAPES[size][2])
+        text.update(model_type="qwen2", vocab_size=vocab_size, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                    initializer_range=INIT_RANGE, tie_word_embeddings=False, bos_token_id=ids["<|endoftext|>"],
+                    eos_token_id=ids["<|im_end|>"])
+        tile_tokens = (side // 14) ** 2 // 4
+        config = InternVLConfig(
+            vision_config=dict(image_size=[side, side], patch_size=[14, 14], initializer_range=INIT_RANGE, **vision),
+            text_config=text, image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=tile_tokens,
+            downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
+            vision_feature_select_strategy="default", tie_word_embeddings=False, torch_dtype="float32")
+        save_random(InternVLForConditionalGeneration, config, out, seed, generation_config(ids))
+        (out / "preprocessor_config.json").write_text(json.dumps({
+            "image_processor_type": "GotOcr2ImageProcessorFast", "crop_to_patches": False, "min_patches": 1,
+            "max_patches": 12, "do_resize": True, "size": {"height": side, "width": side}, "resample": 3,
+            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
+            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+            "processor_class": "InternVLProcessor"}, indent=2) + "\n")
+        (out / "processor_config.json").write_text(json.dumps(
+            {"image_seq_length": tile_tokens, "processor_class": "InternVLProcessor"}, indent=2) + "\n")
+
+
+class InternVL(Family):
+    model_type = "internvl"
+    image_placeholder = "<IMG_CONTEXT>"
+    tiny = InternVLTiny
 
     def __init__(self, model_path: str | Path) -> None:
         super().__init__(model_path)
@@ -182,33 +216,3 @@ class InternVL(Family):
         return load_decoder(self.text_config, self.decoder_spec,
                             lambda take: load_renamed(self.path, TEXT_NAMES, take=take), device, dtype, tp,
                             getattr(self.text_config, "tie_word_embeddings", False))
-
-    @classmethod
-    def write_tiny(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
-        """Real config fields and parameter names, a Qwen2 language model, and a real-style slow processor
-        config (tiling off in it, as in the real ones: the combined processor turns it on)."""
-        import json
-
-        from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-        from .tiny_model import INIT_RANGE, generation_config, save_random
-
-        vision, text, side = (dict(SHAPES[size][0]), dict(SHAPES[size][1]), SHAPES[size][2])
-        text.update(model_type="qwen2", vocab_size=vocab_size, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                    initializer_range=INIT_RANGE, tie_word_embeddings=False, bos_token_id=ids["<|endoftext|>"],
-                    eos_token_id=ids["<|im_end|>"])
-        tile_tokens = (side // 14) ** 2 // 4
-        config = InternVLConfig(
-            vision_config=dict(image_size=[side, side], patch_size=[14, 14], initializer_range=INIT_RANGE, **vision),
-            text_config=text, image_token_id=ids["<IMG_CONTEXT>"], image_seq_length=tile_tokens,
-            downsample_ratio=0.5, projector_hidden_act="gelu", vision_feature_layer=-1,
-            vision_feature_select_strategy="default", tie_word_embeddings=False, torch_dtype="float32")
-        save_random(InternVLForConditionalGeneration, config, out, seed, generation_config(ids))
-        (out / "preprocessor_config.json").write_text(json.dumps({
-            "image_processor_type": "GotOcr2ImageProcessorFast", "crop_to_patches": False, "min_patches": 1,
-            "max_patches": 12, "do_resize": True, "size": {"height": side, "width": side}, "resample": 3,
-            "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_convert_rgb": True,
-            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
-            "processor_class": "InternVLProcessor"}, indent=2) + "\n")
-        (out / "processor_config.json").write_text(json.dumps(
-            {"image_seq_length": tile_tokens, "processor_class": "InternVLProcessor"}, indent=2) + "\n")

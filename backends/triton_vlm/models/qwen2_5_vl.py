@@ -9,39 +9,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .family import TinyCheckpoint
 from .grid import PatchGridFamily
 from .layers import DecoderSpec
 from .rotary import RotarySpec
 from .tiny_model import QWEN2_VL_TEMPLATE
 
 
-class Qwen2_5_VL(PatchGridFamily):
-    model_type = "qwen2_5_vl"
-    image_placeholder = "<|image_pad|>"
+class Qwen2_5_VLTiny(TinyCheckpoint):
     chat_template = QWEN2_VL_TEMPLATE
     special_tokens = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                       "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
     eos_token, pad_token = "<|im_end|>", "<|endoftext|>"
-    decoder_spec = DecoderSpec(RotarySpec("qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLRotaryEmbedding",
-                                          "apply_multimodal_rotary_pos_emb"), qkv_bias=True)
-
-    def layout_from_sizes(self, processor, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-        p, rows = processor, []
-        for width, height in sizes:
-            h, w = smart_resize(height, width, factor=p.patch_size * p.merge_size, min_pixels=p.min_pixels,
-                                max_pixels=p.max_pixels)
-            rows.append((1, h // p.patch_size, w // p.patch_size))
-        return np.asarray(rows, np.int64).reshape(-1, 3)
-
-    def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-        return self._vision(Qwen2_5_VisionTransformerPretrainedModel, device, dtype)
 
     @classmethod
-    def write_tiny(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
+    def write(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
@@ -66,3 +48,26 @@ class Qwen2_5_VL(PatchGridFamily):
         model.save_pretrained(out, safe_serialization=True)
         # A 1280x720 image becomes ~1200 tokens; cap pixels so one image stays cheap on a CPU.
         Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=1280 * 28 * 28).save_pretrained(out)
+
+
+class Qwen2_5_VL(PatchGridFamily):
+    model_type = "qwen2_5_vl"
+    image_placeholder = "<|image_pad|>"
+    tiny = Qwen2_5_VLTiny
+    decoder_spec = DecoderSpec(RotarySpec("qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLRotaryEmbedding",
+                                          "apply_multimodal_rotary_pos_emb"), qkv_bias=True)
+
+    def layout_from_sizes(self, processor, sizes: Sequence[tuple[int, int]]) -> np.ndarray:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        p, rows = processor, []
+        for width, height in sizes:
+            h, w = smart_resize(height, width, factor=p.patch_size * p.merge_size, min_pixels=p.min_pixels,
+                                max_pixels=p.max_pixels)
+            rows.append((1, h // p.patch_size, w // p.patch_size))
+        return np.asarray(rows, np.int64).reshape(-1, 3)
+
+    def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+        return self._vision(Qwen2_5_VisionTransformerPretrainedModel, device, dtype)

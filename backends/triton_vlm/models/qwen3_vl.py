@@ -16,7 +16,7 @@ import torch
 
 from .layers import DecoderSpec, dense_mlp
 from .moe import MoE
-from .qwen2_5_vl import Qwen2_5_VL
+from .qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLTiny
 from .rotary import RotarySpec
 
 # Qwen3-VL-Instruct's chat format (no default system message), for the parts our requests use.
@@ -58,37 +58,12 @@ def sparse_mlp(config, tp, layer: int) -> torch.nn.Module:
     return dense_mlp(config, tp, layer)
 
 
-class Qwen3VL(Qwen2_5_VL):
-    model_type = "qwen3_vl"
+class Qwen3VLTiny(Qwen2_5_VLTiny):
     chat_template = QWEN3_VL_TEMPLATE
-    moe = False  # the tiny checkpoint's config (`write_tiny`)
-    # Qwen3 attention and interleaved M-RoPE (cos/sin come interleaved: the plain apply)
-    decoder_spec = DecoderSpec(RotarySpec("qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextRotaryEmbedding"),
-                               qkv_bias=False, qk_norm=True)
-
-    def __init__(self, model_path) -> None:
-        super().__init__(model_path)
-        text = self.config.text_config
-        if getattr(text, "attention_bias", False):
-            raise ValueError(f"{self.model_type} with attention_bias is not supported")
-        self.extra_features = len(self.config.vision_config.deepstack_visual_indexes)
-
-    def image_processor_kwargs(self) -> dict:
-        """Real checkpoints give the pixel budget only as `size`, which the fast processor honours and the
-        slow one (transformers 4.57) drops for its defaults: hand it over as min/max pixels."""
-        config = json.loads((self.path / "preprocessor_config.json").read_text())
-        size = config.get("size") or {}
-        if "min_pixels" in config or "shortest_edge" not in size or "longest_edge" not in size:
-            return {}
-        return {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
-
-    def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
-
-        return self._vision(Qwen3VLVisionModel, device, dtype)
+    moe = False  # the checkpoint's config
 
     @classmethod
-    def write_tiny(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
+    def write(cls, out: Path, size: str, seed: int, ids: dict[str, int], vocab_size: int) -> None:
         """Real config fields and parameter names (`model.visual.*`, `model.language_model.*`; the dense
         model ties its embeddings, as the 2B/4B checkpoints do), and a real-style slow processor config
         whose pixel budget is given only as `size`."""
@@ -131,6 +106,35 @@ class Qwen3VL(Qwen2_5_VL):
 
         return Qwen3VLForConditionalGeneration
 
+
+class Qwen3VL(Qwen2_5_VL):
+    model_type = "qwen3_vl"
+    tiny = Qwen3VLTiny
+    # Qwen3 attention and interleaved M-RoPE (cos/sin come interleaved: the plain apply)
+    decoder_spec = DecoderSpec(RotarySpec("qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextRotaryEmbedding"),
+                               qkv_bias=False, qk_norm=True)
+
+    def __init__(self, model_path) -> None:
+        super().__init__(model_path)
+        text = self.config.text_config
+        if getattr(text, "attention_bias", False):
+            raise ValueError(f"{self.model_type} with attention_bias is not supported")
+        self.extra_features = len(self.config.vision_config.deepstack_visual_indexes)
+
+    def image_processor_kwargs(self) -> dict:
+        """Real checkpoints give the pixel budget only as `size`, which the fast processor honours and the
+        slow one (transformers 4.57) drops for its defaults: hand it over as min/max pixels."""
+        config = json.loads((self.path / "preprocessor_config.json").read_text())
+        size = config.get("size") or {}
+        if "min_pixels" in config or "shortest_edge" not in size or "longest_edge" not in size:
+            return {}
+        return {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+
+    def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+        return self._vision(Qwen3VLVisionModel, device, dtype)
+
     @torch.inference_mode()
     def encode(self, vision: torch.nn.Module, pixel_values: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
         """-> [sum tokens, H * (1 + deepstack layers)]: the embeddings, then each deepstack feature."""
@@ -138,15 +142,8 @@ class Qwen3VL(Qwen2_5_VL):
         return torch.cat([embeds, *deepstack], dim=1)
 
 
-class Qwen3VLMoe(Qwen3VL):
-    model_type = "qwen3_vl_moe"
+class Qwen3VLMoeTiny(Qwen3VLTiny):
     moe = True
-    decoder_spec = dataclasses.replace(Qwen3VL.decoder_spec, mlp=sparse_mlp)
-
-    def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
-        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
-
-        return self._vision(Qwen3VLMoeVisionModel, device, dtype)
 
     @staticmethod
     def _config_class():
@@ -159,3 +156,14 @@ class Qwen3VLMoe(Qwen3VL):
         from transformers import Qwen3VLMoeForConditionalGeneration
 
         return Qwen3VLMoeForConditionalGeneration
+
+
+class Qwen3VLMoe(Qwen3VL):
+    model_type = "qwen3_vl_moe"
+    tiny = Qwen3VLMoeTiny
+    decoder_spec = dataclasses.replace(Qwen3VL.decoder_spec, mlp=sparse_mlp)
+
+    def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
+        from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeVisionModel
+
+        return self._vision(Qwen3VLMoeVisionModel, device, dtype)

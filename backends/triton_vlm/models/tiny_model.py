@@ -2,7 +2,7 @@
 
 No model hub is reachable from our machines, so tests and benchmarks build their
 model here: a byte-level BPE tokenizer trained on a fixed corpus (with the family's
-special tokens and chat template), then the family's `write_tiny`: its real config
+special tokens and chat template), then the family's `tiny.write` (`family.TinyCheckpoint`): its real config
 class and parameter names, random weights from the seed, a slow image processor
 config and a generation config.
 """
@@ -77,7 +77,7 @@ def _corpus(seed: int) -> list[str]:
     return lines
 
 
-def _build_tokenizer(vocab: int, seed: int, family):
+def _build_tokenizer(vocab: int, seed: int, tiny):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -93,14 +93,14 @@ def _build_tokenizer(vocab: int, seed: int, family):
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token=family.eos_token,
-        pad_token=family.pad_token,
-        additional_special_tokens=list(family.special_tokens),
+        eos_token=tiny.eos_token,
+        pad_token=tiny.pad_token,
+        additional_special_tokens=list(tiny.special_tokens),
         model_max_length=32768,
         model_input_names=["input_ids", "attention_mask"],
-        **family.tokenizer_extras,
+        **tiny.tokenizer_extras,
     )
-    fast.chat_template = family.chat_template
+    fast.chat_template = tiny.chat_template
     return fast
 
 
@@ -110,12 +110,12 @@ def make_tiny_model(out: str | Path, size: str = "tiny", seed: int = 0, family: 
 
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; choose one of {sorted(SIZES)}")
-    builder = family_class(family)
+    tiny = family_class(family).tiny
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _build_tokenizer(SIZES[size]["vocab"], seed, builder)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in builder.special_tokens}
-    builder.write_tiny(out, size, seed, ids, vocab_size=(len(tokenizer) + 63) // 64 * 64)
+    tokenizer = _build_tokenizer(SIZES[size]["vocab"], seed, tiny)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tiny.special_tokens}
+    tiny.write(out, size, seed, ids, vocab_size=(len(tokenizer) + 63) // 64 * 64)
     tokenizer.save_pretrained(out)
     (out / "triton_vlm.json").write_text(json.dumps({"generator": "triton-vlm make-tiny-model", "family": family,
                                                      "size": size, "seed": seed}) + "\n")
