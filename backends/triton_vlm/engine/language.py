@@ -22,14 +22,16 @@ from transformers import AutoTokenizer
 from ..config import LanguageConfig, torch_dtype, usable_cores
 from ..errors import InvalidRequest, RequestError, Unavailable
 from ..models import load_family
+from . import kv_handoff
 from .block_manager import BlockManager
+from .kv_handoff import PrefilledKV
 from .runner import ModelRunner, kv_budget
 from .sampling import next_token
 from .scheduler import Scheduler
 from .sequence import Callback, LanguageRequest, Sequence, Status, StepOutput, eos_token_ids
 from .tp_worker import start_workers, stop_workers
 
-__all__ = ["EngineStats", "LanguageEngine", "LanguageRequest", "StepOutput"]
+__all__ = ["EngineStats", "LanguageEngine", "LanguageRequest", "PrefilledKV", "StepOutput"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,7 @@ class EngineStats:
     prefix_queries: int  # tokens of admitted sequences looked up in the prefix cache
     prefix_hits: int  # of those, found cached
     preemptions: int
+    imported_tokens: int = 0  # prompt tokens whose KV came from prefill engines' hand-offs
 
 
 class LanguageEngine:
@@ -70,6 +73,7 @@ class LanguageEngine:
         self._queue: queue.Queue[Sequence | None] = queue.Queue()
         self.peak_batch = 0  # the most sequences in one step so far (an engine stat)
         self._prefill_tokens = self._decode_tokens = 0  # the engine thread alone writes these
+        self._imported_tokens = 0  # prompt tokens whose KV came from hand-offs (not computed here)
         # The engine thread builds the model itself: torch ops run several times slower in a thread other
         # than the one whose OpenMP team first touched the weights (measured: 4.9 vs 1.7 ms a step).
         built: queue.Queue[BaseException | None] = queue.Queue()  # None: built
@@ -104,6 +108,9 @@ class LanguageEngine:
                 raise InvalidRequest("the prompt is empty")
             if len(request.input_ids) >= self.max_model_len:  # it could never run, even alone
                 raise InvalidRequest(f"the prompt is {len(request.input_ids)} tokens; {self._limit}")
+            if (request.prefill_only or request.prefilled is not None) and self.config.tensor_parallel > 1:
+                raise InvalidRequest("KV hand-off (prefill/decode disaggregation) with tensor_parallel > 1 is "
+                                     "not built yet")
             seq = Sequence(request, callback, self.family, self.tokenizer, self.block_size, self.max_model_len)
         except Exception as e:  # a request's bad inputs fail that request only
             if not isinstance(e, RequestError):
@@ -127,7 +134,7 @@ class LanguageEngine:
         s = self.scheduler
         return EngineStats(len(s.running), len(s.waiting) + self._queue.qsize(), self._prefill_tokens,
                            self._decode_tokens, self.blocks.in_use, self.num_blocks, s.prefix_queries,
-                           s.prefix_hits, s.preemptions)
+                           s.prefix_hits, s.preemptions, self._imported_tokens)
 
     def shutdown(self) -> None:
         self._queue.put(None)
@@ -167,10 +174,39 @@ class LanguageEngine:
             _call(seq.callback, StepOutput([], "", "cancelled"))
         decodes, prefills = [], []  # a decode is one generated token; a prompt's chunks (or a recompute) prefill
         for seq, n in scheduled:
+            if seq.prefilled is not None:
+                self._install(seq, n)
+                continue
             (decodes if n == 1 and seq.num_computed >= seq.num_prompt_tokens else prefills).append((seq, n))
         self.peak_batch = max(self.peak_batch, len(scheduled))
         rows = self._run(prefills, self._prefill, "prefill") + self._run(decodes, self._decode, "decode")
         self._postprocess(rows)
+
+    def _install(self, seq: Sequence, n: int) -> None:
+        """A hand-off's prompt KV into the blocks the sequence was given (past its cached prefix), then its
+        first token: it decodes from the next step on. A failure ends this sequence only."""
+        try:
+            kv_handoff.write(self.runner.cache, seq.block_table, seq.num_computed, seq.prefilled, self.block_size)
+            self._imported_tokens += n
+            seq.num_computed += n
+            self.blocks.commit(seq)
+            first, seq.prefilled = seq.prefilled.first_token, None  # a preempted sequence recomputes instead
+            out = seq.append(first, self.eos_ids)
+            if out.finished:
+                self.scheduler.finish(seq)
+            seq.callback(out)
+        except Exception as e:
+            if not isinstance(e, RequestError):
+                log.exception("installing the KV of %s failed", seq.request_id)
+            self._end(seq, StepOutput([], "", "error", e if isinstance(e, RequestError) else RequestError(str(e))))
+
+    def _handoff(self, seq: Sequence, out: StepOutput) -> StepOutput:
+        """A prefill-only sequence's first token: end it with its prompt's KV (its blocks stay cached here)."""
+        keys, values = kv_handoff.read(self.runner.cache, seq.block_table, seq.num_prompt_tokens, self.block_size)
+        state = seq.generator.get_state() if seq.generator is not None else None
+        handoff = PrefilledKV(keys, values, out.token_ids[0], seq.delta, state)
+        self.scheduler.finish(seq)
+        return StepOutput(out.token_ids, out.text, "prefilled", handoff=handoff)
 
     def _prefill(self, group: list[tuple[Sequence, int]]) -> torch.Tensor:
         return self.runner.prefill([self.runner.chunk(seq, n) for seq, n in group])
@@ -212,7 +248,9 @@ class LanguageEngine:
             try:
                 banned = self.eos_ids if seq.num_generated < seq.sampling.min_tokens else set()
                 out = seq.append(next_token(logits, seq.sampling, seq.generator, best, banned), self.eos_ids)
-                if out.finished:
+                if seq.prefill_only and not out.finished:
+                    out = self._handoff(seq, out)
+                elif out.finished:
                     self.scheduler.finish(seq)  # its blocks are free before whoever sees the end looks
                 seq.callback(out)  # raising here ends this sequence
             except Exception as e:

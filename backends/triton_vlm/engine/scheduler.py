@@ -61,6 +61,8 @@ class Scheduler:
             seq = self.waiting[0]
             hit = self.blocks.match(seq)
             n = min(seq.num_tokens - seq.num_computed, budget)
+            if seq.prefilled is not None:  # a hand-off: its whole prompt is written at once, nothing computed
+                n = seq.num_tokens - seq.num_computed
             if not self.blocks.can_allocate(seq, seq.num_computed + n):
                 self.blocks.release(seq)
                 break
@@ -71,7 +73,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             scheduled[seq] = n
-            budget -= n
+            budget -= 1 if seq.prefilled is not None else n
         return list(scheduled.items()), cancelled
 
     def _preempt(self, seq: Sequence) -> None:

@@ -28,6 +28,7 @@ import torch
 from ..errors import InvalidRequest, RequestError
 from ..protocol import SamplingParams
 from .detokenizer import IncrementalDetokenizer
+from .kv_handoff import PrefilledKV
 from .sampling import make_generator
 from .stop_strings import StopStrings
 
@@ -40,6 +41,10 @@ class LanguageRequest:
     image_grid_thw: np.ndarray  # [N, 3] the images' layouts
     sampling: SamplingParams = field(default_factory=SamplingParams)
     image_keys: tuple[bytes, ...] = ()  # each image's content key (the embedding cache's); () if unknown
+    # prefill/decode disaggregation (`kv_handoff.py`): end at the first token with the prompt's KV (prefill
+    # side), or start from a hand-off: the prompt's KV and the first token (decode side)
+    prefill_only: bool = False
+    prefilled: PrefilledKV | None = None
 
 
 @dataclass
@@ -48,8 +53,9 @@ class StepOutput:
 
     token_ids: list[int]
     text: str
-    finish_reason: str | None = None  # stop | length | cancelled | error
+    finish_reason: str | None = None  # stop | length | cancelled | error | prefilled (with its handoff)
     error: RequestError | None = None
+    handoff: PrefilledKV | None = None
 
     @property
     def finished(self) -> bool:
@@ -105,6 +111,14 @@ class Sequence:
         self.status = Status.WAITING
         self.cancelled = False
         self.generator = make_generator(request.sampling)
+        self.prefill_only, self.prefilled = request.prefill_only, request.prefilled  # (kept until admitted)
+        if self.prefilled is not None:
+            if self.prefilled.num_tokens != self.num_prompt_tokens or self.prefilled.delta != self.delta:
+                raise InvalidRequest(f"the handed-off KV is of {self.prefilled.num_tokens} tokens with position "
+                                     f"delta {self.prefilled.delta}; this prompt has {self.num_prompt_tokens} "
+                                     f"tokens and delta {self.delta}")
+            if self.generator is not None and self.prefilled.generator_state is not None:
+                self.generator.set_state(self.prefilled.generator_state)
         self.detok = IncrementalDetokenizer(tokenizer)
         self.stops = StopStrings(request.sampling.stop)
         self._keys: list[bytes | None] = []

@@ -1,0 +1,91 @@
+"""Prefill/decode disaggregation's core, in-process: one engine prefills and hands the prompt's KV over,
+another decodes from it. Greedy ids equal transformers' own `generate`, seeded sampling equals one engine's,
+the decode engine writes only what its own prefix cache lacks, and bad hand-offs fail their request only."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import pytest
+
+from tests.conftest import make_image
+from tests.reference import reference_generate
+from triton_vlm.config import EncoderConfig, LanguageConfig, PreprocessConfig
+from triton_vlm.encode.encoder import VisionEncoder
+from triton_vlm.engine.language import LanguageEngine, LanguageRequest
+from triton_vlm.preprocess.stage import Preprocessor
+from triton_vlm.protocol import GenerateRequest, SamplingParams
+
+PROMPT = "Describe the pictures."
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model):
+    """Preprocess and encode, a prefill engine, and a decode engine with another block size."""
+    prefill = LanguageEngine(LanguageConfig(model_path=tiny_model))
+    decode = LanguageEngine(LanguageConfig(model_path=tiny_model, block_size=32))
+    yield Preprocessor(PreprocessConfig(model_path=tiny_model)), VisionEncoder(EncoderConfig(model_path=tiny_model)), \
+        prefill, decode
+    prefill.shutdown()
+    decode.shutdown()
+
+
+def request(parts, images, rid="r", **sampling) -> LanguageRequest:
+    pre, enc = parts[:2]
+    p = pre(GenerateRequest(text_input=PROMPT, images=images, sampling=SamplingParams(**sampling)))
+    return LanguageRequest(rid, p.input_ids, enc.encode(p.pixel_values, p.image_grid_thw), p.image_grid_thw,
+                           p.sampling, image_keys=tuple(hashlib.sha256(image).digest() for image in images))
+
+
+def run(engine, req) -> tuple[list[int], list]:
+    outs = list(engine.generate(req))
+    return [t for o in outs for t in o.token_ids], outs
+
+
+def disaggregated(parts, req) -> tuple[list[int], object]:
+    """-> (the decode engine's ids, the hand-off)."""
+    _, outs = run(parts[2], dataclasses.replace(req, prefill_only=True))
+    assert [o.finish_reason for o in outs] == ["prefilled"]
+    handoff = outs[0].handoff
+    ids, _ = run(parts[3], dataclasses.replace(req, prefilled=handoff))
+    assert ids[0] == handoff.first_token
+    return ids, handoff
+
+
+@pytest.mark.parametrize("sizes", [[], [(640, 480)], [(300, 200), (800, 600), (200, 500), (640, 480)]])
+def test_decoding_from_a_handoff_gives_transformers_ids(parts, tiny_model, sizes):
+    images = [make_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    req = request(parts, images, max_tokens=12)
+    ids, handoff = disaggregated(parts, req)
+    assert ids == reference_generate(tiny_model, PROMPT, images, 12)
+    assert handoff.num_tokens == len(req.input_ids)
+
+
+def test_seeded_sampling_continues_as_on_one_engine(parts):
+    req = request(parts, [make_image(200, 150, seed=5)], max_tokens=10, temperature=1.0, seed=11, ignore_eos=True)
+    one, _ = run(parts[2], req)
+    assert disaggregated(parts, req)[0] == one
+
+
+def test_the_decode_engine_writes_only_what_its_prefix_cache_lacks(parts):
+    images = [make_image(320, 240, seed=21)]
+    req = request(parts, images, max_tokens=4, ignore_eos=True)
+    decode, prompt, answers = parts[3], len(req.input_ids), []
+    for expected_hit in (None, (prompt - 1) // 32 * 32):  # the second time, all whole blocks but the last token's
+        before = decode.stats()
+        answers.append(disaggregated(parts, req)[0])
+        hit = decode.stats().prefix_hits - before.prefix_hits
+        assert decode.stats().imported_tokens - before.imported_tokens == prompt - hit
+        assert expected_hit is None or hit == expected_hit > 0
+    assert answers[0] == answers[1]
+
+
+def test_a_handoff_of_another_prompt_is_refused_and_the_next_request_served(parts):
+    req = request(parts, [], max_tokens=4)
+    _, outs = run(parts[2], dataclasses.replace(req, prefill_only=True))
+    other = request(parts, [make_image(64, 64, seed=3)], max_tokens=4)
+    _, refused = run(parts[3], dataclasses.replace(other, prefilled=outs[0].handoff))
+    assert refused[-1].finish_reason == "error" and "handed-off KV" in str(refused[-1].error)
+    ids, _ = run(parts[3], req)
+    assert ids
