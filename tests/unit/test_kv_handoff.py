@@ -43,12 +43,12 @@ def run(engine, req) -> tuple[list[int], list]:
     return [t for o in outs for t in o.token_ids], outs
 
 
-def disaggregated(parts, req) -> tuple[list[int], object]:
-    """-> (the decode engine's ids, the hand-off)."""
-    _, outs = run(parts[2], dataclasses.replace(req, prefill_only=True))
+def disaggregated(parts, req, prefill=None, decode=None) -> tuple[list[int], object]:
+    """-> (the decode engine's ids, the hand-off); the module's engines unless others are given."""
+    _, outs = run(prefill or parts[2], dataclasses.replace(req, prefill_only=True))
     assert [o.finish_reason for o in outs] == ["prefilled"]
     handoff = outs[0].handoff
-    ids, _ = run(parts[3], dataclasses.replace(req, prefilled=handoff))
+    ids, _ = run(decode or parts[3], dataclasses.replace(req, prefilled=handoff))
     assert ids[0] == handoff.first_token
     return ids, handoff
 
@@ -89,3 +89,22 @@ def test_a_handoff_of_another_prompt_is_refused_and_the_next_request_served(part
     assert refused[-1].finish_reason == "error" and "handed-off KV" in str(refused[-1].error)
     ids, _ = run(parts[3], req)
     assert ids
+
+
+@pytest.fixture(scope="module")
+def tp2(tiny_model):
+    engine = LanguageEngine(LanguageConfig(model_path=tiny_model, tensor_parallel=2))
+    yield engine
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("direction", ["tp2 -> tp1", "tp1 -> tp2"])
+def test_the_handoff_carries_every_head_whatever_the_ranks_on_either_side(parts, tp2, tiny_model, direction):
+    """Each rank holds a slice of the heads: a TP 2 prefill engine gathers them, a TP 2 decode engine gives
+    each rank its slice; the ids are still transformers'."""
+    images = [make_image(300, 200, seed=31), make_image(200, 300, seed=32)]
+    req = request(parts, images, max_tokens=10)
+    engines = dict(prefill=tp2) if direction == "tp2 -> tp1" else dict(decode=tp2)
+    ids, handoff = disaggregated(parts, req, **engines)
+    assert handoff.keys.shape[2] == 2  # the tiny model's kv heads, all of them
+    assert ids == reference_generate(tiny_model, PROMPT, images, 10)

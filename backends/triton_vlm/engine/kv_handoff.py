@@ -9,8 +9,9 @@ appends the first token, and decodes from there. What a decode engine needs beyo
 token, the M-RoPE delta (checked against its own: the prompt and the images' layouts must be the same),
 and a seeded sampler's state (so seeded sampling continues as it would on one engine).
 
-The payload is one tensor pair, [layers, tokens, kv_heads, head_dim] each, whatever the block size on
-either side. With tensor parallelism each rank holds its own heads: not built yet (refused clearly).
+The payload is one tensor pair, [layers, tokens, kv_heads, head_dim] each: every head, whatever the block
+size and the tensor parallelism on either side (ranks hold slices of the heads: the runner gathers them
+on a prefill engine and gives each rank its slice on a decode engine).
 """
 
 from __future__ import annotations
@@ -46,17 +47,22 @@ def slots(table: list[int], start: int, end: int, block_size: int) -> torch.Tens
 
 
 def read(cache, table: list[int], tokens: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The keys and values of a sequence's first `tokens` tokens, copied out of the cache."""
+    """This rank's keys and values (its heads) of a sequence's first `tokens` tokens, copied out of the cache."""
     index = slots(table, 0, tokens, block_size).to(cache.k.device)
     return cache.k.index_select(1, index), cache.v.index_select(1, index)
 
 
-def write(cache, table: list[int], start: int, kv: PrefilledKV, block_size: int) -> None:
-    """Write the hand-off's tokens start.. into the sequence's blocks (those before `start` are cached here)."""
-    expected = (cache.k.shape[0], kv.num_tokens, *cache.k.shape[2:])
-    if tuple(kv.keys.shape) != expected or tuple(kv.values.shape) != expected or kv.keys.dtype != cache.k.dtype:
+def check(kv: PrefilledKV, layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+    """A hand-off this engine can take (all heads, whatever its ranks), or InvalidRequest."""
+    expected = (layers, kv.num_tokens, kv_heads, head_dim)
+    if tuple(kv.keys.shape) != expected or tuple(kv.values.shape) != expected or kv.keys.dtype != dtype:
         raise InvalidRequest(f"the handed-off KV is {list(kv.keys.shape)} {kv.keys.dtype}; this engine's cache "
-                             f"takes {list(expected)} {cache.k.dtype}")
-    index = slots(table, start, kv.num_tokens, block_size).to(cache.k.device)
-    cache.k.index_copy_(1, index, kv.keys[:, start:].to(cache.k.device))
-    cache.v.index_copy_(1, index, kv.values[:, start:].to(cache.v.device))
+                             f"takes {list(expected)} {dtype}")
+
+
+def write(cache, table: list[int], start: int, keys: torch.Tensor, values: torch.Tensor, block_size: int) -> None:
+    """Write tokens start.. of `keys`/`values` (this rank's heads) into the sequence's blocks (those before
+    `start` are cached here)."""
+    index = slots(table, start, keys.shape[1], block_size).to(cache.k.device)
+    cache.k.index_copy_(1, index, keys[:, start:].to(cache.k.device))
+    cache.v.index_copy_(1, index, values[:, start:].to(cache.v.device))

@@ -108,9 +108,6 @@ class LanguageEngine:
                 raise InvalidRequest("the prompt is empty")
             if len(request.input_ids) >= self.max_model_len:  # it could never run, even alone
                 raise InvalidRequest(f"the prompt is {len(request.input_ids)} tokens; {self._limit}")
-            if (request.prefill_only or request.prefilled is not None) and self.config.tensor_parallel > 1:
-                raise InvalidRequest("KV hand-off (prefill/decode disaggregation) with tensor_parallel > 1 is "
-                                     "not built yet")
             seq = Sequence(request, callback, self.family, self.tokenizer, self.block_size, self.max_model_len)
         except Exception as e:  # a request's bad inputs fail that request only
             if not isinstance(e, RequestError):
@@ -186,7 +183,10 @@ class LanguageEngine:
         """A hand-off's prompt KV into the blocks the sequence was given (past its cached prefix), then its
         first token: it decodes from the next step on. A failure ends this sequence only."""
         try:
-            kv_handoff.write(self.runner.cache, seq.block_table, seq.num_computed, seq.prefilled, self.block_size)
+            kv, cache = seq.prefilled, self.runner.cache
+            kv_handoff.check(kv, cache.k.shape[0], cache.k.shape[2] * self.runner.tp.size, cache.k.shape[3],
+                             cache.k.dtype)  # before any rank writes
+            self.runner.write_kv(seq.block_table, seq.num_computed, kv.keys, kv.values)
             self._imported_tokens += n
             seq.num_computed += n
             self.blocks.commit(seq)
@@ -202,7 +202,7 @@ class LanguageEngine:
 
     def _handoff(self, seq: Sequence, out: StepOutput) -> StepOutput:
         """A prefill-only sequence's first token: end it with its prompt's KV (its blocks stay cached here)."""
-        keys, values = kv_handoff.read(self.runner.cache, seq.block_table, seq.num_prompt_tokens, self.block_size)
+        keys, values = self.runner.read_kv(seq.block_table, seq.num_prompt_tokens)
         state = seq.generator.get_state() if seq.generator is not None else None
         handoff = PrefilledKV(keys, values, out.token_ids[0], seq.delta, state)
         self.scheduler.finish(seq)

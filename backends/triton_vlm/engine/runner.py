@@ -15,6 +15,7 @@ import torch
 
 from ..models.paged_attention import DecodeBatch, PrefillBatch
 from ..models.tp import TensorParallel
+from . import kv_handoff
 from .sequence import Sequence
 
 
@@ -107,6 +108,28 @@ class ModelRunner:
         batch = DecodeBatch(tables, lengths, self.block_size, d)
         return self.model.decode(torch.tensor(ids, device=d), pos, self.cache, batch)
 
+    def read_kv(self, table: list[int], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a sequence's first `tokens` tokens, every head (the ranks' slices gathered)."""
+        self.tp.broadcast(("read_kv", table, tokens))
+        return self._read_kv(table, tokens)
+
+    def _read_kv(self, table, tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = kv_handoff.read(self.cache, table, tokens, self.block_size)
+        return self.tp.gather(keys, dim=2), self.tp.gather(values, dim=2)
+
+    def write_kv(self, table: list[int], start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Every head's keys and values of tokens start.. into a sequence's blocks: each rank its slice."""
+        if self.tp.size > 1:
+            self.tp.broadcast(("write_kv", table, start, tuple(keys.shape)))
+            keys = self.tp.broadcast_tensor(keys.to(self.device), None, None, None)
+            values = self.tp.broadcast_tensor(values.to(self.device), None, None, None)
+        self._write_kv(table, start, keys, values)
+
+    def _write_kv(self, table, start, keys, values) -> None:
+        heads = self.cache.k.shape[2]
+        mine = slice(self.tp.rank * heads, (self.tp.rank + 1) * heads)
+        kv_handoff.write(self.cache, table, start, keys[:, :, mine], values[:, :, mine], self.block_size)
+
     def stop(self) -> None:
         self.tp.broadcast(("stop",))
 
@@ -116,7 +139,14 @@ class ModelRunner:
             command = self.tp.broadcast(None)
             if command[0] == "stop":
                 return
-            if command[0] == "prefill":
+            if command[0] == "read_kv":
+                self._read_kv(*command[1:])
+            elif command[0] == "write_kv":
+                _, table, start, shape = command
+                keys = self.tp.broadcast_tensor(None, shape, self.dtype, self.device)
+                values = self.tp.broadcast_tensor(None, shape, self.dtype, self.device)
+                self._write_kv(table, start, keys, values)
+            elif command[0] == "prefill":
                 _, tables, starts, lengths, positions, at = command
                 embeds = self.tp.broadcast_tensor(None, (1, sum(lengths), self.hidden_size), self.dtype, self.device)
                 extras = None

@@ -37,6 +37,14 @@ class TensorParallel:
         if self.size > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Every rank's `x` concatenated along `dim`, in rank order (on every rank)."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=dim)
+
     def broadcast_tensor(self, x: torch.Tensor | None, shape, dtype, device) -> torch.Tensor:
         if self.size == 1:
             return x
