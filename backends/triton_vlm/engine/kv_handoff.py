@@ -35,10 +35,6 @@ class PrefilledKV:
     def num_tokens(self) -> int:
         return self.keys.shape[1]
 
-    @property
-    def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2
-
 
 def slots(table: list[int], start: int, end: int, block_size: int) -> torch.Tensor:
     """The cache slots of token positions start..end-1 of a sequence with block table `table`."""
