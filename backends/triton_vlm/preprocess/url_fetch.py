@@ -137,7 +137,7 @@ def fetch_url(url: str, policy: FetchPolicy) -> bytes:
     try:
         return _fetch(url, policy, watchdog)
     except (OSError, http.client.HTTPException) as e:
-        if watchdog.fired:
+        if watchdog.fired or isinstance(e, TimeoutError):  # socket timeouts are set to the deadline too
             raise InvalidRequest(f"fetching {url[:100]!r} took longer than {policy.timeout_s}s") from None
         raise InvalidRequest(f"cannot fetch image URL {url[:100]!r}: {e}") from None
     finally:
