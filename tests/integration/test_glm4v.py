@@ -9,6 +9,7 @@ import tritonclient.grpc as grpcclient
 
 from tests.conftest import make_image, server_metric
 from tests.integration.families import CASES, PROMPT, assert_every_mode_equals, images
+from tests.integration.test_epd import encoder_shards
 from triton_vlm_clients.client import stream
 
 FAMILY = "glm4v"
@@ -29,18 +30,12 @@ def test_an_image_too_small_for_glm_is_refused_and_the_server_keeps_serving(fami
     assert answer.output_ids == family_expected["one-image"]
 
 
-def image_encoder_requests(server) -> int:
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        stats = client.get_inference_statistics("image_encoder", as_json=True)["model_stats"]
-    return sum(int(s["inference_stats"]["success"].get("count", 0)) for s in stats)
-
-
 def test_a_language_server_without_a_cache_sends_a_repeated_image_again(family_servers):
     """`embedding_cache_mb` 0 (the E/PD server's): no hits, the file goes to the encoder server again, and
     the ids are the same."""
     epd, fresh = family_servers["epd"], images("two-sizes", seed=70)
     first = stream(epd.grpc_url, prompt=PROMPT, images=fresh, max_tokens=8)
-    before = image_encoder_requests(family_servers["colocated"])
+    before = encoder_shards(family_servers["colocated"].grpc_url)
     again = stream(epd.grpc_url, prompt=PROMPT, images=fresh, max_tokens=8)
-    assert again.output_ids == first.output_ids and image_encoder_requests(family_servers["colocated"]) > before
+    assert again.output_ids == first.output_ids and encoder_shards(family_servers["colocated"].grpc_url) > before
     assert server_metric(epd, "triton_vlm_embedding_cache_hits_total", 'tier="local"') == 0
