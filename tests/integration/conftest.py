@@ -17,8 +17,9 @@ from triton_vlm.models.tiny_model import make_tiny_model
 def server(tiny_model, tmp_path_factory):
     """The committed repository, unchanged, served the way the README says (`tritonserver
     --model-repository model_repository` with $TRITON_VLM_MODEL), on free ports; always stopped."""
-    with serving((COMMITTED, tmp_path_factory.mktemp("server")), executable=str(Path(sys.executable).parent /
-                 "tritonserver"), env={**os.environ, "TRITON_VLM_MODEL": str(tiny_model)}) as server:
+    tritonserver = str(Path(sys.executable).parent / "tritonserver")  # the command the README gives
+    with serving((COMMITTED, tmp_path_factory.mktemp("server")), executable=tritonserver,
+                 env={**os.environ, "TRITON_VLM_MODEL": str(tiny_model)}) as server:
         yield server
 
 
