@@ -3,6 +3,7 @@ strings, chunked prefill over paged blocks, and tensor parallelism over gloo aga
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import threading
 
@@ -27,12 +28,16 @@ def parts(tiny_model):
     return Preprocessor(PreprocessConfig(model_path=tiny_model)), VisionEncoder(EncoderConfig(model_path=tiny_model))
 
 
-def make_request(parts, i, prompt, n_images=0, **sampling):
+def make_request(parts, i, prompt, n_images=0, images=None, keyed=False, **sampling):
+    """Request "r{i}": `prompt` with `images` (else `n_images` made from `i`), preprocessed and encoded;
+    `keyed`: with the images' content keys (their blocks can then be prefix-cached)."""
     pre, enc = parts
-    images = [make_image(120 + 40 * j, 90 + 30 * j, seed=i * 10 + j) for j in range(n_images)]
+    if images is None:
+        images = [make_image(120 + 40 * j, 90 + 30 * j, seed=i * 10 + j) for j in range(n_images)]
     p = pre(GenerateRequest(text_input=prompt, images=images, sampling=SamplingParams(**sampling)))
+    keys = tuple(hashlib.sha256(image).digest() for image in images) if keyed else ()
     return LanguageRequest(f"r{i}", p.input_ids, enc.encode(p.pixel_values, p.image_grid_thw), p.image_grid_thw,
-                           p.sampling)
+                           p.sampling, image_keys=keys)
 
 
 def run_concurrently(engine, requests):

@@ -5,17 +5,16 @@ the decode engine writes only what its own prefix cache lacks, and bad hand-offs
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 import pytest
 
 from tests.conftest import make_image
 from tests.reference import reference_generate
+from tests.unit.test_batching import make_request
 from triton_vlm.config import EncoderConfig, LanguageConfig, PreprocessConfig
 from triton_vlm.encode.encoder import VisionEncoder
 from triton_vlm.engine.language import LanguageEngine, LanguageRequest
 from triton_vlm.preprocess.stage import Preprocessor
-from triton_vlm.protocol import GenerateRequest, SamplingParams
 
 PROMPT = "Describe the pictures."
 
@@ -31,11 +30,8 @@ def parts(tiny_model):
     decode.shutdown()
 
 
-def request(parts, images, rid="r", **sampling) -> LanguageRequest:
-    pre, enc = parts[:2]
-    p = pre(GenerateRequest(text_input=PROMPT, images=images, sampling=SamplingParams(**sampling)))
-    return LanguageRequest(rid, p.input_ids, enc.encode(p.pixel_values, p.image_grid_thw), p.image_grid_thw,
-                           p.sampling, image_keys=tuple(hashlib.sha256(image).digest() for image in images))
+def request(parts, images, **sampling) -> LanguageRequest:
+    return make_request(parts[:2], 0, PROMPT, images=images, keyed=True, **sampling)
 
 
 def run(engine, req) -> tuple[list[int], list]:

@@ -12,8 +12,7 @@ import pytest
 from tests.conftest import make_image, wait_until
 from tests.unit.test_batching import make_request, parts, run_concurrently  # noqa: F401 (a fixture)
 from triton_vlm.config import LanguageConfig
-from triton_vlm.engine.language import LanguageEngine, LanguageRequest
-from triton_vlm.protocol import GenerateRequest, SamplingParams
+from triton_vlm.engine.language import LanguageEngine
 
 
 @pytest.fixture(scope="module")
@@ -26,17 +25,10 @@ def small_pool(tiny_model):
     engine.shutdown()
 
 
-def with_images(parts, rid: str, prompt: str, images: list[bytes], **sampling) -> LanguageRequest:  # noqa: F811
-    preprocess, encoder = parts
-    pre = preprocess(GenerateRequest(text_input=prompt, images=images, sampling=SamplingParams(**sampling)))
-    return LanguageRequest(rid, pre.input_ids, encoder.encode(pre.pixel_values, pre.image_grid_thw),
-                           pre.image_grid_thw, pre.sampling)
-
-
 def test_more_sequences_than_the_pool_holds_all_finish_with_their_own_ids(small_pool, parts):  # noqa: F811
     # each needs about 23 blocks (a 192-token image, 150 tokens out): together they need twice the pool
-    requests = [with_images(parts, f"s{i}", f"story number {i}", [make_image(448, 336, seed=600 + i)],
-                            max_tokens=150, ignore_eos=True) for i in range(12)]
+    requests = [make_request(parts, 600 + i, f"story number {i}", images=[make_image(448, 336, seed=600 + i)],
+                             max_tokens=150, ignore_eos=True) for i in range(12)]
     alone = [run_concurrently(small_pool, [r])[0][0] for r in requests]
     preempted = small_pool.stats().preemptions
     together = run_concurrently(small_pool, requests)
@@ -66,8 +58,8 @@ def test_streams_keep_decoding_while_a_long_prompt_is_prefilled_in_chunks(small_
                 done.release()
         return on_step
 
-    long = with_images(parts, "long", "compare them", [make_image(640, 480, seed=801),
-                                                            make_image(480, 640, seed=802)], max_tokens=2)
+    long = make_request(parts, 800, "compare them", images=[make_image(640, 480, seed=801),
+                                                         make_image(480, 640, seed=802)], max_tokens=2)
     streams = [make_request(parts, 900 + i, f"stream {i}", max_tokens=250, ignore_eos=True) for i in range(4)]
     for i, r in enumerate(streams):
         small_pool.submit(r, decoding(i))
