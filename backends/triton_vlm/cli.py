@@ -127,14 +127,14 @@ def _client(module: str, argv: list[str]) -> int:
 def _knobs(p: argparse.ArgumentParser) -> None:
     """--encoder-transport, --max-num-seqs etc.: one flag per knob (`config.knob`) of the encode stage and the
     language engine, with its help, choices and default."""
-    from .config import CHOICES, LANGUAGE_MODE
+    from .config import CHOICES, LANGUAGE_MODE, SERVE
     from .deploy.deployment import Deployment
 
     for f in Deployment.KNOBS.values():
         flag, kind = f"--{f.name.replace('_', '-')}", type(f.default)
         shown = ("on" if f.default else "off") if kind is bool else (f.default if f.default != "" else "none")
         mode = "language mode: " if f.metadata[LANGUAGE_MODE] else ""
-        help = f"{mode}{f.metadata['serve']} (default: the repository's, {shown}"
+        help = f"{mode}{f.metadata[SERVE]} (default: the repository's, {shown}"
         if kind is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
                            help=f"{help}; --no-{flag[2:]} turns it off)")
