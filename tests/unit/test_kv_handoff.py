@@ -77,6 +77,35 @@ def test_the_decode_engine_writes_only_what_its_prefix_cache_lacks(parts):
     assert answers[0] == answers[1]
 
 
+def test_a_decode_engine_is_sent_only_the_kv_its_prefix_cache_lacks(parts, tiny_model):
+    images = [make_image(360, 240, seed=41)]
+    req = request(parts, images, max_tokens=8)
+    decode, whole_blocks = parts[3], (len(req.input_ids) - 1) // 32 * 32  # the decode engine's blocks are 32 tokens
+    assert decode.cached_prefix(req) < whole_blocks  # the chat template's first tokens may be cached
+    first, _ = disaggregated(parts, req)
+    kv_from = decode.cached_prefix(req)
+    assert kv_from == whole_blocks
+    before = decode.stats()
+    second, handoff = disaggregated(parts, dataclasses.replace(req, kv_from=kv_from))
+    assert handoff.start == kv_from and handoff.keys.shape[1] == len(req.input_ids) - kv_from
+    assert decode.stats().imported_tokens - before.imported_tokens == len(req.input_ids) - kv_from
+    assert first == second == reference_generate(tiny_model, PROMPT, images, 8)
+
+
+def test_a_handoff_whose_left_out_prefix_is_not_cached_is_prefilled_here(parts, tiny_model):
+    """The decode engine asked for the KV past a prefix it had, and lost it (evicted) before the hand-off came."""
+    images = [make_image(240, 360, seed=42)]
+    req = request(parts, images, max_tokens=8)
+    prompt = len(req.input_ids)
+    _, outs = run(parts[2], dataclasses.replace(req, prefill_only=True, kv_from=prompt - 5))
+    before = parts[3].stats()
+    ids, _ = run(parts[3], dataclasses.replace(req, prefilled=outs[0].handoff))
+    assert ids == reference_generate(tiny_model, PROMPT, images, 8)
+    after = parts[3].stats()
+    assert after.imported_tokens == before.imported_tokens
+    assert after.prefill_tokens - before.prefill_tokens == prompt - (after.prefix_hits - before.prefix_hits)
+
+
 def test_a_handoff_of_another_prompt_is_refused_and_the_next_request_served(parts):
     req = request(parts, [], max_tokens=4)
     _, outs = run(parts[2], dataclasses.replace(req, prefill_only=True))

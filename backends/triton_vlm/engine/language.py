@@ -133,6 +133,19 @@ class LanguageEngine:
                            self._decode_tokens, self.blocks.in_use, self.num_blocks, s.prefix_queries,
                            s.prefix_hits, s.preemptions, self._imported_tokens)
 
+    def cached_prefix(self, request: LanguageRequest) -> int:
+        """How many of the prompt's leading tokens this engine has cached now (a hint from another thread:
+        by the time the request is admitted, some may be evicted; or 0 when its inputs are bad)."""
+        try:
+            seq = Sequence(request, lambda out: None, self.family, self.tokenizer, self.block_size, self.max_model_len)
+        except Exception:
+            return 0
+        cached = 0  # whole blocks, leaving the last token to compute, as `BlockManager.match` does
+        while self.blocks.prefix_caching and cached < (seq.num_tokens - 1) // self.block_size and \
+                self.blocks.cached.get(seq.block_key(cached) or b"") is not None:
+            cached += 1
+        return cached * self.block_size
+
     def shutdown(self) -> None:
         self._queue.put(None)
         self._thread.join(timeout=60)
@@ -172,8 +185,12 @@ class LanguageEngine:
         decodes, prefills = [], []  # a decode is one generated token; a prompt's chunks (or a recompute) prefill
         for seq, n in scheduled:
             if seq.prefilled is not None:
-                self._install(seq, n)
-                continue
+                if seq.num_computed >= seq.prefilled.start:
+                    self._install(seq, n)
+                    continue
+                log.info("%s: the prefix its hand-off leaves out was evicted here; prefilling it here",
+                         seq.request_id)
+                seq.prefilled = None
             (decodes if n == 1 and seq.num_computed >= seq.num_prompt_tokens else prefills).append((seq, n))
         self.peak_batch = max(self.peak_batch, len(scheduled))
         rows = self._run(prefills, self._prefill, "prefill") + self._run(decodes, self._decode, "decode")
@@ -186,7 +203,8 @@ class LanguageEngine:
             kv, cache = seq.prefilled, self.runner.cache
             kv_handoff.check(kv, cache.k.shape[0], cache.k.shape[2] * self.runner.tp.size, cache.k.shape[3],
                              cache.k.dtype)  # before any rank writes
-            self.runner.write_kv(seq.block_table, seq.num_computed, kv.keys, kv.values)
+            skip = seq.num_computed - kv.start  # what this engine has cached beyond what the hand-off left out
+            self.runner.write_kv(seq.block_table, seq.num_computed, kv.keys[:, skip:], kv.values[:, skip:])
             self._imported_tokens += n
             seq.num_computed += n
             self.blocks.commit(seq)
@@ -202,9 +220,9 @@ class LanguageEngine:
 
     def _handoff(self, seq: Sequence, out: StepOutput) -> StepOutput:
         """A prefill-only sequence's first token: end it with its prompt's KV (its blocks stay cached here)."""
-        keys, values = self.runner.read_kv(seq.block_table, seq.num_prompt_tokens)
+        keys, values = self.runner.read_kv(seq.block_table, seq.kv_from, seq.num_prompt_tokens)
         state = seq.generator.get_state() if seq.generator is not None else None
-        handoff = PrefilledKV(keys, values, out.token_ids[0], seq.delta, state)
+        handoff = PrefilledKV(keys, values, out.token_ids[0], seq.delta, state, seq.kv_from)
         self.scheduler.finish(seq)
         return StepOutput(out.token_ids, out.text, "prefilled", handoff=handoff)
 

@@ -108,17 +108,18 @@ class ModelRunner:
         batch = DecodeBatch(tables, lengths, self.block_size, d)
         return self.model.decode(torch.tensor(ids, device=d), pos, self.cache, batch)
 
-    def read_kv(self, table: list[int], tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of a sequence's first `tokens` tokens, every head (the ranks' slices gathered)."""
-        self.tp.broadcast(("read_kv", table, tokens))
-        return self._read_kv(table, tokens)
+    def read_kv(self, table: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a sequence's tokens start..end-1, every head (the ranks' slices gathered)."""
+        self.tp.broadcast(("read_kv", table, start, end))
+        return self._read_kv(table, start, end)
 
-    def _read_kv(self, table, tokens) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = kv_handoff.read(self.cache, table, tokens, self.block_size)
+    def _read_kv(self, table, start, end) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = kv_handoff.read(self.cache, table, start, end, self.block_size)
         return self.tp.gather(keys, dim=2), self.tp.gather(values, dim=2)
 
     def write_kv(self, table: list[int], start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Every head's keys and values of tokens start.. into a sequence's blocks: each rank its slice."""
+        """Every head's keys and values of tokens start..start+len-1 into a sequence's blocks: each rank its
+        slice."""
         if self.tp.size > 1:
             self.tp.broadcast(("write_kv", table, start, tuple(keys.shape)))
             keys = self.tp.broadcast_tensor(keys.to(self.device), None, None, None)

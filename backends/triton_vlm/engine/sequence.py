@@ -45,6 +45,7 @@ class LanguageRequest:
     # side), or start from a hand-off: the prompt's KV and the first token (decode side)
     prefill_only: bool = False
     prefilled: PrefilledKV | None = None
+    kv_from: int = 0  # prefill side: hand over the KV of the prompt's tokens from this one on
 
 
 @dataclass
@@ -112,6 +113,9 @@ class Sequence:
         self.cancelled = False
         self.generator = make_generator(request.sampling)
         self.prefill_only, self.prefilled = request.prefill_only, request.prefilled  # (kept until admitted)
+        self.kv_from = request.kv_from
+        if not 0 <= self.kv_from < self.num_prompt_tokens:
+            raise InvalidRequest(f"kv_from {self.kv_from} is outside the prompt's {self.num_prompt_tokens} tokens")
         if self.prefilled is not None:
             if self.prefilled.num_tokens != self.num_prompt_tokens or self.prefilled.delta != self.delta:
                 raise InvalidRequest(f"the handed-off KV is of {self.prefilled.num_tokens} tokens with position "
