@@ -14,15 +14,13 @@ If a shard times out or fails, that encoder is marked down and the shard is retr
 A bad image is the request's fault, not the encoder's: INVALID_ARG goes back to the client at once.
 A down encoder is tried again after `retry_after_s`.
 
-Live scaling: `set_urls` adds and removes encoders while serving (shards in flight on a removed one
-finish there); `watch` calls it whenever a file listing the encoders changes.
+The pool itself (addresses, a watched list file, load and health) is `server_pool.py`'s.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -31,6 +29,7 @@ import torch
 
 from ..errors import InvalidRequest, Unavailable, strip_label
 from ..preprocess.image_inputs import Images
+from ..server_pool import ServerPool
 from .balance import balance
 from .shm_outputs import ShmOutputs
 
@@ -42,16 +41,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 AFFINITY_KEYS = 65536  # image keys remembered for cache-aware routing
 
 
-def read_urls_file(path: str) -> list[str] | None:
-    """An encoder list file: one HOST:PORT per line, # comments. None while it cannot be read."""
-    try:
-        lines = open(path).read().splitlines()  # noqa: SIM115 (read at once)
-    except OSError:
-        return None
-    return [u for u in (line.split("#")[0].strip() for line in lines) if u]
-
-
-class RemoteEncoders:
+class RemoteEncoders(ServerPool):
     def __init__(self, urls: list[str], fallback: Callable[[Images], torch.Tensor] | None = None,
                  timeout_s: float = 60.0, retry_after_s: float = 5.0, local_below: int = 0,
                  transport: str = "grpc", embedding_bytes: Callable[[Images], int] | None = None) -> None:
@@ -59,69 +49,13 @@ class RemoteEncoders:
             raise ValueError(f"transport must be auto, grpc or shm, got {transport!r}")
         if transport != "grpc" and embedding_bytes is None:
             raise ValueError("shared memory needs embedding_bytes (the size of a shard's embeddings)")
+        super().__init__(urls, MODEL, retry_after_s)  # the load in flight: image tokens
         self.transport, self.embedding_bytes = transport, embedding_bytes
         self.shm = ShmOutputs() if transport != "grpc" else None
-        self.urls, self.fallback = list(urls), fallback
-        self.timeout_s, self.retry_after_s = timeout_s, retry_after_s
+        self.fallback, self.timeout_s = fallback, timeout_s
         self.local_below = local_below if fallback is not None else 0
-        self._lock = threading.Lock()
-        self.in_flight = {url: 0 for url in self.urls}  # tokens being encoded there
-        self.down_until = {url: 0.0 for url in self.urls}
-        self.answered = {url: True for url in self.urls}  # whether its last answer (or probe) was good
         self._local = threading.local()  # one gRPC client per thread and encoder
         self._encoded_by: OrderedDict[bytes, str] = OrderedDict()  # image key -> the encoder that last had it
-
-    def set_urls(self, urls: list[str]) -> None:
-        with self._lock:
-            for url in urls:
-                self.in_flight.setdefault(url, 0)
-                self.down_until.setdefault(url, 0.0)
-                self.answered.setdefault(url, True)
-            self.urls = list(dict.fromkeys(urls))
-
-    def watch(self, path: str, on_change: Callable[[list[str]], None], interval_s: float = 1.0) -> threading.Thread:
-        """Poll `path` (`read_urls_file`); on a change, `set_urls` and then `on_change`."""
-
-        def loop() -> None:
-            last = None
-            while True:
-                urls = read_urls_file(path)
-                if urls is not None and urls != last:
-                    last = urls
-                    self.set_urls(urls)
-                    on_change(urls)
-                time.sleep(interval_s)
-
-        thread = threading.Thread(target=loop, name="encoder-urls-watch", daemon=True)
-        thread.start()
-        return thread
-
-    def probe(self, timeout_s: float = 2.0) -> dict[str, bool]:
-        """Ask every encoder whether it is ready; mark the others down. -> {url: ready}."""
-        import tritonclient.grpc as grpcclient
-
-        ready = {}
-        for url in self.urls:
-            try:
-                with grpcclient.InferenceServerClient(url) as client:
-                    ready[url] = bool(client.is_model_ready(MODEL, client_timeout=timeout_s))
-            except Exception:
-                ready[url] = False
-            with self._lock:
-                self.answered[url] = ready[url]
-                if not ready[url]:
-                    self.down_until[url] = time.monotonic() + self.retry_after_s
-        return ready
-
-    def healthy(self) -> list[str]:
-        now = time.monotonic()
-        with self._lock:
-            return [u for u in self.urls if self.down_until[u] <= now]
-
-    def state(self) -> dict[str, tuple[int, bool]]:
-        """{url: (tokens in flight there, whether its last answer was good)} (the metrics' source)."""
-        with self._lock:
-            return {u: (self.in_flight[u], self.answered[u]) for u in self.urls}
 
     def split(self, images: Images) -> list[tuple[str | None, list[int]]]:
         """One shard per healthy encoder, balanced by tokens over the tokens each already has in flight;
@@ -156,17 +90,6 @@ class RemoteEncoders:
                 self._encoded_by.move_to_end(key)
             while len(self._encoded_by) > AFFINITY_KEYS:
                 self._encoded_by.popitem(last=False)
-
-    def _pick(self, tried: set[str], prefer: str | None, tokens: int) -> str | None:
-        now = time.monotonic()
-        with self._lock:
-            candidates = [u for u in self.urls if u not in tried and self.down_until[u] <= now]
-            if not candidates:
-                return None
-            url = prefer if prefer in candidates else min(candidates, key=lambda u: (self.in_flight[u],
-                                                                                    self.urls.index(u)))
-            self.in_flight[url] += tokens
-            return url
 
     def _client(self, url: str):
         import tritonclient.grpc as grpcclient
@@ -217,27 +140,22 @@ class RemoteEncoders:
         tried: set[str] = set()
         errors = []
         tokens = int(images.tokens.sum())
-        while (url := self._pick(tried, target, tokens)) is not None:
+        while (url := self.pick(tried, target, tokens)) is not None:
             tried.add(url)
             try:
                 embeds = self._remote(url, images)
             except Exception as e:
                 if _status(e) == "StatusCode.INVALID_ARGUMENT":  # the images are bad, not the encoder
+                    self.done(url, tokens, ok=True)
                     raise InvalidRequest(strip_label(e.message())) from None
-                with self._lock:
-                    self.down_until[url] = time.monotonic() + self.retry_after_s
-                    self.answered[url] = False
+                self.done(url, tokens, ok=False)
                 errors.append(f"{url}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
                 log.warning("encoder %s failed (%s); marked down for %.0fs", url, errors[-1], self.retry_after_s)
                 if self.shm is not None:
                     self.shm.forget(url)
                 self._local.__dict__.get("clients", {}).pop(url, None)
                 continue
-            finally:
-                with self._lock:
-                    self.in_flight[url] -= tokens
-            with self._lock:
-                self.answered[url] = True
+            self.done(url, tokens, ok=True)
             self._remember(url, images.keys)
             return embeds
         if self.fallback is not None:

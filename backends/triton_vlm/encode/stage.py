@@ -14,7 +14,7 @@ from ..preprocess.image_inputs import ImageProcessing, Images
 from ..preprocess.images import ImageLimits, open_image
 from .dispatch import ShardedEncode, even
 from .embedding_cache import EmbeddingCache
-from .remote_encoders import RemoteEncoders, read_urls_file
+from .remote_encoders import RemoteEncoders
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,8 @@ def encode_stage(config: EncodeConfig, family: Family, encode_on_replicas: Calla
         remote = RemoteEncoders(config.remote_encoders, fallback=fallback, timeout_s=config.encoder_timeout_s,
                                 local_below=config.local_encode_below, transport=config.encoder_transport,
                                 embedding_bytes=lambda images: family.embedding_bytes(images.layout))
-        listed = read_urls_file(config.encoder_urls_file) if config.encoder_urls_file else None
-        if listed is not None:  # a watched file's list replaces the URLs, and is probed at start too
-            remote.set_urls(listed)
-        elsewhere = "the other encoders or the local encoder" if fallback else "the others"
-        for url, ready in remote.probe().items():
-            if not ready:
-                warn(f"encoder server {url} is unreachable at start; its shards go to {elsewhere}")
-        if config.encoder_urls_file:
-            remote.watch(config.encoder_urls_file,
-                         lambda urls: info(f"encoder servers now: {', '.join(urls) or 'none (local fallback)'}"))
+        remote.start(config.encoder_urls_file, warn, info, "encoder",
+                     "its shards go to " + ("the other encoders or the local encoder" if fallback else "the others"))
         run, split = remote, remote.split
     else:
         run, split = local, even(config.data_parallel)
