@@ -36,6 +36,7 @@ def _deployment(args):
         return Deployment(ensure_model(args.model), encoder_dp=args.encoder_dp, encoder_threads=args.encoder_threads,
                           gpus=_gpus(args.gpus), tensor_parallel=args.tp, mode=args.mode,
                           encoder_urls=tuple(args.encoder_urls or ()), encoder_urls_file=args.encoder_urls_file,
+                          prefill_urls=tuple(args.prefill_urls or ()), prefill_urls_file=args.prefill_urls_file,
                           minimal=args.minimal, dtype=args.dtype,
                           **{name: getattr(args, name) for name in Deployment.KNOBS})
     except (FileNotFoundError, ValueError) as e:
@@ -148,12 +149,18 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-dp", type=int, help="vision encoder replicas; a request's images are split "
                    "over them by image tokens (default: the repository's, 2; on GPUs one per GPU)")
     p.add_argument("--encoder-threads", type=int, help="torch threads per encoder replica (default: cores / replicas)")
-    p.add_argument("--mode", choices=["colocated", "encoder", "language"], default="colocated",
+    p.add_argument("--mode", choices=["colocated", "encoder", "language", "prefill", "decode"], default="colocated",
                    help="encoder: only image_encoder + vision_encoder (an E/PD encoder server: image files in, "
-                   "embeddings out); language: encode on the --encoder-urls servers")
+                   "embeddings out); language: encode on the --encoder-urls servers; prefill: only the language "
+                   "model, prefilling for decode servers (E/P/D); decode: the entry point of E/P/D, prefilling on "
+                   "the --prefill-urls servers (and encoding on the --encoder-urls servers, if given)")
     p.add_argument("--encoder-urls", nargs="+", metavar="HOST:PORT", help="gRPC addresses of encoder servers")
-    p.add_argument("--encoder-urls-file", help="language mode: a file of encoder addresses, one a line, "
-                   "re-read every second: edit it to add or remove encoders while serving")
+    p.add_argument("--encoder-urls-file", help="language and decode modes: a file of encoder addresses, one a "
+                   "line, re-read every second: edit it to add or remove encoders while serving")
+    p.add_argument("--prefill-urls", nargs="+", metavar="HOST:PORT", help="decode mode: gRPC addresses of prefill "
+                   "servers (when all fail, prompts are prefilled here)")
+    p.add_argument("--prefill-urls-file", help="decode mode: a file of prefill server addresses, one a line, "
+                   "re-read every second")
     p.add_argument("--tp", type=int, help="tensor-parallel ranks of the language model (default 1); "
                    "gloo on CPU, NCCL on GPUs")
     p.add_argument("--minimal", action="store_true", help="only the models the streaming `vlm` needs: no "

@@ -186,14 +186,26 @@ class LanguageConfig:
                                        "chunks, so long prompts do not stall streams", _LANGUAGE)
     enable_prefix_caching: bool = knob(True, "reuse the KV blocks of earlier prompts' equal prefixes, images told "
                                        "apart by content", _LANGUAGE)
+    # E/P/D: a decode server prefills its prompts on these prefill servers (`engine/remote_prefill.py`)
+    prefill_urls: str = ""  # comma-separated gRPC addresses; "" = prefill here
+    prefill_urls_file: str = ""  # a file listing them, watched while serving
+    prefill_timeout_s: float = 60.0
+    local_prefill_below: int = knob(0, "decode mode: prefill prompts with fewer uncached tokens than this here, "
+                                    "not on the prefill servers (0: send every prompt out)", _LANGUAGE)
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "kv_cache_mb", "block_size", "max_num_batched_tokens", "tensor_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.local_prefill_below < 0:
+            raise ValueError(f"local_prefill_below must be >= 0, got {self.local_prefill_below}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                              f"max_num_seqs ({self.max_num_seqs}): every running sequence decodes each step")
+
+    @property
+    def remote_prefills(self) -> list[str]:
+        return [u.strip() for u in self.prefill_urls.split(",") if u.strip()]
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], device: str = "cpu") -> LanguageConfig:

@@ -39,6 +39,12 @@ IMAGE_EMBEDS = "_IMAGE_EMBEDS"  # FP32 [sum tokens per image, H]
 SAMPLING = "_SAMPLING"  # BYTES [1]: SamplingParams JSON
 IMAGES = "_IMAGES"  # BYTES [N]: the encoded image files, when encoder servers preprocess them (else [0])
 IMAGE_KEYS = "_IMAGE_KEYS"  # BYTES [N]: each image's content key, for the embedding cache and the prefix cache
+# E/P/D: a request to a prefill server's `language_model` carries KV_FROM (prefill the prompt, answer with the KV
+# of its tokens from this one on); the answer is KV and KV_META (`engine/kv_wire.py`), and output_ids (the first token)
+KV_FROM = "_KV_FROM"  # INT64 [1]
+KV = "_KV"  # UINT8 [bytes]: the keys, then the values, raw
+KV_META = "_KV_META"  # BYTES [1]: JSON: their shape and dtype, the first token, the position delta, ...
+OUTSIDE_ENSEMBLE = {CANCEL, KV_FROM, KV, KV_META}  # tensors of direct callers of a model, not of `vlm`'s steps
 
 INTERNAL = {
     CANCEL: ("TYPE_STRING", [1]),
@@ -49,6 +55,9 @@ INTERNAL = {
     SAMPLING: ("TYPE_STRING", [1]),
     IMAGES: ("TYPE_STRING", [-1]),
     IMAGE_KEYS: ("TYPE_STRING", [-1]),
+    KV_FROM: ("TYPE_INT64", [1]),
+    KV: ("TYPE_UINT8", [-1]),
+    KV_META: ("TYPE_STRING", [1]),
 }
 
 # model name -> (inputs, outputs)
@@ -59,7 +68,8 @@ MODELS = {
     "vision_encoder": ([PIXEL_VALUES, IMAGE_LAYOUT], [IMAGE_EMBEDS]),
     # E/PD encoder servers: image files in, embeddings and grids out (decode, resize, patchify, encode)
     "image_encoder": ([IMAGES, IMAGE_KEYS], [IMAGE_EMBEDS, IMAGE_LAYOUT]),
-    "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_LAYOUT, SAMPLING, IMAGE_KEYS, CANCEL], list(PUBLIC_OUTPUTS)),
+    "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_LAYOUT, SAMPLING, IMAGE_KEYS, KV_FROM, CANCEL],
+                       [*PUBLIC_OUTPUTS, KV, KV_META]),
     "vlm": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
     "vlm_unary": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
 }

@@ -116,3 +116,9 @@ class ServerPool:
             self.answered[url] = ok
             if not ok:
                 self.down_until[url] = time.monotonic() + self.retry_after_s
+
+
+def grpc_status(error: Exception) -> str | None:
+    """A tritonclient gRPC error's status ("StatusCode.INVALID_ARGUMENT"), or None."""
+    status = getattr(error, "status", None)
+    return status() if callable(status) else None

@@ -55,9 +55,9 @@ def test_ensemble_steps_connect():
     available = {t.name for t in ensemble.input}
     for step in ensemble.ensemble_scheduling.step:
         step_inputs, step_outputs = I.MODELS[step.model_name]
-        assert set(step.input_map) == set(step_inputs) - {I.CANCEL}, step.model_name
+        assert set(step.input_map) == set(step_inputs) - I.OUTSIDE_ENSEMBLE, step.model_name
         assert set(step.input_map.values()) <= available, step.model_name
-        assert set(step.output_map) == set(step_outputs), step.model_name
+        assert set(step.output_map) == set(step_outputs) - I.OUTSIDE_ENSEMBLE, step.model_name
         available |= set(step.output_map.values())
     assert {t.name for t in ensemble.output} <= available
 
@@ -218,7 +218,7 @@ def test_serve_flags_of_the_knobs_come_from_their_configs_and_reach_the_reposito
     language_knobs = [f.name for f in config_module.serve_knobs(config_module.LanguageConfig)]
     encode_knobs = [f.name for f in config_module.serve_knobs(config_module.EncodeConfig)]
     assert set(language_knobs) == {"max_num_seqs", "kv_cache_mb", "block_size", "max_num_batched_tokens",
-                                   "enable_prefix_caching"}
+                                   "enable_prefix_caching", "local_prefill_below"}
     assert set(encode_knobs) == {"encoder_fallback", "encoder_transport", "local_encode_below", "embedding_cache_mb",
                                  "embedding_cache_redis"}
     assert [*encode_knobs, *language_knobs] == list(Deployment.KNOBS)
@@ -249,3 +249,29 @@ def test_serve_flags_of_the_knobs_come_from_their_configs_and_reach_the_reposito
         Deployment(model, mode="language", encoder_urls=("h1:1",), encoder_transport="pigeon")
     with pytest.raises(ValueError, match="embedding_cache_mb must be >= 0"):
         Deployment(model, embedding_cache_mb=-1)
+
+def test_prefill_and_decode_modes_render_their_servers(tmp_path):
+    """E/P/D: a prefill server is its language model alone; a decode server takes the prefill servers (and
+    may take encoder servers); the flags of one mode are refused in the others."""
+    from triton_vlm import cli
+    from triton_vlm.models.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model")
+    assert cli.main(["render", str(tmp_path / "p"), "--model", str(model), "--gpus", "none", "--mode", "prefill"]) == 0
+    assert sorted(p.name for p in (tmp_path / "p").iterdir() if p.is_dir()) == ["language_model"]
+    assert cli.main(["render", str(tmp_path / "d"), "--model", str(model), "--gpus", "none", "--mode", "decode",
+                     "--prefill-urls", "p1:1", "p2:2", "--encoder-urls", "e1:1", "--local-prefill-below", "64"]) == 0
+    language = _load(tmp_path / "d" / "language_model" / "config.pbtxt").parameters
+    assert (language["prefill_urls"].string_value, language["local_prefill_below"].string_value) == ("p1:1,p2:2", "64")
+    assert _load(tmp_path / "d" / "encode" / "config.pbtxt").parameters["encoder_urls"].string_value == "e1:1"
+    assert not (tmp_path / "d" / "image_encoder").exists()
+    assert cli.main(["render", str(tmp_path / "d2"), "--model", str(model), "--gpus", "none", "--mode", "decode",
+                     "--prefill-urls", "p1:1"]) == 0  # encodes itself
+    assert _load(tmp_path / "d2" / "preprocess" / "config.pbtxt").parameters["image_processing"].string_value == \
+        "local"
+    for bad, message in [(dict(mode="decode"), "--prefill-urls/--prefill-urls-file go with --mode decode"),
+                         (dict(prefill_urls=("p1:1",)), "go with --mode decode"),
+                         (dict(mode="prefill", encoder_urls=("e1:1",)), "--encoder-urls/--encoder-urls-file go with"),
+                         (dict(local_prefill_below=8), "--local-prefill-below needs --mode decode")]:
+        with pytest.raises(ValueError, match=message):
+            Deployment(model, **bad)

@@ -115,3 +115,19 @@ def test_cancel_by_id_reaches_the_unfinished_requests_of_that_id_only():
     assert streams[0].sender.done.wait(5)
     assert not in_flight.cancel("a")  # nothing of "a" runs: a later request reusing the id is spared
     outbox.close()
+
+
+def test_an_answer_that_cannot_be_built_still_ends_its_request_with_an_error():
+    class Broken(Wire):
+        @staticmethod
+        def response(*args):
+            raise TypeError("Object of type int64 is not JSON serializable")
+
+    sender, outbox = Sender(), Outbox()
+    stream = ResponseStream(outbox, Broken, sender, "r1", False, num_input_tokens=7, arrival_s=time.time())
+    for out in outputs(3):
+        stream(out)
+    assert sender.done.wait(10)
+    outbox.close()
+    assert sender.sent == [(("error", "the answer could not be sent: Object of type int64 is not JSON serializable"),
+                            Wire.FINAL)]

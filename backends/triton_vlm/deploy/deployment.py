@@ -25,9 +25,14 @@ class Deployment:
     gpus: tuple[int, ...] = ()  # () = CPU; else encoder instances spread over these, language from the first
     tensor_parallel: int | None = None  # language model ranks (one Triton instance; rank r on GPU first + r)
     cuda_memory_pool_mb: int | None = None  # default: CUDA_MEMORY_POOL_MB per embedding block
-    mode: str = "colocated"  # colocated | encoder (image_encoder + vision_encoder only) | language (E/PD)
-    encoder_urls: tuple[str, ...] = ()  # language mode: gRPC addresses of the encoder servers
-    encoder_urls_file: str | None = None  # language mode: a file listing them, watched (live scaling)
+    # colocated | encoder (image_encoder + vision_encoder only) | language (E/PD: encodes on encoder servers) |
+    # prefill (E/P/D: language_model only, prefills for decode servers) | decode (E/P/D: the entry point, which
+    # prefills on prefill servers; encodes on encoder servers if it has some, else itself)
+    mode: str = "colocated"
+    encoder_urls: tuple[str, ...] = ()  # language and decode modes: gRPC addresses of the encoder servers
+    encoder_urls_file: str | None = None  # language and decode modes: a file listing them, watched (live scaling)
+    prefill_urls: tuple[str, ...] = ()  # decode mode: gRPC addresses of the prefill servers
+    prefill_urls_file: str | None = None  # decode mode: a file listing them, watched
     minimal: bool = False  # only what `vlm` needs: no vlm_unary, and (colocated) no image_encoder
     # the knobs (`config.knob`; None: the repository's): the encode stage's, E/PD's and its embedding cache
     encoder_fallback: str | None = None
@@ -41,6 +46,7 @@ class Deployment:
     max_num_seqs: int | None = None
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool | None = None
+    local_prefill_below: int | None = None
     dtype: str | None = None  # the vision encoder's and language model's: auto (bf16 on GPUs, fp32 on CPU) | float32 |
     # bfloat16 | float16
 
@@ -48,17 +54,25 @@ class Deployment:
 
     KNOBS = {f.name: f for config in (EncodeConfig, LanguageConfig) for f in serve_knobs(config)}  # a field each
 
+    MODES = ("colocated", "encoder", "language", "prefill", "decode")
+
     def __post_init__(self) -> None:
-        if self.mode not in ("colocated", "encoder", "language"):
-            raise ValueError(f"mode must be colocated, encoder or language, got {self.mode!r}")
-        if (self.mode == "language") != bool(self.encoder_urls or self.encoder_urls_file):
-            raise ValueError("--encoder-urls/--encoder-urls-file go with --mode language, which needs one of them")
+        if self.mode not in self.MODES:
+            raise ValueError(f"mode must be one of {', '.join(self.MODES)}, got {self.mode!r}")
+        if self.mode == "language" and not self.remote_encode or self.mode not in ("language", "decode") and \
+                self.remote_encode:
+            raise ValueError("--encoder-urls/--encoder-urls-file go with --mode language (which needs one of them) "
+                             "or --mode decode")
+        if (self.mode == "decode") != bool(self.prefill_urls or self.prefill_urls_file):
+            raise ValueError("--prefill-urls/--prefill-urls-file go with --mode decode, which needs one of them")
+        if self.local_prefill_below and self.mode != "decode":
+            raise ValueError("--local-prefill-below needs --mode decode")
         # the knobs' own rules (choices, ranges), checked here rather than when the server loads them
         encode = EncodeConfig(**self._knobs(EncodeConfig))
         LanguageConfig(**self._knobs(LanguageConfig))
-        if encode.local_encode_below and (self.mode != "language" or encode.encoder_fallback != "local"):
-            raise ValueError("--local-encode-below needs --mode language and the local encoder "
-                             "(--encoder-fallback local)")
+        if encode.local_encode_below and (not self.remote_encode or encode.encoder_fallback != "local"):
+            raise ValueError("--local-encode-below needs encoder servers (--mode language or decode) and the "
+                             "local encoder (--encoder-fallback local)")
         if self.encoder_dp is not None and self.encoder_dp < 1:
             raise ValueError(f"encoder_dp must be >= 1, got {self.encoder_dp}")
         if self.tensor_parallel is not None and self.tensor_parallel < 1:
@@ -72,6 +86,11 @@ class Deployment:
         config = Path(self.model) / "config.json"
         if config.exists():  # a family we do not serve fails here, not inside the server's model loads
             family_class(json.loads(config.read_text()).get("model_type"))
+
+    @property
+    def remote_encode(self) -> bool:
+        """Whether the images are encoded on encoder servers (E/PD, E/P/D)."""
+        return bool(self.encoder_urls or self.encoder_urls_file)
 
     def _knobs(self, config) -> dict:
         """The knobs of `config` this deployment sets."""
@@ -106,20 +125,26 @@ class Deployment:
             parameters["vision_encoder"]["dtype"] = parameters["language_model"]["dtype"] = self.dtype
         if self.tensor_parallel is not None:
             parameters["language_model"]["tensor_parallel"] = str(self.tensor_parallel)
-        for name, f in self.KNOBS.items():  # E/PD's own (LANGUAGE_MODE) only on its language servers
-            if getattr(self, name) is not None and (self.mode == "language" or not f.metadata[LANGUAGE_MODE]):
+        for name, f in self.KNOBS.items():  # E/PD's own (LANGUAGE_MODE) only on servers with encoder servers
+            if getattr(self, name) is not None and (self.remote_encode or not f.metadata[LANGUAGE_MODE]):
                 value = getattr(self, name)
                 for model in f.metadata[MODELS]:
                     parameters[model][name] = str(value).lower() if isinstance(value, bool) else str(value)
-        if self.mode == "language":
+        if self.remote_encode:
             parameters["encode"].update(encoder_urls=",".join(self.encoder_urls),
-                                        encoder_urls_file=str(Path(self.encoder_urls_file).resolve())
-                                        if self.encoder_urls_file else "")
+                                        encoder_urls_file=_path(self.encoder_urls_file))
             parameters["preprocess"]["image_processing"] = "remote"  # the files go to the encoder servers
+        if self.mode == "decode":
+            parameters["language_model"].update(prefill_urls=",".join(self.prefill_urls),
+                                                prefill_urls_file=_path(self.prefill_urls_file))
         repo = render(dest, self.model, parameters, source, groups)
-        # a colocated server keeps image_encoder: other language servers may use it as their encoder
+        # a colocated server keeps image_encoder: other language servers may use it as their encoder (and any
+        # server with a language_model may serve as a decode server's prefill server)
+        remote = ["image_encoder", *(["vision_encoder"] if self.encoder_fallback == "none" else [])]
         drop = {"encoder": ["preprocess", "encode", "language_model", "vlm", "vlm_unary"],
-                "language": ["image_encoder", *(["vision_encoder"] if self.encoder_fallback == "none" else [])],
+                "language": remote,
+                "decode": remote if self.remote_encode else ["image_encoder"],
+                "prefill": ["preprocess", "encode", "vision_encoder", "image_encoder", "vlm", "vlm_unary"],
                 }.get(self.mode, [])
         if self.minimal:
             drop += [m for m in ("vlm_unary", "image_encoder") if m not in drop and (repo / m).exists()
@@ -136,3 +161,7 @@ class Deployment:
             pool = CUDA_MEMORY_POOL_MB * (1 + load_family(self.model).extra_features)
         pool = (pool or 0) * 2**20
         return [*MODEL_CONTROL, *(f"--cuda-memory-pool-byte-size={gpu}:{pool}" for gpu in self.gpus)]
+
+
+def _path(file: str | None) -> str:
+    return str(Path(file).resolve()) if file else ""

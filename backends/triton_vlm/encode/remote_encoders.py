@@ -29,7 +29,7 @@ import torch
 
 from ..errors import InvalidRequest, Unavailable, strip_label
 from ..preprocess.image_inputs import Images
-from ..server_pool import ServerPool
+from ..server_pool import ServerPool, grpc_status
 from .balance import balance
 from .shm_outputs import ShmOutputs
 
@@ -145,7 +145,7 @@ class RemoteEncoders(ServerPool):
             try:
                 embeds = self._remote(url, images)
             except Exception as e:
-                if _status(e) == "StatusCode.INVALID_ARGUMENT":  # the images are bad, not the encoder
+                if grpc_status(e) == "StatusCode.INVALID_ARGUMENT":  # the images are bad, not the encoder
                     self.done(url, tokens, ok=True)
                     raise InvalidRequest(strip_label(e.message())) from None
                 self.done(url, tokens, ok=False)
@@ -162,7 +162,3 @@ class RemoteEncoders(ServerPool):
             return self.fallback(images)
         raise Unavailable("no encoder could encode the images" + (f": {'; '.join(errors)}" if errors else ""))
 
-
-def _status(error: Exception) -> str | None:
-    status = getattr(error, "status", None)
-    return status() if callable(status) else None

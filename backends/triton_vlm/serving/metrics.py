@@ -13,6 +13,7 @@ import triton_python_backend_utils as pb_utils
 
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 SHARD_BUCKETS = (1, 2, 3, 4, 6, 8, 16)
+KV_TRANSFER_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
 
 class Metric:
@@ -116,24 +117,27 @@ class ReplicaMetrics:
         self.patches(replica=self.replica).increment(patches)
 
 
-class RemoteEncoderMetrics:
-    """E/PD: each encoder server's image tokens in flight from this server, and whether its last answer (or
-    probe) was good (every `interval_s`, from `state() -> {url: (tokens in flight, up)}`)."""
+class RemoteServerMetrics:
+    """E/PD's encoder servers (`kind` "encoder": image tokens) or E/P/D's prefill servers ("prefill": prompt
+    tokens): each one's tokens in flight from this server, and whether its last answer (or probe) was good
+    (every `interval_s`, from `state() -> {url: (tokens in flight, up)}`)."""
 
-    def __init__(self, state, interval_s: float = 1.0) -> None:
-        self.in_flight = Metric("triton_vlm_remote_encoder_in_flight_tokens",
-                                "Image tokens this server has in flight on each encoder server")
-        self.up = Metric("triton_vlm_remote_encoder_up", "1 if an encoder server's last answer was good, 0 if "
+    def __init__(self, kind: str, state, interval_s: float = 1.0) -> None:
+        tokens = {"encoder": "Image tokens", "prefill": "Prompt tokens"}[kind]
+        self.kind = kind
+        self.in_flight = Metric(f"triton_vlm_remote_{kind}_in_flight_tokens",
+                                f"{tokens} this server has in flight on each {kind} server")
+        self.up = Metric(f"triton_vlm_remote_{kind}_up", f"1 if a {kind} server's last answer was good, 0 if "
                          "it failed or timed out")
         self.state, self.interval_s = state, interval_s
         self._stop = threading.Event()
         self.publish()
-        threading.Thread(target=self._run, name="remote-encoder-metrics", daemon=True).start()
+        threading.Thread(target=self._run, name=f"remote-{kind}-metrics", daemon=True).start()
 
     def publish(self) -> None:
         for url, (tokens, up) in self.state().items():
-            self.in_flight(encoder=url).set(tokens)
-            self.up(encoder=url).set(1 if up else 0)
+            self.in_flight(**{self.kind: url}).set(tokens)
+            self.up(**{self.kind: url}).set(1 if up else 0)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -174,6 +178,13 @@ class EngineMetrics:
                                 counter=True)
         self.ttft = Metric("triton_vlm_time_to_first_token_seconds", "From a request's arrival at the server "
                            "(preprocess) to its first token", buckets=TTFT_BUCKETS_S)
+        self.kv_bytes = Metric("triton_vlm_kv_transfer_bytes_total", "Bytes of KV cache this server received "
+                               "from prefill servers (E/P/D)", counter=True)
+        self.kv_seconds = Metric("triton_vlm_kv_transfer_seconds", "From a prefill server sending a prompt's KV to "
+                                 "this server having it", buckets=KV_TRANSFER_BUCKETS_S)
+        self.prefills = Metric("triton_vlm_prefills_total", "Prompts a decode server had prefilled, by where: "
+                               "remote (a prefill server) or local (short, or every prefill server failed)",
+                               counter=True)
         self._published = dict.fromkeys(self._COUNTERS, 0)  # the totals as last published (one thread publishes)
 
     def publish(self, stats) -> None:
@@ -186,6 +197,15 @@ class EngineMetrics:
             value = getattr(stats, name)
             metric().increment(value - self._published[name])
             self._published[name] = value
+
+    def kv_transferred(self, nbytes: int, seconds: float) -> None:
+        """E/P/D: a prompt's KV came from a prefill server."""
+        self.kv_bytes().increment(nbytes)
+        self.kv_seconds().observe(seconds)
+
+    def prefilled_at(self, where: str) -> None:
+        """E/P/D: a decode server's prompt was prefilled at `where` (remote | local)."""
+        self.prefills(where=where).increment(1)
 
     def embeds_received(self, on_gpu: bool) -> None:
         self.embeds_in(memory="gpu" if on_gpu else "cpu").increment(1)

@@ -6,17 +6,20 @@ the streams of a request id for a `cancel_request_id`.
 
 Triton-free: the response sender (`send(response, flags)`, `is_cancelled()`) comes from the model's
 adapter, and a `wire` builds the responses (`response(ids, text, finish_reason, num_input_tokens,
-num_output_tokens)`, `error(exception)`, `FINAL`; Triton's is `triton_io.LanguageWire`).
+num_output_tokens)`, `error(exception)`, `handoff(prefilled_kv)`, `FINAL`; Triton's is
+`triton_io.LanguageWire`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from collections.abc import Callable
 
 from ..engine.sequence import StepOutput
+from ..errors import RequestError
 
 
 class Outbox:
@@ -49,7 +52,8 @@ class Outbox:
 
 
 def merge(first: StepOutput, then: StepOutput) -> StepOutput:
-    return StepOutput(first.token_ids + then.token_ids, first.text + then.text, then.finish_reason, then.error)
+    return StepOutput(first.token_ids + then.token_ids, first.text + then.text, then.finish_reason, then.error,
+                      then.handoff)
 
 
 class InFlight:
@@ -122,6 +126,8 @@ class ResponseStream:
         try:
             if out.error is not None:
                 self.sender.send(self.wire.error(out.error), flags=self.wire.FINAL)
+            elif out.handoff is not None:  # a prefill server's answer (E/P/D): the prompt's KV and first token
+                self.sender.send(self.wire.handoff(out.handoff), flags=self.wire.FINAL)
             else:
                 self.ids += out.token_ids
                 if self.stream:
@@ -138,5 +144,9 @@ class ResponseStream:
                 self.checked = time.monotonic()
                 if self.sender.is_cancelled():
                     self.cancel()
-        except Exception:  # the client is gone: stop generating for it
+        except Exception as e:  # the client is gone: stop generating for it
             self.cancel()
+            if out.finished and out.error is None:  # or the answer could not be built: it still gets an end
+                with contextlib.suppress(Exception):  # unless the client is gone
+                    self.sender.send(self.wire.error(RequestError(f"the answer could not be sent: {e}")),
+                                     flags=self.wire.FINAL)

@@ -147,5 +147,15 @@ class LanguageWire:
         ])
 
     @staticmethod
+    def handoff(kv) -> pb_utils.InferenceResponse:
+        """A prefill server's answer: the `PrefilledKV` (`engine/kv_wire.py`)."""
+        from ..engine import kv_wire
+
+        raw, header = kv_wire.pack(kv)
+        return pb_utils.InferenceResponse([output(I.KV, raw), bytes_tensor(I.KV_META, [header]),
+                                           output("output_ids", np.array([kv.first_token], dtype=np.int64)),
+                                           text_tensor("finish_reason", "prefilled")])
+
+    @staticmethod
     def error(e: Exception) -> pb_utils.InferenceResponse:
         return error_response(e, "language_model")

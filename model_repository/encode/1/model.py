@@ -34,7 +34,7 @@ class TritonPythonModel:
             cache=metrics.embedding_cache(config.embedding_cache_mb, config.embedding_cache_redis),
             on_split=metrics.EncodeMetrics("encode").encoded,
             warn=pb_utils.Logger.log_warn, info=pb_utils.Logger.log_info)
-        self.remote_metrics = metrics.RemoteEncoderMetrics(self.remote.state) if self.remote else None
+        self.remote_metrics = metrics.RemoteServerMetrics("encoder", self.remote.state) if self.remote else None
 
     def execute(self, requests):
         for request in requests:
