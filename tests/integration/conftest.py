@@ -39,7 +39,7 @@ def family_expected(family_model) -> dict[str, list[int]]:
 @pytest.fixture(scope="module")
 def family_servers(request, family_model, tmp_path_factory):
     """The test module's FAMILY in its two deployments (`families.family_deployments`): "colocated" and
-    "epd", whose embeddings come back by the module's EPD_TRANSPORT (grpc | shm); stopped after."""
+    "disaggregated", whose embeddings come back by the module's EPD_TRANSPORT (grpc | shm); stopped after."""
     module = request.module
     with family_deployments(tmp_path_factory.mktemp(f"{module.FAMILY}-servers"), family_model,
                             module.EPD_TRANSPORT) as started:

@@ -11,6 +11,7 @@ from tests.integration.serve import serving
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.server import TritonServer
 from triton_vlm_clients.client import stream
+from triton_vlm_clients.prometheus import server_metric
 
 PROMPT = "Describe the pictures."
 CASES = {"text-only": [], "one-image": [(640, 480)], "two-sizes": [(300, 200), (200, 500)],
@@ -23,22 +24,29 @@ def images(case: str, seed: int = 0) -> list[bytes]:
 
 
 def assert_every_mode_equals(servers: dict[str, TritonServer], expected: dict[str, list[int]], case: str) -> None:
-    """Each server's greedy ids for `case` equal transformers' (`expected`)."""
+    """Each server's greedy ids for `case` equal transformers' (`expected`); the disaggregated server's prompt
+    was prefilled on the colocated one, and its KV came over."""
+    remote = 'where="remote"'
+    before = server_metric(servers["disaggregated"], "triton_vlm_prefills_total", remote)
     for name, server in servers.items():
         answer = stream(server.grpc_url, prompt=PROMPT, images=images(case), max_tokens=12)
         assert answer.output_ids == expected[case], name
+    assert server_metric(servers["disaggregated"], "triton_vlm_prefills_total", remote) == before + 1
 
 
 @contextlib.contextmanager
 def family_deployments(root, model, transport: str):
-    """A family's two deployments, -> {"colocated": server, "epd": server}:
+    """A family's two deployments, -> {"colocated": server, "disaggregated": server}:
     - colocated: encoder DP 2 (a request's images split over two replicas) and tensor parallelism 2 in one
-      server, with the default caches. It keeps `image_encoder`, so it is also an encoder server:
-    - epd: a language server whose every image is encoded by the colocated server (no local encoder, no
-      embedding cache of its own), the embeddings coming back by `transport` (grpc | shm)."""
+      server, with the default caches. It keeps `image_encoder` and has a `language_model`, so it is also
+      an encoder server and a prefill server:
+    - disaggregated (E/P/D): a decode server whose every image is encoded by the colocated server (no local
+      encoder, no embedding cache of its own), the embeddings coming back by `transport` (grpc | shm), and
+      whose every prompt is prefilled there too (TP 2), its KV coming back to this server's TP 1 engine."""
     colocated = Deployment(model, encoder_dp=2, tensor_parallel=2)
     with contextlib.ExitStack() as stack:
         encoder = stack.enter_context(serving((colocated, root / "colocated")))
-        language = Deployment(model, mode="language", encoder_dp=1, minimal=True, embedding_cache_mb=0,
-                              encoder_urls=(encoder.grpc_url,), encoder_transport=transport, encoder_fallback="none")
-        yield {"colocated": encoder, "epd": stack.enter_context(serving((language, root / "epd")))}
+        decode = Deployment(model, mode="decode", encoder_dp=1, minimal=True, embedding_cache_mb=0,
+                            encoder_urls=(encoder.grpc_url,), encoder_transport=transport, encoder_fallback="none",
+                            prefill_urls=(encoder.grpc_url,))
+        yield {"colocated": encoder, "disaggregated": stack.enter_context(serving((decode, root / "disaggregated")))}

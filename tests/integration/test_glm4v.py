@@ -33,7 +33,7 @@ def test_an_image_too_small_for_glm_is_refused_and_the_server_keeps_serving(fami
 def test_a_language_server_without_a_cache_sends_a_repeated_image_again(family_servers):
     """`embedding_cache_mb` 0 (the E/PD server's): no hits, the file goes to the encoder server again, and
     the ids are the same."""
-    epd, fresh = family_servers["epd"], images("two-sizes", seed=70)
+    epd, fresh = family_servers["disaggregated"], images("two-sizes", seed=70)
     first = stream(epd.grpc_url, prompt=PROMPT, images=fresh, max_tokens=8)
     before = encoder_shards(family_servers["colocated"].grpc_url)
     again = stream(epd.grpc_url, prompt=PROMPT, images=fresh, max_tokens=8)

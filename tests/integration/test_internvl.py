@@ -50,7 +50,7 @@ def test_an_encoder_server_shares_one_images_tiles_over_its_replicas(family_serv
     too: both of them encode tiles of the request's one image (an image no cache has seen)."""
     encoder, fresh = family_servers["colocated"], images("one-image", seed=60)
     before = tiles_per_replica(encoder)
-    answer = stream(family_servers["epd"].grpc_url, prompt=PROMPT, images=fresh, max_tokens=12)
+    answer = stream(family_servers["disaggregated"].grpc_url, prompt=PROMPT, images=fresh, max_tokens=12)
     assert answer.output_ids == reference_generate(family_model, PROMPT, fresh, max_new_tokens=12)
     gained = sorted(n - before.get(replica, 0) for replica, n in tiles_per_replica(encoder).items())
     assert gained == [6, 7], "both replicas, 13 tiles"

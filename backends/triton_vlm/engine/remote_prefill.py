@@ -12,7 +12,7 @@ Transport: `grpc`, the KV as one raw byte tensor in the answer of a Triton gRPC 
 prefill server's blocks stay in its prefix cache, none is held for us. The least loaded healthy server
 (load: prompt tokens in flight) takes a prompt; one that fails or does not answer within `timeout_s` is
 marked down and the next is tried; when none is left the answer is None, and the caller prefills here.
-A request's own fault (INVALID_ARGUMENT) is raised as InvalidRequest: no other server would take it either.
+A request's own fault (an invalid request) is raised as InvalidRequest: no other server would take it either.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from collections.abc import Callable
 import numpy as np
 
 from .. import interface as I
-from ..errors import InvalidRequest, strip_label
-from ..server_pool import ServerPool, grpc_status
+from ..errors import InvalidRequest, code_of, strip_label
+from ..server_pool import ServerPool
 from . import kv_wire
 from .kv_handoff import PrefilledKV
 from .sequence import LanguageRequest
@@ -92,7 +92,7 @@ class RemotePrefill(ServerPool):
             client.stop_stream(cancel_requests=True)
             client.close()
         if error is not None:
-            if grpc_status(error) == "StatusCode.INVALID_ARGUMENT":
+            if code_of(error.message()) == InvalidRequest.code:  # a stream's errors have no status: the label
                 raise InvalidRequest(strip_label(error.message()))
             raise error
         raw, header = result.as_numpy(I.KV), result.as_numpy(I.KV_META).reshape(-1)[0]
