@@ -192,11 +192,17 @@ class LanguageConfig:
     prefill_timeout_s: float = 60.0
     local_prefill_below: int = knob(0, "decode mode: prefill prompts with fewer uncached tokens than this here, "
                                     "not on the prefill servers (0: send every prompt out)", _LANGUAGE)
+    kv_transport: str = knob("grpc", "how a prompt's KV moves from prefill to decode servers: grpc (inside the "
+                             "answer) or nixl (written into the decode server's memory; decode and prefill "
+                             "servers both need it, and fail at start if NIXL cannot start)", _LANGUAGE,
+                             choices=("grpc", "nixl"))
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "kv_cache_mb", "block_size", "max_num_batched_tokens", "tensor_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_transport not in ("grpc", "nixl"):
+            raise ValueError(f"kv_transport must be grpc or nixl, got {self.kv_transport!r}")
         if self.local_prefill_below < 0:
             raise ValueError(f"local_prefill_below must be >= 0, got {self.local_prefill_below}")
         if self.max_num_batched_tokens < self.max_num_seqs:

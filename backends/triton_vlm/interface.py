@@ -42,9 +42,10 @@ IMAGE_KEYS = "_IMAGE_KEYS"  # BYTES [N]: each image's content key, for the embed
 # E/P/D: a request to a prefill server's `language_model` carries KV_FROM (prefill the prompt, answer with the KV
 # of its tokens from this one on); the answer is KV and KV_META (`engine/kv_wire.py`), and output_ids (the first token)
 KV_FROM = "_KV_FROM"  # INT64 [1]
+KV_TARGET = "_KV_TARGET"  # BYTES [1], optional: JSON: where to WRITE the KV with NIXL (`engine/kv_nixl.py`)
 KV = "_KV"  # UINT8 [bytes]: the keys, then the values, raw
 KV_META = "_KV_META"  # BYTES [1]: JSON: their shape and dtype, the first token, the position delta, ...
-OUTSIDE_ENSEMBLE = {CANCEL, KV_FROM, KV, KV_META}  # tensors of direct callers of a model, not of `vlm`'s steps
+OUTSIDE_ENSEMBLE = {CANCEL, KV_FROM, KV_TARGET, KV, KV_META}  # direct callers' tensors, not those of `vlm`'s steps
 
 INTERNAL = {
     CANCEL: ("TYPE_STRING", [1]),
@@ -56,6 +57,7 @@ INTERNAL = {
     IMAGES: ("TYPE_STRING", [-1]),
     IMAGE_KEYS: ("TYPE_STRING", [-1]),
     KV_FROM: ("TYPE_INT64", [1]),
+    KV_TARGET: ("TYPE_STRING", [1]),
     KV: ("TYPE_UINT8", [-1]),
     KV_META: ("TYPE_STRING", [1]),
 }
@@ -68,7 +70,7 @@ MODELS = {
     "vision_encoder": ([PIXEL_VALUES, IMAGE_LAYOUT], [IMAGE_EMBEDS]),
     # E/PD encoder servers: image files in, embeddings and grids out (decode, resize, patchify, encode)
     "image_encoder": ([IMAGES, IMAGE_KEYS], [IMAGE_EMBEDS, IMAGE_LAYOUT]),
-    "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_LAYOUT, SAMPLING, IMAGE_KEYS, KV_FROM, CANCEL],
+    "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_LAYOUT, SAMPLING, IMAGE_KEYS, KV_FROM, KV_TARGET, CANCEL],
                        [*PUBLIC_OUTPUTS, KV, KV_META]),
     "vlm": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
     "vlm_unary": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),

@@ -1,9 +1,9 @@
 """Prefill/decode disaggregation (E/P/D) through real servers on loopback: 1 prefill + 1 decode + 2 encoder
 servers. The decode server is the entry point: its images are encoded on the session's colocated server and
 a `--mode encoder` server, its prompts prefilled on a `--mode prefill` server (listed in a file, re-read
-while serving), the KV coming back over gRPC. The per-family parity of E/P/D (Qwen3-VL's deepstack and
-M-RoPE, GLM-4.5V-MoE from TP 2 to TP 1, ...) is in the family tests; the engine's hand-off rules without
-servers in tests/unit/test_kv_handoff.py."""
+while serving), the KV written into its memory by NIXL. The per-family parity of E/P/D (Qwen3-VL's
+deepstack and M-RoPE, GLM-4.5V-MoE from TP 2 to TP 1, over gRPC or NIXL) is in the family tests; the
+engine's hand-off rules without servers in tests/unit/test_kv_handoff.py."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from triton_vlm_clients.prometheus import server_metric
 PROMPT = "Compare the pictures."
 REMOTE, LOCAL = 'where="remote"', 'where="local"'
 BYTES = "triton_vlm_kv_transfer_bytes_total"
+NIXL = 'transport="nixl"'
 
 
 class PD:
@@ -56,12 +57,13 @@ class PD:
 @pytest.fixture(scope="module")
 def pd(server, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("pd")
-    with serving((Deployment(tiny_model, mode="prefill"), root / "prefill"),
+    with serving((Deployment(tiny_model, mode="prefill", kv_transport="nixl"), root / "prefill"),
                  (Deployment(tiny_model, mode="encoder", encoder_dp=1), root / "encoder")) as (prefill, encoder):
         urls_file = root / "prefill.txt"
         urls_file.write_text(f"{prefill.grpc_url}\n")
         decode = Deployment(tiny_model, mode="decode", encoder_dp=1, minimal=True, encoder_fallback="none",
-                            encoder_urls=(server.grpc_url, encoder.grpc_url), prefill_urls_file=str(urls_file))
+                            encoder_urls=(server.grpc_url, encoder.grpc_url), prefill_urls_file=str(urls_file),
+                            kv_transport="nixl")
         with serving((decode, root / "decode")) as decode_server:
             yield PD(decode_server, prefill, encoder, urls_file)
 
@@ -74,11 +76,11 @@ def images(n: int, seed: int) -> list[bytes]:
 @pytest.mark.parametrize("n_images", [0, 1, 4])
 def test_greedy_ids_equal_transformers_and_the_kv_came_from_the_prefill_server(pd, tiny_model, n_images):
     imgs = images(n_images, seed=10 * n_images)
-    remote, sent = pd.prefills(REMOTE), server_metric(pd.decode, BYTES)
+    remote, sent = pd.prefills(REMOTE), server_metric(pd.decode, BYTES, NIXL)
     answer = stream(pd.decode.grpc_url, prompt=PROMPT, images=imgs, max_tokens=16)
     assert answer.output_ids == reference_generate(tiny_model, PROMPT, imgs, max_new_tokens=16)
     assert pd.prefills(REMOTE) == remote + 1
-    assert server_metric(pd.decode, BYTES) > sent
+    assert server_metric(pd.decode, BYTES, NIXL) > sent
     assert server_metric(pd.prefill, "triton_vlm_finished_sequences_total", 'finish_reason="prefilled"') > 0
 
 

@@ -218,7 +218,7 @@ def test_serve_flags_of_the_knobs_come_from_their_configs_and_reach_the_reposito
     language_knobs = [f.name for f in config_module.serve_knobs(config_module.LanguageConfig)]
     encode_knobs = [f.name for f in config_module.serve_knobs(config_module.EncodeConfig)]
     assert set(language_knobs) == {"max_num_seqs", "kv_cache_mb", "block_size", "max_num_batched_tokens",
-                                   "enable_prefix_caching", "local_prefill_below"}
+                                   "enable_prefix_caching", "local_prefill_below", "kv_transport"}
     assert set(encode_knobs) == {"encoder_fallback", "encoder_transport", "local_encode_below", "embedding_cache_mb",
                                  "embedding_cache_redis"}
     assert [*encode_knobs, *language_knobs] == list(Deployment.KNOBS)

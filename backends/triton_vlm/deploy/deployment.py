@@ -47,6 +47,7 @@ class Deployment:
     max_num_batched_tokens: int | None = None
     enable_prefix_caching: bool | None = None
     local_prefill_below: int | None = None
+    kv_transport: str | None = None
     dtype: str | None = None  # the vision encoder's and language model's: auto (bf16 on GPUs, fp32 on CPU) | float32 |
     # bfloat16 | float16
 

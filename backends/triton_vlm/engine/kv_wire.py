@@ -16,15 +16,15 @@ from ..errors import InvalidRequest
 from .kv_handoff import PrefilledKV
 
 
-def pack(kv: PrefilledKV) -> tuple[np.ndarray, bytes]:
-    """-> (uint8 [keys' bytes + values' bytes], the JSON header)."""
+def pack(kv: PrefilledKV, **extra) -> tuple[np.ndarray, bytes]:
+    """-> (uint8 [keys' bytes + values' bytes], the JSON header, with `extra` fields)."""
     raw = torch.cat([kv.keys.contiguous().reshape(-1).view(torch.uint8),
                      kv.values.contiguous().reshape(-1).view(torch.uint8)])
     state = kv.generator_state
     header = {"shape": list(kv.keys.shape), "dtype": str(kv.keys.dtype).removeprefix("torch."),
               "first_token": int(kv.first_token), "delta": int(kv.delta), "start": int(kv.start),
               "generator_state": None if state is None else base64.b64encode(state.numpy().tobytes()).decode(),
-              "sent_at": time.time()}
+              "sent_at": time.time(), **extra}
     return raw.cpu().numpy(), json.dumps(header).encode()
 
 

@@ -133,6 +133,12 @@ class LanguageEngine:
                            self._decode_tokens, self.blocks.in_use, self.num_blocks, s.prefix_queries,
                            s.prefix_hits, s.preemptions, self._imported_tokens)
 
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of one token's keys and values, every layer and head (a hand-off's size per token)."""
+        k = self.runner.cache.k
+        return 2 * k.shape[0] * k.shape[2] * self.runner.tp.size * k.shape[3] * k.element_size()
+
     def cached_prefix(self, request: LanguageRequest) -> int:
         """How many of the prompt's leading tokens this engine has cached now (a hint from another thread:
         by the time the request is admitted, some may be evicted; or 0 when its inputs are bad)."""

@@ -179,7 +179,7 @@ class EngineMetrics:
         self.ttft = Metric("triton_vlm_time_to_first_token_seconds", "From a request's arrival at the server "
                            "(preprocess) to its first token", buckets=TTFT_BUCKETS_S)
         self.kv_bytes = Metric("triton_vlm_kv_transfer_bytes_total", "Bytes of KV cache this server received "
-                               "from prefill servers (E/P/D)", counter=True)
+                               "from prefill servers (E/P/D), by transport", counter=True)
         self.kv_seconds = Metric("triton_vlm_kv_transfer_seconds", "From a prefill server sending a prompt's KV to "
                                  "this server having it", buckets=KV_TRANSFER_BUCKETS_S)
         self.prefills = Metric("triton_vlm_prefills_total", "Prompts a decode server had prefilled, by where: "
@@ -198,10 +198,10 @@ class EngineMetrics:
             metric().increment(value - self._published[name])
             self._published[name] = value
 
-    def kv_transferred(self, nbytes: int, seconds: float) -> None:
-        """E/P/D: a prompt's KV came from a prefill server."""
-        self.kv_bytes().increment(nbytes)
-        self.kv_seconds().observe(seconds)
+    def kv_transferred(self, nbytes: int, seconds: float, transport: str) -> None:
+        """E/P/D: a prompt's KV came from a prefill server, by `transport` (grpc | nixl)."""
+        self.kv_bytes(transport=transport).increment(nbytes)
+        self.kv_seconds(transport=transport).observe(seconds)
 
     def prefilled_at(self, where: str) -> None:
         """E/P/D: a decode server's prompt was prefilled at `where` (remote | local)."""

@@ -159,3 +159,22 @@ class LanguageWire:
     @staticmethod
     def error(e: Exception) -> pb_utils.InferenceResponse:
         return error_response(e, "language_model")
+
+
+class NixlWire(LanguageWire):
+    """A prefill request whose KV goes by NIXL (`engine/kv_nixl.py`): written into the decode server's buffer
+    (`target`); the answer carries the header (with this server's agent, whose notification to wait for)."""
+
+    def __init__(self, transport, target: dict) -> None:
+        self.transport, self.target = transport, target
+
+    def handoff(self, kv) -> pb_utils.InferenceResponse:
+        import torch
+
+        from ..engine import kv_wire
+
+        raw, header = kv_wire.pack(kv, agent=self.transport.name)
+        self.transport.write(torch.from_numpy(raw), self.target)
+        return pb_utils.InferenceResponse([bytes_tensor(I.KV_META, [header]),
+                                           output("output_ids", np.array([kv.first_token], dtype=np.int64)),
+                                           text_tensor("finish_reason", "prefilled")])

@@ -7,6 +7,7 @@ E/P/D: with _KV_FROM, a decode server's request: prefill only, one FINAL answer 
 that token on (_KV, _KV_META) and the first token. With `prefill_urls` (a decode server), each prompt is
 prefilled on a prefill server, or here (`engine/prefill_router.py`)."""
 
+import json
 import time
 import uuid
 from dataclasses import replace
@@ -16,10 +17,11 @@ import triton_python_backend_utils as pb_utils
 
 from triton_vlm import interface as I
 from triton_vlm.config import LanguageConfig
+from triton_vlm.engine.kv_nixl import NixlTransport
 from triton_vlm.engine.language import LanguageEngine, LanguageRequest
 from triton_vlm.engine.prefill_router import PrefillRouter
 from triton_vlm.engine.remote_prefill import RemotePrefill
-from triton_vlm.errors import InvalidRequest
+from triton_vlm.errors import InvalidRequest, Unavailable
 from triton_vlm.protocol import SamplingParams
 from triton_vlm.serving import metrics, triton_io
 from triton_vlm.serving.cuda_copies import CopyTrace
@@ -36,9 +38,15 @@ class TritonPythonModel:
         self.outbox = Outbox(lambda: self.metrics.publish(self.engine.stats()))
         self.in_flight = InFlight()
         self.router = self.remote_metrics = None
-        if config.remote_prefills or config.prefill_urls_file:  # a decode server (E/P/D)
+        decode = bool(config.remote_prefills or config.prefill_urls_file)  # a decode server (E/P/D)
+        self.nixl = None
+        if config.kv_transport == "nixl":  # fails here if NIXL cannot start; a decode server's pool: its cache's size
+            self.nixl = NixlTransport(self.engine.kv_bytes_per_token * self.engine.num_blocks * self.engine.block_size
+                                      if decode else 0)
+        if decode:
             remote = RemotePrefill(config.remote_prefills, config.prefill_timeout_s,
-                                   on_transfer=self.metrics.kv_transferred)
+                                   on_transfer=self.metrics.kv_transferred, nixl=self.nixl,
+                                   kv_bytes_per_token=self.engine.kv_bytes_per_token)
             remote.start(config.prefill_urls_file, pb_utils.Logger.log_warn, pb_utils.Logger.log_info, "prefill",
                          "its prompts are prefilled on the others, or here")
             self.remote_metrics = metrics.RemoteServerMetrics("prefill", remote.state)
@@ -51,7 +59,7 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 arrays = triton_io.inputs(request, [I.INPUT_IDS, I.IMAGE_LAYOUT, I.SAMPLING, I.IMAGE_KEYS, I.CANCEL,
-                                                    I.KV_FROM])
+                                                    I.KV_FROM, I.KV_TARGET])
                 if I.CANCEL in arrays:  # a control request: end that request (if it runs), answer nothing
                     self.in_flight.cancel(bytes(arrays[I.CANCEL].reshape(-1)[0]).decode(errors="replace"))
                     sender.send(flags=triton_io.FINAL)
@@ -68,10 +76,15 @@ class TritonPythonModel:
                 language_request = LanguageRequest(request.request_id() or uuid.uuid4().hex, arrays[I.INPUT_IDS],
                                                    embeds, arrays[I.IMAGE_LAYOUT], sampling, keys)
                 prefill_only = I.KV_FROM in arrays  # a decode server's request: answer with the KV
+                wire = triton_io.LanguageWire
                 if prefill_only:
                     language_request = replace(language_request, prefill_only=True,
                                                kv_from=int(arrays[I.KV_FROM].reshape(-1)[0]))
-                stream = ResponseStream(self.outbox, triton_io.LanguageWire, sender, language_request.request_id,
+                    if I.KV_TARGET in arrays:  # ... written into the decode server's memory
+                        if self.nixl is None:
+                            raise Unavailable("this server's kv_transport is grpc: it cannot write KV with NIXL")
+                        wire = triton_io.NixlWire(self.nixl, json.loads(arrays[I.KV_TARGET].reshape(-1)[0]))
+                stream = ResponseStream(self.outbox, wire, sender, language_request.request_id,
                                         sampling.stream and not prefill_only, len(arrays[I.INPUT_IDS]),
                                         sampling.arrival_s or arrival_s, self.metrics, self.in_flight)
                 if self.router is not None and not prefill_only:
