@@ -1,7 +1,8 @@
 """Prefill/decode disaggregation (E/P/D) through real servers on loopback: 1 prefill + 1 decode + 2 encoder
 servers. The decode server is the entry point: its images are encoded on the session's colocated server and
 a `--mode encoder` server, its prompts prefilled on a `--mode prefill` server (listed in a file, re-read
-while serving), the KV written into its memory by NIXL. The per-family parity of E/P/D (Qwen3-VL's
+while serving), the KV written into its memory by NIXL. A second decode server encodes its images itself
+and takes the KV inside the gRPC answer (the parity cases run on both). The per-family parity of E/P/D (Qwen3-VL's
 deepstack and M-RoPE, GLM-4.5V-MoE from TP 2 to TP 1, over gRPC or NIXL) is in the family tests; the
 engine's hand-off rules without servers in tests/unit/test_kv_handoff.py."""
 
@@ -30,12 +31,12 @@ from triton_vlm_clients.prometheus import server_metric
 PROMPT = "Compare the pictures."
 REMOTE, LOCAL = 'where="remote"', 'where="local"'
 BYTES = "triton_vlm_kv_transfer_bytes_total"
-NIXL = 'transport="nixl"'
 
 
 class PD:
-    def __init__(self, decode, prefill, encoder, urls_file) -> None:
+    def __init__(self, decode, grpc_decode, prefill, encoder, urls_file) -> None:
         self.decode, self.prefill, self.encoder, self.urls_file = decode, prefill, encoder, urls_file
+        self.by_transport = {"nixl": decode, "grpc": grpc_decode}
 
     def prefills(self, where: str) -> float:
         return server_metric(self.decode, "triton_vlm_prefills_total", where)
@@ -64,8 +65,10 @@ def pd(server, tiny_model, tmp_path_factory):
         decode = Deployment(tiny_model, mode="decode", encoder_dp=1, minimal=True, encoder_fallback="none",
                             encoder_urls=(server.grpc_url, encoder.grpc_url), prefill_urls_file=str(urls_file),
                             kv_transport="nixl")
-        with serving((decode, root / "decode")) as decode_server:
-            yield PD(decode_server, prefill, encoder, urls_file)
+        grpc_decode = Deployment(tiny_model, mode="decode", encoder_dp=1, minimal=True,  # P/D: it encodes itself
+                                 prefill_urls=(prefill.grpc_url,), kv_transport="grpc")
+        with serving((decode, root / "decode"), (grpc_decode, root / "grpc-decode")) as (d, g):
+            yield PD(d, g, prefill, encoder, urls_file)
 
 
 def images(n: int, seed: int) -> list[bytes]:
@@ -73,14 +76,18 @@ def images(n: int, seed: int) -> list[bytes]:
     return [make_image(w, h, seed=60_000 + seed + i) for i, (w, h) in enumerate(sizes[:n])]
 
 
+@pytest.mark.parametrize("transport", ["nixl", "grpc"])
 @pytest.mark.parametrize("n_images", [0, 1, 4])
-def test_greedy_ids_equal_transformers_and_the_kv_came_from_the_prefill_server(pd, tiny_model, n_images):
-    imgs = images(n_images, seed=10 * n_images)
-    remote, sent = pd.prefills(REMOTE), server_metric(pd.decode, BYTES, NIXL)
-    answer = stream(pd.decode.grpc_url, prompt=PROMPT, images=imgs, max_tokens=16)
+def test_greedy_ids_equal_transformers_and_the_kv_came_from_the_prefill_server(pd, tiny_model, n_images, transport):
+    """Both decode servers prefill on the one prefill server; one takes the KV by NIXL, the other inside the
+    gRPC answer."""
+    imgs, decode = images(n_images, seed=10 * n_images), pd.by_transport[transport]
+    metric = lambda name, labels: server_metric(decode, name, labels)  # noqa: E731
+    remote, sent = metric("triton_vlm_prefills_total", REMOTE), metric(BYTES, f'transport="{transport}"')
+    answer = stream(decode.grpc_url, prompt=PROMPT, images=imgs, max_tokens=16)
     assert answer.output_ids == reference_generate(tiny_model, PROMPT, imgs, max_new_tokens=16)
-    assert pd.prefills(REMOTE) == remote + 1
-    assert server_metric(pd.decode, BYTES, NIXL) > sent
+    assert metric("triton_vlm_prefills_total", REMOTE) == remote + 1
+    assert metric(BYTES, f'transport="{transport}"') > sent
     assert server_metric(pd.prefill, "triton_vlm_finished_sequences_total", 'finish_reason="prefilled"') > 0
 
 
