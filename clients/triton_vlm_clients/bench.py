@@ -137,22 +137,23 @@ def compare_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def _split_encoder_servers(serve_args: str) -> tuple[int, list[str]]:
-    """"--encoder-servers 2 --encoder-dp 1" -> (2, ["--encoder-dp", "1"])."""
-    tokens = shlex.split(serve_args)
-    if "--encoder-servers" not in tokens:
+def _take_count(tokens: list[str], flag: str) -> tuple[int, list[str]]:
+    """(the value of `flag`, the tokens without it): "--encoder-servers 2 --encoder-dp 1" -> (2, [...])."""
+    if flag not in tokens:
         return 0, tokens
-    at = tokens.index("--encoder-servers")
+    at = tokens.index(flag)
     return int(tokens[at + 1]), tokens[:at] + tokens[at + 2:]
 
 
 def _run_deployment(name: str, serve_args: str, requests: list[BenchRequest], args) -> dict:
     """Start one deployment, measure it, stop it. `--encoder-servers N` (E/PD) starts N encoder servers
-    (`serve --mode encoder`) and a language server (`--mode language`) that uses them; the other
-    options go to every server."""
+    (`serve --mode encoder`) that the measured server encodes on (`--mode language`); `--prefill-servers M`
+    (E/P/D) starts M prefill servers (`--mode prefill`) and makes the measured server their decode server
+    (`--mode decode`). The other options go to every server."""
     from triton_vlm.cli import server_from_args
 
-    encoders, options = _split_encoder_servers(serve_args)
+    encoders, options = _take_count(shlex.split(serve_args), "--encoder-servers")
+    prefills, options = _take_count(options, "--prefill-servers")
     model = ["--model", str(args.model)]
     with tempfile.TemporaryDirectory(prefix="triton-vlm-bench-") as tmp, contextlib.ExitStack() as stack:
         def start(role: str, argv: list[str]):
@@ -160,8 +161,11 @@ def _run_deployment(name: str, serve_args: str, requests: list[BenchRequest], ar
 
         print(f"[{name}] starting tritonserver ({serve_args or 'defaults'})", file=sys.stderr, flush=True)
         urls = [start(f"encoder{i}", ["--mode", "encoder", *options]).grpc_url for i in range(encoders)]
-        language = ["--mode", "language", "--encoder-urls", *urls] if urls else []
-        return _run(start("server", [*options, *language]).grpc_url, requests, args)
+        prefill_urls = [start(f"prefill{i}", ["--mode", "prefill", *options]).grpc_url for i in range(prefills)]
+        mode = ["--mode", "decode" if prefill_urls else "language"] if urls or prefill_urls else []
+        remote = [*(["--encoder-urls", *urls] if urls else []), *(["--prefill-urls", *prefill_urls] if prefill_urls
+                                                                   else [])]
+        return _run(start("server", [*options, *mode, *remote]).grpc_url, requests, args)
 
 
 def _run(url: str, requests: list[BenchRequest], args) -> dict:
@@ -193,7 +197,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first")
     p.add_argument("--compare", nargs="+", metavar="NAME=SERVE_ARGS", help="start each deployment in turn "
                    "(`triton-vlm serve` options; `--encoder-servers N` starts N encoder servers and a language server "
-                   "that uses them) and measure it; one side-by-side table")
+                   "that uses them, `--prefill-servers M` M prefill servers and a decode server that uses them) and "
+                   "measure it; one side-by-side table")
     p.add_argument("--transformers-baseline", action="store_true",
                    help="also answer the requests with plain transformers generate, one at a time")
     p.add_argument("--output-json", type=Path)
