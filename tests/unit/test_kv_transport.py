@@ -42,25 +42,33 @@ def test_nixl_writes_the_kv_into_the_decode_servers_pool(agents):
     first = decode.inbox(raw.nbytes, with_metadata=True)
     prefill.write(torch.from_numpy(raw), first.target)
     back = kv_wire.unpack(first.wait(prefill.name, 10).numpy(), header)
-    first.close()
+    first.close(written=True)
     assert torch.equal(back.keys, kv.keys) and torch.equal(back.values, kv.values) and back.first_token == 42
     again = decode.inbox(raw.nbytes, with_metadata=False)  # the metadata went once
     assert again.offset == first.offset, "the region came back"
     prefill.write(torch.from_numpy(raw), again.target)
     assert torch.equal(again.wait(prefill.name, 10), torch.from_numpy(raw))
-    again.close()
+    again.close(written=True)
 
 
 def test_a_full_pool_says_so_and_regions_come_back_whole(agents):
     decode, _ = agents
     a, b = decode.inbox(2048, False), decode.inbox(2048, False)
     assert decode.inbox(1, False) is None
-    a.close()
+    a.close(written=True)
     assert decode.inbox(4096, False) is None, "b still holds its half"
-    b.close()
+    b.close(written=True)
     whole = decode.inbox(4096, False)
     assert whole is not None
-    whole.close()
+    whole.close(written=True)
+
+
+def test_a_region_whose_transfer_failed_is_never_handed_out_again():
+    """A prefill server that timed out may still write later: that region must not hold another prompt's KV."""
+    decode = NixlTransport(receive_bytes=1024)
+    failed = decode.inbox(1024, False)
+    failed.close(written=False)
+    assert decode.inbox(1, False) is None
 
 
 def test_a_write_for_another_size_or_an_unknown_agent_fails_clearly(agents):
@@ -71,4 +79,4 @@ def test_a_write_for_another_size_or_an_unknown_agent_fails_clearly(agents):
     stranger = NixlTransport(receive_bytes=64)
     with pytest.raises(RuntimeError, match=f"NIXL agent {stranger.name} is unknown here"):
         prefill.write(torch.zeros(64, dtype=torch.uint8), stranger.inbox(64, with_metadata=False).target)
-    inbox.close()
+    inbox.close(written=True)

@@ -18,6 +18,7 @@ One agent per process; its calls are serialised (its notification map is shared 
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import socket
 import threading
@@ -25,6 +26,8 @@ import time
 import uuid
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class NixlTransport:
@@ -131,5 +134,11 @@ class Inbox:
                 raise TimeoutError(f"no NIXL notification from {peer} within {timeout_s:g}s")
             time.sleep(0.0002)
 
-    def close(self) -> None:
-        self.transport._give_back(self.offset, self.buffer.numel())
+    def close(self, written: bool) -> None:
+        """Give the region back once its KV was `written` and taken. A region whose transfer did not end so
+        (the prefill server failed or timed out) is retired: a late write must not land in another prompt's
+        KV. The pool shrinks by it; when it has no room, prompts' KV comes inside the answer."""
+        if written:
+            self.transport._give_back(self.offset, self.buffer.numel())
+        else:
+            log.warning("a NIXL region of %d bytes is retired: its transfer did not complete", self.buffer.numel())

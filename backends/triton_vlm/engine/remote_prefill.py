@@ -92,15 +92,16 @@ class RemotePrefill(ServerPool):
                                     with_metadata=url not in self._introduced)
         if inbox is not None:
             inputs.append(tensor(I.KV_TARGET, np.array([json.dumps(inbox.target).encode()], dtype=np.object_)))
+        kv = None
         try:
             header, raw = self._ask(url, inputs, request.request_id, [I.KV_META] if inbox else [I.KV_META, I.KV])
             if inbox is not None:
                 self._introduced.add(url)
                 raw = inbox.wait(json.loads(header)["agent"], self.timeout_s).numpy()
-            kv = kv_wire.unpack(raw, header)
+            kv = kv_wire.unpack(raw, header)  # a copy: the region can go back
         finally:
             if inbox is not None:
-                inbox.close()
+                inbox.close(written=kv is not None)
         self.on_transfer(raw.nbytes, max(0.0, time.time() - kv_wire.sent_at(header)), "nixl" if inbox else "grpc")
         return kv
 
