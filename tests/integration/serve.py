@@ -27,3 +27,20 @@ def serving(*what: tuple[Deployment | Path, Path], ready_s: float = 300, **serve
         for server in servers:
             server.wait_ready(timeout_s=ready_s)
         yield servers[0] if len(servers) == 1 else servers
+
+
+def relist(server: TritonServer, urls_file: Path, kind: str, urls: list[str]) -> None:
+    """Write `urls` into the watched list file of a server's `kind` ("encoder", "prefill") servers and wait
+    for the server to log that it switched to them."""
+    from tests.conftest import wait_until
+
+    seen = server.log_file.stat().st_size
+    urls_file.write_text("".join(f"{u}  # listed by the test\n" for u in urls))
+    line = f'{kind} servers now: {", ".join(urls) or "none"}"'
+
+    def switched():
+        with open(server.log_file, "rb") as f:
+            f.seek(seen)
+            return line in f.read().decode(errors="replace")
+
+    wait_until(switched, 30, line)

@@ -23,7 +23,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import make_image, server_metric, server_series, wait_until
-from tests.integration.serve import serving
+from tests.integration.serve import relist, serving
 from tests.reference import reference_generate
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.server import free_port
@@ -58,17 +58,7 @@ class EPD:
         return [encoder_shards(e.grpc_url) for e in self.encoders]
 
     def listed(self, *urls: str) -> None:
-        """List `urls` and wait for the server to say it switched to them."""
-        seen = self.language.log_file.stat().st_size
-        self.urls_file.write_text("".join(f"{u}  # listed by the test\n" for u in urls))
-        line = f'encoder servers now: {", ".join(urls)}"'
-
-        def switched():
-            with open(self.language.log_file, "rb") as f:
-                f.seek(seen)
-                return line in f.read().decode(errors="replace")
-
-        wait_until(switched, 30, line)
+        relist(self.language, self.urls_file, "encoder", list(urls))
 
     def both_listed(self) -> None:
         self.listed(*(e.grpc_url for e in self.encoders))

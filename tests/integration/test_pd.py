@@ -21,7 +21,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import make_image, wait_until
-from tests.integration.serve import serving
+from tests.integration.serve import relist, serving
 from tests.reference import reference_generate
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.server import free_port
@@ -42,17 +42,7 @@ class PD:
         return server_metric(self.decode, "triton_vlm_prefills_total", where)
 
     def listed(self, *urls: str) -> None:
-        """List `urls` as the prefill servers and wait for the decode server to say it switched to them."""
-        seen = self.decode.log_file.stat().st_size
-        self.urls_file.write_text("".join(f"{u}\n" for u in urls))
-        line = f'prefill servers now: {", ".join(urls) or "none"}"'
-
-        def switched():
-            with open(self.decode.log_file, "rb") as f:
-                f.seek(seen)
-                return line in f.read().decode(errors="replace")
-
-        wait_until(switched, 30, line)
+        relist(self.decode, self.urls_file, "prefill", list(urls))
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ prefill agent into a decode agent's registered pool (`kv_nixl.py`; two real UCX 
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -80,3 +81,10 @@ def test_a_write_for_another_size_or_an_unknown_agent_fails_clearly(agents):
     with pytest.raises(RuntimeError, match=f"NIXL agent {stranger.name} is unknown here"):
         prefill.write(torch.zeros(64, dtype=torch.uint8), stranger.inbox(64, with_metadata=False).target)
     inbox.close(written=True)
+
+
+def test_a_nixl_that_cannot_start_fails_at_start_saying_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nixl_cu12._api", None)  # as if nixl-cu12 were not installed
+    with pytest.raises(RuntimeError, match="kv_transport nixl: NIXL could not start its UCX agent .*install nixl-cu12 "
+                                           "or serve with kv_transport grpc"):
+        NixlTransport()
