@@ -42,5 +42,5 @@ def family_servers(request, family_model, tmp_path_factory):
     "disaggregated", whose embeddings come back by the module's EPD_TRANSPORT (grpc | shm); stopped after."""
     module = request.module
     with family_deployments(tmp_path_factory.mktemp(f"{module.FAMILY}-servers"), family_model,
-                            module.EPD_TRANSPORT) as started:
+                            module.EPD_TRANSPORT, full=getattr(module, "FULL_EPD", False)) as started:
         yield started

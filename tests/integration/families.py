@@ -24,19 +24,22 @@ def images(case: str, seed: int = 0) -> list[bytes]:
 
 
 def assert_every_mode_equals(servers: dict[str, TritonServer], expected: dict[str, list[int]], case: str) -> None:
-    """Each server's greedy ids for `case` equal transformers' (`expected`); the disaggregated server's prompt
+    """Each server's greedy ids for `case` equal transformers' (`expected`); each disaggregated server's prompt
     was prefilled on the colocated one, and its KV came over."""
-    disaggregated, remote, kv = servers["disaggregated"], 'where="remote"', "triton_vlm_kv_transfer_bytes_total"
-    before = server_metric(disaggregated, "triton_vlm_prefills_total", remote), server_metric(disaggregated, kv)
+    decode = {name: server for name, server in servers.items() if name.startswith("disaggregated")}
+    counts = lambda server: (server_metric(server, "triton_vlm_prefills_total", 'where="remote"'),  # noqa: E731
+                             server_metric(server, "triton_vlm_kv_transfer_bytes_total"))
+    before = {name: counts(server) for name, server in decode.items()}
     for name, server in servers.items():
         answer = stream(server.grpc_url, prompt=PROMPT, images=images(case), max_tokens=12)
         assert answer.output_ids == expected[case], name
-    assert server_metric(disaggregated, "triton_vlm_prefills_total", remote) == before[0] + 1
-    assert server_metric(disaggregated, kv) > before[1]
+    for name, server in decode.items():
+        (prefills, kv), (prefills_before, kv_before) = counts(server), before[name]
+        assert prefills == prefills_before + 1 and kv > kv_before, name
 
 
 @contextlib.contextmanager
-def family_deployments(root, model, transport: str):
+def family_deployments(root, model, transport: str, full: bool = False):
     """A family's two deployments, -> {"colocated": server, "disaggregated": server}:
     - colocated: encoder DP 2 (a request's images split over two replicas) and tensor parallelism 2 in one
       server, with the default caches. It keeps `image_encoder` and has a `language_model`, so it is also
@@ -44,12 +47,26 @@ def family_deployments(root, model, transport: str):
     - disaggregated (E/P/D): a decode server whose every image is encoded by the colocated server (no local
       encoder, no embedding cache of its own), the embeddings coming back by `transport` (grpc | shm), and
       whose every prompt is prefilled there too (TP 2), its KV coming back to this server's TP 1 engine
-      inside the answer (grpc) or, with shm, the other one-host path, written by NIXL."""
+      inside the answer (grpc) or, with shm, the other one-host path, written by NIXL.
+    `full` (the full E/P/D, 1P + 1D + 2E, on both KV transports): a `--mode encoder` server too, which the
+    disaggregated servers encode on beside the colocated one, and "disaggregated-<other transport>", a
+    second decode server, the same but for its KV transport."""
     kv_transport = "nixl" if transport == "shm" else "grpc"
-    colocated = Deployment(model, encoder_dp=2, tensor_parallel=2, kv_transport=kv_transport)
+    other = {"nixl": "grpc", "grpc": "nixl"}[kv_transport]
+    colocated = Deployment(model, encoder_dp=2, tensor_parallel=2, kv_transport="nixl" if full else kv_transport)
     with contextlib.ExitStack() as stack:
-        encoder = stack.enter_context(serving((colocated, root / "colocated")))
-        decode = Deployment(model, mode="decode", encoder_dp=1, minimal=True, embedding_cache_mb=0,
-                            encoder_urls=(encoder.grpc_url,), encoder_transport=transport, encoder_fallback="none",
-                            prefill_urls=(encoder.grpc_url,), kv_transport=kv_transport)
-        yield {"colocated": encoder, "disaggregated": stack.enter_context(serving((decode, root / "disaggregated")))}
+        first = [(colocated, root / "colocated")]
+        if full:
+            first.append((Deployment(model, mode="encoder", encoder_dp=1), root / "encoder"))
+        started = stack.enter_context(serving(*first))
+        encoder, encoders = (started[0], started) if full else (started, [started])
+
+        def decode(kv: str) -> Deployment:
+            return Deployment(model, mode="decode", encoder_dp=1, minimal=True, embedding_cache_mb=0,
+                              encoder_urls=tuple(e.grpc_url for e in encoders), encoder_transport=transport,
+                              encoder_fallback="none", prefill_urls=(encoder.grpc_url,), kv_transport=kv)
+
+        decoders = {"disaggregated": decode(kv_transport), **({f"disaggregated-{other}": decode(other)} if full
+                                                             else {})}
+        servers = stack.enter_context(serving(*((d, root / name) for name, d in decoders.items())))
+        yield {"colocated": encoder, **dict(zip(decoders, servers if full else [servers], strict=True))}

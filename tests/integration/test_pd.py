@@ -1,8 +1,9 @@
 """Prefill/decode disaggregation (E/P/D) through real servers on loopback: 1 prefill + 1 decode + 2 encoder
 servers. The decode server is the entry point: its images are encoded on the session's colocated server and
 a `--mode encoder` server, its prompts prefilled on a `--mode prefill` server (listed in a file, re-read
-while serving), the KV written into its memory by NIXL. A second decode server encodes its images itself
-and takes the KV inside the gRPC answer (the parity cases run on both). The per-family parity of E/P/D (Qwen3-VL's
+while serving), the KV written into its memory by NIXL. A second decode server, the same but for its prefill
+server's address given on the command line, takes the KV inside the gRPC answer (the parity cases run on
+both). The per-family parity of E/P/D (Qwen3-VL's
 deepstack and M-RoPE, GLM-4.5V-MoE from TP 2 to TP 1, over gRPC or NIXL) is in the family tests; the
 engine's hand-off rules without servers in tests/unit/test_kv_handoff.py."""
 
@@ -55,8 +56,9 @@ def pd(server, tiny_model, tmp_path_factory):
         decode = Deployment(tiny_model, mode="decode", encoder_dp=1, minimal=True, encoder_fallback="none",
                             encoder_urls=(server.grpc_url, encoder.grpc_url), prefill_urls_file=str(urls_file),
                             kv_transport="nixl")
-        grpc_decode = Deployment(tiny_model, mode="decode", encoder_dp=1, minimal=True,  # P/D: it encodes itself
-                                 prefill_urls=(prefill.grpc_url,), kv_transport="grpc")
+        grpc_decode = Deployment(tiny_model, mode="decode", encoder_dp=1, minimal=True, encoder_fallback="none",
+                                 encoder_urls=(server.grpc_url, encoder.grpc_url), prefill_urls=(prefill.grpc_url,),
+                                 kv_transport="grpc")
         with serving((decode, root / "decode"), (grpc_decode, root / "grpc-decode")) as (d, g):
             yield PD(d, g, prefill, encoder, urls_file)
 

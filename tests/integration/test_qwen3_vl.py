@@ -1,7 +1,8 @@
 """Qwen3-VL (dense) through the real server against transformers' own `generate` on a tiny checkpoint, in
 both of `families.family_deployments`: colocated (encoder DP 2, a request's images split over two replicas
-and their deepstack features gathered back in image order; tensor parallelism 2) and E/PD, the deepstack
-features coming back by gRPC (the MoE's, `test_qwen3_vl_moe.py`, by shared memory)."""
+and their deepstack features gathered back in image order; tensor parallelism 2) and the full E/P/D, the
+deepstack features coming back from 2 encoder servers by gRPC (the MoE's, `test_qwen3_vl_moe.py`, by shared
+memory) and the KV (with the M-RoPE delta) over gRPC and, on a second decode server, by NIXL."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from triton_vlm_clients.client import stream
 
 FAMILY = "qwen3_vl"
 EPD_TRANSPORT = "grpc"
+FULL_EPD = True
 
 
 @pytest.mark.parametrize("case", CASES)

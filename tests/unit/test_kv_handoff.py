@@ -5,6 +5,7 @@ the decode engine writes only what its own prefix cache lacks, and bad hand-offs
 from __future__ import annotations
 
 import dataclasses
+import queue
 
 import pytest
 
@@ -14,6 +15,8 @@ from tests.unit.test_batching import make_request
 from triton_vlm.config import EncoderConfig, LanguageConfig, PreprocessConfig
 from triton_vlm.encode.encoder import VisionEncoder
 from triton_vlm.engine.language import LanguageEngine, LanguageRequest
+from triton_vlm.engine.prefill_router import PrefillRouter
+from triton_vlm.errors import InvalidRequest
 from triton_vlm.preprocess.stage import Preprocessor
 
 PROMPT = "Describe the pictures."
@@ -133,3 +136,54 @@ def test_the_handoff_carries_every_head_whatever_the_ranks_on_either_side(parts,
     ids, handoff = disaggregated(parts, req, **engines)
     assert handoff.keys.shape[2] == 2  # the tiny model's kv heads, all of them
     assert ids == reference_generate(tiny_model, PROMPT, images, 10)
+
+
+class InProcessPrefill:
+    """A prefill server's part, in-process: the prefill engine's hand-off (or `fail`, raised)."""
+
+    def __init__(self, engine, fail: Exception | None = None) -> None:
+        self.engine, self.fail, self.calls = engine, fail, []
+
+    def __call__(self, request, kv_from):
+        self.calls.append((len(request.input_ids), kv_from))
+        if self.fail is not None:
+            raise self.fail
+        _, outs = run(self.engine, dataclasses.replace(request, prefill_only=True, kv_from=kv_from))
+        return outs[0].handoff
+
+
+def routed(parts, remote, req, local_below=0) -> tuple[list[int], list[str], list]:
+    """-> (ids, where the router said it prefilled, the outputs) of `req` through a PrefillRouter."""
+    outputs, routes = queue.Queue(), []
+    router = PrefillRouter(parts[3], remote, local_below, on_route=routes.append)
+    router.submit(req, outputs.put, lambda handle: None)
+    outs = [outputs.get(timeout=60)]
+    while not outs[-1].finished:
+        outs.append(outputs.get(timeout=60))
+    router.shutdown()
+    return [t for o in outs for t in o.token_ids], routes, outs
+
+
+def test_the_router_prefills_long_prompts_remotely_from_what_the_decode_engine_lacks(parts, tiny_model):
+    images = [make_image(300, 300, seed=51)]
+    req, remote = request(parts, images, max_tokens=8), InProcessPrefill(parts[2])
+    cached = parts[3].cached_prefix(req)  # the chat template's first tokens, from earlier tests
+    ids, routes, _ = routed(parts, remote, req, local_below=64)
+    assert ids == reference_generate(tiny_model, PROMPT, images, 8) and routes == ["remote"]
+    assert remote.calls == [(len(req.input_ids), cached)]
+    text_only = request(parts, [], max_tokens=8)  # its uncached rest is short: prefilled on the decode engine
+    ids, routes, _ = routed(parts, remote, text_only, local_below=64)
+    assert routes == ["local"] and len(remote.calls) == 1 and ids == reference_generate(tiny_model, PROMPT, [], 8)
+
+
+def test_when_the_prefill_servers_fail_the_decode_engine_prefills(parts, tiny_model):
+    images = [make_image(310, 200, seed=52)]
+    ids, routes, _ = routed(parts, InProcessPrefill(parts[2], fail=RuntimeError("connection refused")),
+                            request(parts, images, max_tokens=8))
+    assert routes == ["local"] and ids == reference_generate(tiny_model, PROMPT, images, 8)
+
+
+def test_a_request_a_prefill_server_calls_invalid_ends_with_that_error(parts):
+    _, routes, outs = routed(parts, InProcessPrefill(parts[2], fail=InvalidRequest("image 0 is bad")),
+                             request(parts, [make_image(64, 64, seed=53)], max_tokens=8))
+    assert routes == [] and [o.finish_reason for o in outs] == ["error"] and str(outs[0].error) == "image 0 is bad"
