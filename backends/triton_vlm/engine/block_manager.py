@@ -30,19 +30,26 @@ class BlockManager:
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
-    def match(self, seq: Sequence) -> int:
-        """Give a sequence that holds no blocks the longest chain of cached blocks its tokens begin with,
-        leaving at least its last token to compute (its logits give the next token). -> tokens reused."""
-        assert not seq.block_table, "a sequence matches its prefix before it holds blocks"
+    def cached_chain(self, seq: Sequence) -> list[int]:
+        """The longest chain of cached blocks the sequence's tokens begin with, leaving at least its last
+        token to compute (its logits give the next token). Reads only: another thread may ask (a hint)."""
+        chain: list[int] = []
         if self.prefix_caching:
             for i in range((seq.num_tokens - 1) // self.block_size):
                 block = self.cached.get(seq.block_key(i) or b"")
                 if block is None:
                     break
-                if self.ref[block] == 0:
-                    del self.free[block]
-                self.ref[block] += 1
-                seq.block_table.append(block)
+                chain.append(block)
+        return chain
+
+    def match(self, seq: Sequence) -> int:
+        """Give a sequence that holds no blocks its `cached_chain`. -> tokens reused."""
+        assert not seq.block_table, "a sequence matches its prefix before it holds blocks"
+        for block in self.cached_chain(seq):
+            if self.ref[block] == 0:
+                del self.free[block]
+            self.ref[block] += 1
+            seq.block_table.append(block)
         seq.num_keyed = len(seq.block_table)
         seq.num_computed = seq.num_keyed * self.block_size
         return seq.num_computed

@@ -146,11 +146,7 @@ class LanguageEngine:
             seq = Sequence(request, lambda out: None, self.family, self.tokenizer, self.block_size, self.max_model_len)
         except Exception:
             return 0
-        cached = 0  # whole blocks, leaving the last token to compute, as `BlockManager.match` does
-        while self.blocks.prefix_caching and cached < (seq.num_tokens - 1) // self.block_size and \
-                self.blocks.cached.get(seq.block_key(cached) or b"") is not None:
-            cached += 1
-        return cached * self.block_size
+        return len(self.blocks.cached_chain(seq)) * self.block_size
 
     def shutdown(self) -> None:
         self._queue.put(None)
