@@ -29,3 +29,34 @@ def reference_generate(path, prompt: str, images: list[bytes], max_new_tokens: i
 
 def reference_prefill_logits(path, prompt: str, images: list[bytes]) -> np.ndarray:
     return _load(path).prefill_logits(prompt, images)
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+VIDEO_REF_PYTHON = REPO / ".tools" / "video-ref" / "bin" / "python"
+
+
+def reference_video_generate(path, messages: list[dict], files: dict[str, bytes], max_new_tokens: int,
+                             fps: float | None = None, max_frames: int | None = None) -> tuple[list[int], list[int]]:
+    """transformers' own processor (its torchvision video processor) and generate, greedy, in the video
+    reference environment (`scripts/setup-video-ref.sh`, made here if missing). `messages`: chat messages
+    whose {"type": "image"} / {"type": "video"} parts name a file of `files` as "file". -> (prompt ids, new ids)."""
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    subprocess.run(["bash", str(REPO / "scripts" / "setup-video-ref.sh")], check=True, capture_output=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        request = {"model": str(path), "fps": fps, "max_frames": max_frames, "max_tokens": max_new_tokens,
+                   "messages": [{**m, "content": [{**{k: v for k, v in part.items() if k != "file"},
+                                                   **({"path": str(Path(tmp) / part["file"])} if "file" in part
+                                                      else {})} for part in m["content"]]}
+                                if isinstance(m["content"], list) else m for m in messages]}
+        (Path(tmp) / "request.json").write_text(json.dumps(request))
+        out = Path(tmp) / "out.npz"
+        subprocess.run([str(VIDEO_REF_PYTHON), str(REPO / "clients" / "triton_vlm_clients" / "hf_video_reference.py"),
+                        str(Path(tmp) / "request.json"), str(out)], check=True, capture_output=True)
+        result = np.load(out)
+        return result["input_ids"].tolist(), result["output_ids"].tolist()

@@ -54,6 +54,27 @@ def _typed(cls, params: dict[str, str], shared: tuple = (), **extra):
     return cls(**values, **extra)
 
 
+SERVE = "serve"  # field metadata: a knob `triton-vlm serve` takes as a flag, its value its help
+CHOICES = "choices"  # field metadata: the values a knob takes (checked when the config is built)
+MODELS = "models"  # field metadata: the repository's models whose parameters carry the knob
+LANGUAGE_MODE = "language_mode"  # field metadata: a knob of E/PD language servers (`--mode language`) only
+
+
+def knob(default, help: str, models: tuple[str, ...], choices: tuple = (), language_mode: bool = False):
+    """A field that `triton-vlm serve` takes as a flag and `Deployment` as a field (`serve_knobs`): declared
+    once, here, with its default, its help, its choices and the models that get it."""
+    return field(default=default, metadata={SERVE: help, MODELS: models, CHOICES: choices,
+                                            LANGUAGE_MODE: language_mode})
+
+
+def serve_knobs(cls) -> list:
+    """The fields of `cls` that are `serve` flags (and `Deployment` fields), in declaration order."""
+    return [f for f in fields(cls) if SERVE in f.metadata]
+
+
+_MEDIA = ("preprocess", "image_encoder")  # the models that read image and video files
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     model_path: Path = field(default_factory=env.default_model_path)
@@ -64,10 +85,19 @@ class PreprocessConfig:
     url_timeout_s: float = 10.0
     max_model_len: int = 0  # 0: the model's max_position_embeddings
     image_processing: str = "local"  # local: pixels out | remote: image files out (E/PD encoder servers)
+    # video limits (`serve --max-video-frames` etc.); each is a 400 before any frame is decoded
+    max_videos: int = knob(2, "videos per request", _MEDIA)
+    max_video_bytes: int = knob(64 * 2**20, "bytes of one video file", _MEDIA)
+    max_video_frames: int = knob(256, "frames sampled from one video (caps the processor's max_frames)", _MEDIA)
+    max_video_seconds: float = knob(600.0, "duration of one video", _MEDIA)
+    max_video_tokens: int = knob(16384, "prompt tokens of a request's videos, all together", _MEDIA)
+    max_video_fps: float = knob(8.0, "the sampling rate a request may ask for (mm_processor_kwargs fps)", _MEDIA)
+    video_decode_timeout_s: float = knob(30.0, "seconds to decode one video's sampled frames", _MEDIA)
 
     def __post_init__(self) -> None:
         if self.image_processing not in ("local", "remote"):
             raise ValueError(f"image_processing must be local or remote, got {self.image_processing!r}")
+        _check_knobs(self)
 
     @classmethod
     def from_parameters(cls, params: dict[str, str], shared: tuple = ()) -> PreprocessConfig:
@@ -76,9 +106,11 @@ class PreprocessConfig:
             params = {**params, "allow_private_urls": "true"}
         return _typed(cls, params, shared, model_path=_model_path(params))
 
-    def check_image_count(self, count: int) -> None:
+    def check_image_count(self, count: int, videos: int = 0) -> None:
         if count > self.max_images:
             raise InvalidRequest(f"{count} images sent; the limit is {self.max_images} per request")
+        if videos > self.max_videos:
+            raise InvalidRequest(f"{videos} videos sent; the limit is {self.max_videos} per request")
 
 
 def usable_cores() -> int:
@@ -98,24 +130,6 @@ class EncoderConfig:
         if config.threads <= 0:
             config = replace(config, threads=max(1, usable_cores() // max(1, instances)))
         return config
-
-
-SERVE = "serve"  # field metadata: a knob `triton-vlm serve` takes as a flag, its value its help
-CHOICES = "choices"  # field metadata: the values a knob takes (checked when the config is built)
-MODELS = "models"  # field metadata: the repository's models whose parameters carry the knob
-LANGUAGE_MODE = "language_mode"  # field metadata: a knob of E/PD language servers (`--mode language`) only
-
-
-def knob(default, help: str, models: tuple[str, ...], choices: tuple = (), language_mode: bool = False):
-    """A field that `triton-vlm serve` takes as a flag and `Deployment` as a field (`serve_knobs`): declared
-    once, here, with its default, its help, its choices and the models that get it."""
-    return field(default=default, metadata={SERVE: help, MODELS: models, CHOICES: choices,
-                                            LANGUAGE_MODE: language_mode})
-
-
-def serve_knobs(cls) -> list:
-    """The fields of `cls` that are `serve` flags (and `Deployment` fields), in declaration order."""
-    return [f for f in fields(cls) if SERVE in f.metadata]
 
 
 def _check_knobs(config) -> None:

@@ -7,6 +7,8 @@ PUBLIC_INPUTS = {
     "text_input": ("TYPE_STRING", [1]),
     "messages": ("TYPE_STRING", [1]),
     "images": ("TYPE_STRING", [-1]),
+    "videos": ("TYPE_STRING", [-1]),
+    "mm_processor_kwargs": ("TYPE_STRING", [1]),  # JSON: the video sampling, {"fps": F, "max_frames": N}
     "max_tokens": ("TYPE_INT32", [1]),
     "temperature": ("TYPE_FP32", [1]),
     "top_p": ("TYPE_FP32", [1]),

@@ -28,6 +28,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: the output ends before the first one
     min_tokens: int = 0  # no end of sequence (EOS or stop string) before this many tokens
     ignore_eos: bool = False  # EOS does not end the output (benchmarks fix output lengths with it)
+    video_fps: float = 0.0  # not token sampling: the rate the request's videos were sampled at (set by
+    # preprocess; Qwen2.5-VL's M-RoPE time axis reads it)
     arrival_s: float = 0.0  # wall clock when the server got the request (set by preprocess; the TTFT metric)
 
     def validate(self) -> SamplingParams:
@@ -63,24 +65,57 @@ class SamplingParams:
         return cls(**{**fields, "stop": tuple(fields.get("stop", ()))})
 
 
+@dataclass(frozen=True)
+class VideoSampling:
+    """A request's `mm_processor_kwargs` (vLLM's name): how its videos are sampled; None: the processor's."""
+
+    fps: float | None = None
+    max_frames: int | None = None
+
+    @classmethod
+    def parse(cls, value) -> VideoSampling:
+        if value is None:
+            return cls()
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise InvalidRequest(f"'mm_processor_kwargs' is not valid JSON: {e}") from None
+        if not isinstance(value, dict):
+            raise InvalidRequest("'mm_processor_kwargs' must be an object such as {\"fps\": 2, \"max_frames\": 64}")
+        unknown = sorted(set(value) - {"fps", "max_frames"})
+        if unknown:
+            raise InvalidRequest(f"'mm_processor_kwargs' takes fps and max_frames, not {', '.join(unknown)}")
+        fps, most = value.get("fps"), value.get("max_frames")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float))
+                                or not math.isfinite(fps) or fps <= 0):
+            raise InvalidRequest(f"mm_processor_kwargs fps must be a number > 0, got {fps!r}")
+        if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+            raise InvalidRequest(f"mm_processor_kwargs max_frames must be an integer >= 1, got {most!r}")
+        return cls(None if fps is None else float(fps), most)
+
+
 @dataclass
 class GenerateRequest:
-    """What a client sends to `vlm`: a plain prompt or chat messages, plus images."""
+    """What a client sends to `vlm`: a plain prompt or chat messages, plus images and videos."""
 
     text_input: str | None = None
     messages: str | None = None  # OpenAI chat JSON
     images: list[bytes] = field(default_factory=list)  # encoded bytes, data: URLs or http(s) URLs
     sampling: SamplingParams = field(default_factory=SamplingParams)
     chat_template: bool = True  # False: text_input is the whole prompt, as it is (/v1/completions)
+    videos: list[bytes] = field(default_factory=list)  # as images
+    video_sampling: VideoSampling = field(default_factory=VideoSampling)
 
     def validate(self) -> GenerateRequest:
         if (self.text_input is None) == (self.messages is None):
             raise InvalidRequest("send exactly one of 'text_input' or 'messages'")
         if not self.chat_template and self.messages is not None:
             raise InvalidRequest("'chat_template' false needs 'text_input', not 'messages'")
-        for i, image in enumerate(self.images):
-            if len(image) == 0:
-                raise InvalidRequest(f"image {i} is empty")
+        for kind, files in (("image", self.images), ("video", self.videos)):
+            for i, data in enumerate(files):
+                if len(data) == 0:
+                    raise InvalidRequest(f"{kind} {i} is empty")
         self.sampling.validate()
         return self
 
@@ -120,7 +155,8 @@ def _texts(arrays: dict, name: str) -> tuple[str, ...] | None:
 
 def request_from_arrays(arrays: dict, defaults: SamplingParams) -> GenerateRequest:
     """The public `vlm` tensors (as numpy arrays; absent ones missing) -> a validated GenerateRequest."""
-    images = [bytes(x) if not isinstance(x, bytes) else x for x in arrays.get("images", np.empty(0)).reshape(-1)]
+    images, videos = ([bytes(x) if not isinstance(x, bytes) else x for x in arrays.get(name, np.empty(0)).reshape(-1)]
+                      for name in ("images", "videos"))
     sampling = defaults.with_overrides(
         max_tokens=_scalar(arrays, "max_tokens", int),
         temperature=_scalar(arrays, "temperature", float),
@@ -134,4 +170,5 @@ def request_from_arrays(arrays: dict, defaults: SamplingParams) -> GenerateReque
     )
     chat_template = _scalar(arrays, "chat_template", bool)
     return GenerateRequest(_text(arrays, "text_input"), _text(arrays, "messages"), images, sampling,
-                           True if chat_template is None else chat_template).validate()
+                           True if chat_template is None else chat_template, videos,
+                           VideoSampling.parse(_text(arrays, "mm_processor_kwargs"))).validate()

@@ -38,9 +38,9 @@ def read_image(source: str) -> bytes:
 
 def build_inputs(module, prompt: str | None = None, images: list[bytes] | None = None,
                  messages: list[dict] | str | None = None, stream: bool | None = None, stop: list[str] | None = None,
-                 **sampling) -> list:
+                 videos: list[bytes] | None = None, mm_processor_kwargs: dict | None = None, **sampling) -> list:
     """InferInputs for the `vlm` interface; `module` is tritonclient.grpc or tritonclient.http. `messages`:
-    chat messages, or their JSON text as it is."""
+    chat messages, or their JSON text as it is; `mm_processor_kwargs`: the videos' sampling (fps, max_frames)."""
     tensors: dict[str, np.ndarray] = {}
     if prompt is not None:
         tensors["text_input"] = np.array([prompt.encode()], dtype=np.object_)
@@ -49,6 +49,10 @@ def build_inputs(module, prompt: str | None = None, images: list[bytes] | None =
         tensors["messages"] = np.array([text.encode()], dtype=np.object_)
     if images:
         tensors["images"] = np.array(images, dtype=np.object_)
+    if videos:
+        tensors["videos"] = np.array(videos, dtype=np.object_)
+    if mm_processor_kwargs is not None:
+        tensors["mm_processor_kwargs"] = np.array([json.dumps(mm_processor_kwargs).encode()], dtype=np.object_)
     if stream is not None:
         tensors["stream"] = np.array([stream])
     if stop:

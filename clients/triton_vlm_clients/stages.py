@@ -15,11 +15,13 @@ from .client import build_inputs, infer_inputs
 PREPROCESSED = ("_INPUT_IDS", "_PIXEL_VALUES", "_IMAGE_LAYOUT", "_SAMPLING", "_IMAGES")  # no keys: no cache
 
 
-def preprocess(url: str, prompt: str, images: list[bytes], timeout_s: float = 300) -> dict[str, np.ndarray]:
-    """`preprocess`'s outputs (token ids, pixels, image_grid_thw, sampling, files), as the ensemble passes them on."""
+def preprocess(url: str, prompt: str, images: list[bytes], timeout_s: float = 300, **media) -> dict[str, np.ndarray]:
+    """`preprocess`'s outputs (token ids, pixels, image_grid_thw, sampling, files), as the ensemble passes them on.
+    `media`: `videos`, `mm_processor_kwargs`."""
     import tritonclient.grpc as grpcclient
 
-    result = _one_streamed(url, "preprocess", build_inputs(grpcclient, prompt=prompt, images=images), timeout_s)[0]
+    inputs = build_inputs(grpcclient, prompt=prompt, images=images, **media)
+    result = _one_streamed(url, "preprocess", inputs, timeout_s)[0]
     return {name: result.as_numpy(name) for name in PREPROCESSED}
 
 

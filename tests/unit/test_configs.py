@@ -221,16 +221,24 @@ def test_serve_flags_of_the_knobs_come_from_their_configs_and_reach_the_reposito
                                    "enable_prefix_caching", "local_prefill_below", "kv_transport"}
     assert set(encode_knobs) == {"encoder_fallback", "encoder_transport", "local_encode_below", "embedding_cache_mb",
                                  "embedding_cache_redis"}
-    assert [*encode_knobs, *language_knobs] == list(Deployment.KNOBS)
+    video_knobs = [f.name for f in config_module.serve_knobs(config_module.PreprocessConfig)]
+    assert set(video_knobs) == {"max_videos", "max_video_bytes", "max_video_frames", "max_video_seconds",
+                                "max_video_tokens", "max_video_fps", "video_decode_timeout_s"}
+    assert [*video_knobs, *encode_knobs, *language_knobs] == list(Deployment.KNOBS)
     assert set(Deployment.KNOBS) <= set(Deployment.__dataclass_fields__)
     model = make_tiny_model(tmp_path / "model")
     assert cli.main(["render", str(tmp_path / "repo"), "--model", str(model), "--gpus", "none", "--max-num-seqs",
                      "4", "--kv-cache-mb", "64", "--no-enable-prefix-caching", "--embedding-cache-mb", "32",
-                     "--embedding-cache-redis", "redis://Cache-Host:6379"]) == 0
+                     "--embedding-cache-redis", "redis://Cache-Host:6379", "--max-video-frames", "48"]) == 0
     language = _load(tmp_path / "repo" / "language_model" / "config.pbtxt").parameters
     assert (language["max_num_seqs"].string_value, language["kv_cache_mb"].string_value,
             language["enable_prefix_caching"].string_value, language["block_size"].string_value) == (
         "4", "64", "false", "16")  # not given: the repository's
+    for model_name in ("preprocess", "image_encoder"):  # the video limits go to both readers of video files
+        params = _load(tmp_path / "repo" / model_name / "config.pbtxt").parameters
+        assert params["max_video_frames"].string_value == "48"
+        assert config_module.PreprocessConfig.from_parameters({k: v.string_value for k, v in params.items()},
+                                                              (config_module.EncodeConfig,)).max_video_frames == 48
     for model_name in ("encode", "image_encoder"):  # the cache's knobs go to both
         params = _load(tmp_path / "repo" / model_name / "config.pbtxt").parameters
         assert (params["embedding_cache_mb"].string_value, params["embedding_cache_redis"].string_value) == (

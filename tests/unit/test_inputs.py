@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.conftest import make_image
 from triton_vlm.errors import InvalidRequest
-from triton_vlm.preprocess.chat import build_conversation
+from triton_vlm.preprocess.chat import Media, build_conversation
 from triton_vlm.preprocess.images import ImageLimits, load_image
 from triton_vlm.protocol import GenerateRequest, SamplingParams, request_from_arrays
 
@@ -36,29 +36,35 @@ def test_byte_cap():
         load_image(make_image(40, 30), 2, ImageLimits(max_bytes=10))
 
 
-def test_text_input_puts_images_first():
-    conv, sources = build_conversation(GenerateRequest(text_input="hi", images=[b"a", b"b"]))
-    assert conv == [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "hi"}]}]
-    assert sources == [b"a", b"b"]
+def test_text_input_puts_images_first_then_videos():
+    conv, sources = build_conversation(GenerateRequest(text_input="hi", images=[b"a", b"b"], videos=[b"v"]))
+    assert conv == [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "video"},
+                                                 {"type": "text", "text": "hi"}]}]
+    assert sources == [Media("image", b"a"), Media("image", b"b"), Media("video", b"v")]
 
 
-def test_messages_take_urls_and_image_parts_in_order():
+def test_messages_take_urls_and_image_and_video_parts_in_order():
     messages = [
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/1.png"}},
-                                     {"type": "image"}, {"type": "text", "text": "compare"}]},
+                                     {"type": "video"}, {"type": "image"},
+                                     {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AA=="}},
+                                     {"type": "text", "text": "compare"}]},
     ]
-    conv, sources = build_conversation(GenerateRequest(messages=json.dumps(messages), images=[b"raw"]))
-    assert sources == [b"https://x/1.png", b"raw"]
-    assert conv[1]["content"][2] == {"type": "text", "text": "compare"}
+    conv, sources = build_conversation(GenerateRequest(messages=json.dumps(messages), images=[b"raw"],
+                                                       videos=[b"clip"]))
+    assert sources == [Media("image", b"https://x/1.png"), Media("video", b"clip"), Media("image", b"raw"),
+                       Media("video", b"data:video/mp4;base64,AA==")]
+    assert [part["type"] for part in conv[1]["content"]] == ["image", "video", "image", "video", "text"]
 
 
 @pytest.mark.parametrize("messages, error", [
     ("not json", "not valid JSON"),
     ("[]", "non-empty JSON list"),
     ('[{"role": "robot", "content": "x"}]', "needs a 'role'"),
-    ('[{"role": "user", "content": [{"type": "video_url"}]}]', "video input is not supported"),
+    ('[{"role": "user", "content": [{"type": "video_url"}]}]', "a 'video_url' part needs"),
     ('[{"role": "user", "content": [{"type": "image"}]}]', "more 'image' parts"),
+    ('[{"role": "user", "content": [{"type": "video"}]}]', "more 'video' parts"),
 ])
 def test_bad_messages(messages, error):
     with pytest.raises(InvalidRequest, match=error):

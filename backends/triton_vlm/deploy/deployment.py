@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import LANGUAGE_MODE, MODELS, EncodeConfig, LanguageConfig, serve_knobs
+from ..config import LANGUAGE_MODE, MODELS, EncodeConfig, LanguageConfig, PreprocessConfig, serve_knobs
 from ..models import family_class
 from .launcher import MODEL_CONTROL
 from .repository import COMMITTED, render
@@ -53,7 +53,17 @@ class Deployment:
 
     DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-    KNOBS = {f.name: f for config in (EncodeConfig, LanguageConfig) for f in serve_knobs(config)}  # a field each
+    # the video limits
+    max_videos: int | None = None
+    max_video_bytes: int | None = None
+    max_video_frames: int | None = None
+    max_video_seconds: float | None = None
+    max_video_tokens: int | None = None
+    max_video_fps: float | None = None
+    video_decode_timeout_s: float | None = None
+
+    KNOBS = {f.name: f for config in (PreprocessConfig, EncodeConfig, LanguageConfig)
+             for f in serve_knobs(config)}  # a field each
 
     MODES = ("colocated", "encoder", "language", "prefill", "decode")
 
@@ -71,6 +81,7 @@ class Deployment:
         # the knobs' own rules (choices, ranges), checked here rather than when the server loads them
         encode = EncodeConfig(**self._knobs(EncodeConfig))
         LanguageConfig(**self._knobs(LanguageConfig))
+        PreprocessConfig(**self._knobs(PreprocessConfig))
         if encode.local_encode_below and (not self.remote_encode or encode.encoder_fallback != "local"):
             raise ValueError("--local-encode-below needs encoder servers (--mode language or decode) and the "
                              "local encoder (--encoder-fallback local)")

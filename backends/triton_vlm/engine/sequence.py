@@ -95,14 +95,15 @@ class Sequence:
         """Raises InvalidRequest for image rows that do not fit the prompt's placeholders."""
         ids = np.asarray(request.input_ids, np.int64).reshape(-1)
         rows = request.image_embeds
-        self.image_at = np.flatnonzero(ids == family.image_token_id)  # the prompt index of each image row
+        self.image_at = np.flatnonzero(np.isin(ids, family.media_token_ids))  # each image (video) row's index
         if len(self.image_at) != rows.shape[0] or rows.shape[1] != family.embedding_width:
             raise InvalidRequest(f"the prompt has {len(self.image_at)} image tokens of width "
                                  f"{family.embedding_width}, but image embeddings {list(rows.shape)} came")
         # the request itself is not kept: its ids live on as token_ids, once
         self.request_id, self.sampling, self.callback = request.request_id, request.sampling, callback
         self.block_size, self.max_model_len, self.image_rows = block_size, max_model_len, rows
-        self.positions, self.delta = family.positions(ids, request.image_grid_thw)  # [3, S], int
+        self.positions, self.delta = family.positions(ids, request.image_grid_thw,  # [3, S], int
+                                                      request.sampling.video_fps)
         self.images = _image_spans(family, self.image_at, request.image_grid_thw, request.image_keys)
         self.token_ids: list[int] = ids.tolist()
         self.num_prompt_tokens = len(ids)

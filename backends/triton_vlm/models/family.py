@@ -30,6 +30,8 @@ class Family:
     model_type: str  # config.json's model_type
     image_token_id: int  # the prompt token the image embeddings replace
     image_placeholder: str  # the chat template's text for one image, before expansion
+    video_token_id: int | None = None  # the prompt token video embeddings replace; None: no video input
+    video_placeholder: str = ""  # the chat template's text for one video, before expansion
     hidden_size: int  # the language model's width: one embedding row
     extra_features: int = 0  # hidden-wide feature blocks that ride with each embedding row
     max_model_len: int
@@ -87,9 +89,20 @@ class Family:
         """The text an image's placeholder becomes in the prompt, for an image of `tokens` tokens."""
         raise NotImplementedError
 
-    def positions(self, input_ids: np.ndarray, layout: np.ndarray) -> tuple[np.ndarray, int]:
+    @property
+    def media_token_ids(self) -> tuple[int, ...]:
+        """The prompt tokens that take encoded rows (images', then videos'), in prompt order."""
+        return (self.image_token_id,) if self.video_token_id is None else (self.image_token_id, self.video_token_id)
+
+    def positions(self, input_ids: np.ndarray, layout: np.ndarray, video_fps: float = 0.0) -> tuple[np.ndarray, int]:
         """Rotary positions [3, S] of a prompt (1D RoPE: three equal rows) and the delta: a token at index
-        i >= S has position i + delta."""
+        i >= S has position i + delta. `video_fps`: the rate the videos were sampled at (`VideoRules`)."""
+        raise NotImplementedError
+
+    # --- video (families that take it: `video_token_id` set) ------------------
+    def video_rules(self):
+        """The family's `video.VideoRules`: frame sampling, sizes and prompt text, as its transformers
+        video processor and processor do."""
         raise NotImplementedError
 
     # --- models ---------------------------------------------------------------

@@ -7,6 +7,7 @@ inherits another family's."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ class PatchGridFamily(Family):
         super().__init__(model_path)
         self.config = AutoConfig.from_pretrained(self.path)
         self.image_token_id: int = self.config.image_token_id
+        self.video_token_id: int | None = getattr(self.config, "video_token_id", None) if self.video_placeholder \
+            else None
         self.merge_size: int = self.config.vision_config.spatial_merge_size
         self.hidden_size: int = self.config.text_config.hidden_size
         self.max_model_len: int = self.config.text_config.max_position_embeddings
@@ -43,6 +46,14 @@ class PatchGridFamily(Family):
     def pixel_rows(self, layout: np.ndarray) -> np.ndarray:
         return np.prod(np.asarray(layout, np.int64).reshape(-1, 3), axis=1)
 
+    def pieces(self, layout: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A video's temporal patches: the vision towers attend within each (`cu_seqlens` per t), so a video
+        encodes as its t patches do, one by one. An image (t = 1) is one piece."""
+        layout = np.asarray(layout, np.int64).reshape(-1, 3)
+        rows = np.repeat(layout, layout[:, 0], axis=0)
+        rows[:, 0] = 1
+        return rows, np.repeat(np.arange(len(layout)), layout[:, 0])
+
     def pixel_dim(self, processor) -> int:
         return 3 * processor.temporal_patch_size * processor.patch_size**2
 
@@ -55,8 +66,26 @@ class PatchGridFamily(Family):
     def expand_placeholder(self, tokens: int) -> str:
         return self.image_placeholder * tokens
 
-    def positions(self, input_ids: np.ndarray, layout: np.ndarray) -> tuple[np.ndarray, int]:
-        return mrope_positions(input_ids, layout, self.image_token_id, self.merge_size)
+    def positions(self, input_ids: np.ndarray, layout: np.ndarray, video_fps: float = 0.0) -> tuple[np.ndarray, int]:
+        ids, layout = np.asarray(input_ids), np.asarray(layout, np.int64).reshape(-1, 3)
+        media = np.flatnonzero(np.isin(ids, self.media_token_ids))
+        tokens = self.tokens_per_image(layout)
+        first = np.cumsum(tokens) - tokens  # each row's first media token
+        blocks = []
+        for (t, h, w), start in zip(layout.tolist(), first.tolist(), strict=True):
+            if start >= len(media) or ids[media[start]] != self.video_token_id:
+                blocks.append((t, h, w, None))
+                continue
+            times = self.video_rules().time_positions(t, video_fps)
+            blocks += [(t, h, w, times)] if times is not None else [(1, h, w, None)] * t
+        return mrope_positions(ids, blocks, self.media_token_ids, self.merge_size)
+
+    @functools.cache  # noqa: B019 (one per family instance, which lives as long as its server)
+    def video_rules(self):
+        return self._video_rules()
+
+    def _video_rules(self):
+        raise NotImplementedError
 
     def _vision(self, cls, device: str, dtype: torch.dtype) -> torch.nn.Module:
         with no_init_weights():

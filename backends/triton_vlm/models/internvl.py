@@ -195,7 +195,7 @@ class InternVL(Family):
     def expand_placeholder(self, tokens: int) -> str:
         return "<img>" + self.image_placeholder * tokens + "</img>"
 
-    def positions(self, input_ids: np.ndarray, layout: np.ndarray) -> tuple[np.ndarray, int]:
+    def positions(self, input_ids: np.ndarray, layout: np.ndarray, video_fps: float = 0.0) -> tuple[np.ndarray, int]:
         return np.broadcast_to(np.arange(len(input_ids), dtype=np.int64), (3, len(input_ids))).copy(), 0
 
     # --- models ---------------------------------------------------------------

@@ -1,30 +1,35 @@
-"""M-RoPE positions for Qwen-VL prompts, as transformers' `get_rope_index` computes them for images."""
+"""M-RoPE positions for Qwen-VL and GLM-V prompts, as transformers' `get_rope_index` computes them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
+Block = tuple[int, int, int, np.ndarray | None]  # (t, h, w) in patches, and the time position of each t
 
-def mrope_positions(
-    input_ids: np.ndarray, grid_thw: np.ndarray, image_token_id: int, merge_size: int
-) -> tuple[np.ndarray, int]:
-    """input_ids: [S]; grid_thw: [N, 3] in patches. Returns positions [3, S] (t, h, w) and the delta
-    such that a token at sequence index i >= S has position i + delta on all three axes."""
+
+def mrope_positions(input_ids: np.ndarray, blocks: Sequence[Block], media_token_ids: Sequence[int],
+                    merge_size: int) -> tuple[np.ndarray, int]:
+    """input_ids: [S]; blocks: the vision blocks in prompt order, each a run of t*h*w/merge**2 media tokens
+    (an image; a video, or one of its temporal patches), with its time positions (None: all at the start).
+    Returns positions [3, S] (t, h, w) and the delta such that a token at sequence index i >= S has
+    position i + delta on all three axes."""
     ids = np.asarray(input_ids)
     positions = np.empty((3, len(ids)), dtype=np.int64)
-    is_image = ids == image_token_id
-    nxt, i, image = 0, 0, 0
+    is_media = np.isin(ids, media_token_ids)
+    nxt, i, block = 0, 0, 0
     while i < len(ids):
-        if not is_image[i]:
-            run = np.argmax(is_image[i:]) if is_image[i:].any() else len(ids) - i
+        if not is_media[i]:
+            run = np.argmax(is_media[i:]) if is_media[i:].any() else len(ids) - i
             positions[:, i:i + run] = np.arange(nxt, nxt + run)
             nxt, i = nxt + run, i + run
             continue
-        t, h, w = (int(x) for x in grid_thw[image])
+        t, h, w, times = blocks[block]
         h, w = h // merge_size, w // merge_size
-        # images have no time axis: second_per_grid_t is 0, so the t position stays at the start
-        tt, hh, ww = np.meshgrid(np.zeros(t, np.int64), np.arange(h), np.arange(w), indexing="ij")
-        block = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + nxt
-        positions[:, i:i + block.shape[1]] = block
-        nxt, i, image = int(block.max()) + 1, i + block.shape[1], image + 1
+        times = np.zeros(t, np.int64) if times is None else np.asarray(times, np.int64)
+        tt, hh, ww = np.meshgrid(times, np.arange(h), np.arange(w), indexing="ij")
+        grid = np.stack([tt.ravel(), hh.ravel(), ww.ravel()]) + nxt
+        positions[:, i:i + grid.shape[1]] = grid
+        nxt, i, block = int(grid.max()) + 1, i + grid.shape[1], block + 1
     return positions, nxt - len(ids)

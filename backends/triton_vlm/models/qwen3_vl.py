@@ -12,12 +12,49 @@ import dataclasses
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .layers import DecoderSpec, dense_mlp
 from .moe import MoE
 from .qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLTiny
 from .rotary import RotarySpec
+from .video import VideoConfig, VideoPlan, VideoRules, write_video_config
+
+
+class Qwen3VLVideo(VideoRules):
+    """transformers' `Qwen3VLVideoProcessor` and `Qwen3VLProcessor`: `fps` frames a second spread evenly
+    over the whole video, one size for all frames within a budget for the whole clip, and each temporal
+    patch in the prompt as `<T seconds>` then its own vision block (its M-RoPE positions those of an image)."""
+
+    defaults = dict(min_pixels=128 * 32 * 32, max_pixels=32 * 32 * 768, patch_size=16, image_mean=(0.5,) * 3,
+                    image_std=(0.5,) * 3)
+
+    def sample(self, config: VideoConfig, info, fps: float | None) -> np.ndarray:
+        total = info.frames
+        count = config.num_frames if fps is None else None
+        if count is None and fps is not None:
+            count = min(min(max(int(total / info.fps * fps), config.min_frames), config.max_frames), total)
+        if count is None:
+            count = min(max(total, config.min_frames), config.max_frames)
+        return np.linspace(0, total - 1, count).round().astype(np.int64)
+
+    def size(self, frames: int, height: int, width: int) -> tuple[int, int]:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        c = self.config
+        return smart_resize(frames, height, width, temporal_factor=c.temporal_patch_size,
+                            factor=c.patch_size * self.merge_size, min_pixels=c.min_pixels, max_pixels=c.max_pixels)
+
+    def expand(self, plan: VideoPlan, tokens: int) -> str:
+        indices = plan.indices.tolist()
+        m = self.merge_size  # transformers averages timestamps by merge_size (= temporal_patch_size)
+        indices += [indices[-1]] * (-len(indices) % m)
+        stamps = [i / plan.source_fps for i in indices]
+        seconds = [(stamps[i] + stamps[i + m - 1]) / 2 for i in range(0, len(stamps), m)]
+        per_frame = tokens // plan.layout[0]
+        return "".join(f"<{s:.1f} seconds><|vision_start|>{'<|video_pad|>' * per_frame}<|vision_end|>"
+                       for s in seconds[:plan.layout[0]])
 
 # Qwen3-VL-Instruct's chat format (no default system message), for the parts our requests use.
 QWEN3_VL_TEMPLATE = (
@@ -93,6 +130,9 @@ class Qwen3VLTiny(Qwen2_5_VLTiny):
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "patch_size": 16, "temporal_patch_size": 2,
             "merge_size": 2, "size": {"shortest_edge": 64 * 32 * 32 // 16, "longest_edge": 1024 * 32 * 32},
         }, indent=2) + "\n")
+        # the video processor: 2 frames a second, the whole clip within 1024 merged patches
+        write_video_config(out, "Qwen3VLVideoProcessor", patch_size=16, min_pixels=16 * 32 * 32,
+                           max_pixels=1024 * 32 * 32, image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
 
     @staticmethod
     def _config_class():
@@ -109,6 +149,7 @@ class Qwen3VLTiny(Qwen2_5_VLTiny):
 
 class Qwen3VL(Qwen2_5_VL):
     model_type = "qwen3_vl"
+    video_placeholder = "<|vision_start|><|video_pad|><|vision_end|>"
     tiny = Qwen3VLTiny
     # Qwen3 attention and interleaved M-RoPE (cos/sin come interleaved: the plain apply)
     decoder_spec = DecoderSpec(RotarySpec("qwen3_vl.modeling_qwen3_vl", "Qwen3VLTextRotaryEmbedding"),
@@ -129,6 +170,9 @@ class Qwen3VL(Qwen2_5_VL):
         if "min_pixels" in config or "shortest_edge" not in size or "longest_edge" not in size:
             return {}
         return {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
+
+    def _video_rules(self) -> VideoRules:
+        return Qwen3VLVideo(self.path, self.merge_size)
 
     def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
         from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel

@@ -53,8 +53,14 @@ def chat_call(body: dict) -> Call:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty list", param="messages")
-    # the server parses the messages (roles, text and image_url parts, the fetch guard for URLs)
+    # the server parses the messages (roles, text, image_url and video_url parts, the fetch guard for URLs)
+    # and the video sampling (vLLM's `mm_processor_kwargs`: fps, max_frames)
     tensors = {"messages": _bytes([json.dumps(messages)])}
+    mm_kwargs = body.get("mm_processor_kwargs")
+    if mm_kwargs is not None:
+        if not isinstance(mm_kwargs, dict):
+            raise APIError("'mm_processor_kwargs' must be an object", param="mm_processor_kwargs")
+        tensors["mm_processor_kwargs"] = _bytes([json.dumps(mm_kwargs)])
     return _call(body, tensors, max_tokens_keys=("max_completion_tokens", "max_tokens"))
 
 

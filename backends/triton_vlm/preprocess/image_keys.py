@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-KEY_FILES = ("config.json", "preprocessor_config.json")
+KEY_FILES = ("config.json", "preprocessor_config.json", "video_preprocessor_config.json")
 
 
 def model_fingerprint(model_path) -> bytes:

@@ -1,4 +1,5 @@
-"""Turn one image source (raw bytes, a data: URL or an http(s) URL) into a checked RGB picture."""
+"""Turn one image source (raw bytes, a data: URL or an http(s) URL) into a checked RGB picture; `read_source`
+reads videos' sources too."""
 
 from __future__ import annotations
 
@@ -38,29 +39,29 @@ def is_url(source: bytes) -> bool:
     return head.startswith((b"http://", b"https://"))
 
 
-def read_source(source: bytes, index: int, limits: ImageLimits) -> bytes:
-    """The encoded image bytes behind `source`."""
+def read_source(source: bytes, index: int, limits, kind: str = "image") -> bytes:
+    """The file behind an image's or a video's `source` (`limits.fetch` for URLs)."""
     head = source[:64].lstrip()
     if head[:5].lower() == b"data:":
         match = _DATA_URL.match(source.strip())
         if not match:
-            raise InvalidRequest(f"image {index}: a data: URL must be base64 ('data:image/png;base64,...')")
-        if not match[1].lower().startswith(b"image/"):
+            raise InvalidRequest(f"{kind} {index}: a data: URL must be base64 ('data:{kind}/...;base64,...')")
+        if not match[1].lower().startswith(kind.encode() + b"/"):
             mime = match[1].decode("ascii", "replace") or "none"
-            raise InvalidRequest(f"image {index}: the data: URL's media type is {mime!r}; it must be image/*")
+            raise InvalidRequest(f"{kind} {index}: the data: URL's media type is {mime!r}; it must be {kind}/*")
         try:
             return base64.b64decode(source.strip()[match.end():], validate=True)
         except (binascii.Error, ValueError):
-            raise InvalidRequest(f"image {index}: the data: URL is not valid base64") from None
+            raise InvalidRequest(f"{kind} {index}: the data: URL is not valid base64") from None
     if is_url(source):
         try:
             url = source.strip().decode("ascii")
         except UnicodeDecodeError:
-            raise InvalidRequest(f"image {index}: the URL is not ASCII") from None
+            raise InvalidRequest(f"{kind} {index}: the URL is not ASCII") from None
         return fetch_url(url, limits.fetch)
     if _SCHEME.match(head):
         scheme = head.split(b":", 1)[0].decode("ascii", "replace")
-        raise InvalidRequest(f"image {index}: URL scheme {scheme!r} is not allowed; use http(s) or data:")
+        raise InvalidRequest(f"{kind} {index}: URL scheme {scheme!r} is not allowed; use http(s) or data:")
     return source
 
 
