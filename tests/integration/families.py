@@ -8,9 +8,11 @@ import contextlib
 
 from tests.conftest import make_image
 from tests.integration.serve import serving
+from tests.reference import reference_video_generate
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.server import TritonServer
 from triton_vlm_clients.client import stream
+from triton_vlm_clients.clips import make_clip
 from triton_vlm_clients.prometheus import server_metric
 
 PROMPT = "Describe the pictures."
@@ -70,3 +72,23 @@ def family_deployments(root, model, transport: str, full: bool = False):
                                                              else {})}
         servers = stack.enter_context(serving(*((d, root / name) for name, d in decoders.items())))
         yield {"colocated": encoder, **dict(zip(decoders, servers if full else [servers], strict=True))}
+
+
+QUESTION = "What happens in the video?"
+VIDEO_SHAPES = {"clip": ["video"], "clip+image": ["image", "video"]}  # the parts of a message, in order
+
+
+def check_video_parity(servers, model, shape: list[str], seed: int = 0, max_tokens: int = 12) -> None:
+    """A 3 s, 8 fps, 128x96 clip (and an image, as `shape` orders them) and a question, greedy: each server's
+    ids and prompt token count equal transformers' (its own processor, `reference_video_generate`)."""
+    clip, picture = make_clip(seed=seed), make_image(120, 80, seed=seed, fmt="PNG")
+    content = [{"type": kind} for kind in shape] + [{"type": "text", "text": QUESTION}]
+    files = {"video": "clip.mp4", "image": "picture.png"}
+    reference = [{"role": "user", "content": [dict(part, file=files[part["type"]]) if part["type"] in files else part
+                                              for part in content]}]
+    prompt, expected = reference_video_generate(model, reference, {"clip.mp4": clip, "picture.png": picture},
+                                                max_tokens)
+    for server in servers:
+        answer = stream(server.grpc_url, messages=[{"role": "user", "content": content}], videos=[clip],
+                        images=[picture] if "image" in shape else None, max_tokens=max_tokens)
+        assert (answer.output_ids, answer.num_input_tokens) == (expected, len(prompt)), server.log_file.parent.name

@@ -8,7 +8,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tests.conftest import make_image, server_metric
-from tests.integration.families import CASES, PROMPT, assert_every_mode_equals, images
+from tests.integration.families import CASES, PROMPT, VIDEO_SHAPES, assert_every_mode_equals, check_video_parity, images
 from tests.integration.test_epd import encoder_shards
 from triton_vlm_clients.client import stream
 
@@ -39,3 +39,10 @@ def test_a_language_server_without_a_cache_sends_a_repeated_image_again(family_s
     again = stream(epd.grpc_url, prompt=PROMPT, images=fresh, max_tokens=8)
     assert again.output_ids == first.output_ids and encoder_shards(family_servers["colocated"].grpc_url) > before
     assert server_metric(epd, "triton_vlm_embedding_cache_hits_total", 'tier="local"') == 0
+
+
+def test_video_in_every_mode_equals_transformers(family_servers, family_model):
+    """A clip, colocated (its temporal patches over two replicas), and through an encoder server (the file
+    and its plan go there) and a prefill server. (Not beside an image: transformers 4.57's GLM fails on an
+    image and a video in one prompt, "Image features and image tokens do not match".)"""
+    check_video_parity(family_servers.values(), family_model, VIDEO_SHAPES["clip"], seed=5)

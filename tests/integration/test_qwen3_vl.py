@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import server_metric
-from tests.integration.families import CASES, PROMPT, assert_every_mode_equals, images
+from tests.integration.families import CASES, PROMPT, VIDEO_SHAPES, assert_every_mode_equals, check_video_parity, images
 from tests.integration.test_prefix_caching import check_chat, check_other_pixels_miss
 from triton_vlm.config import EncoderConfig
 from triton_vlm.encode.encoder import VisionEncoder
@@ -54,3 +54,10 @@ def test_prefix_cache_tells_same_size_images_apart_and_keeps_m_rope_positions(fa
     pixels both give transformers' ids (two ranks, paged KV, prefix caching on)."""
     check_other_pixels_miss(family_servers["colocated"], family_model, seed=81)
     check_chat(family_servers["colocated"], family_model, seed=700)
+
+
+@pytest.mark.parametrize("shape", VIDEO_SHAPES)
+def test_video_in_every_mode_equals_transformers(family_servers, family_model, shape):
+    """A clip alone and beside an image: colocated (its temporal patches over two replicas), and through encoder
+    servers (the file and its plan go there) and a prefill server."""
+    check_video_parity(family_servers.values(), family_model, VIDEO_SHAPES[shape], seed=5)

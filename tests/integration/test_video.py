@@ -8,38 +8,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import make_image, server_metric, server_series
+from tests.conftest import server_metric, server_series
+from tests.integration.families import QUESTION, VIDEO_SHAPES, check_video_parity
 from tests.reference import reference_video_generate
 from triton_vlm_clients import stages
 from triton_vlm_clients.client import stream
 from triton_vlm_clients.clips import make_clip
 
-QUESTION = "What happens in the video?"
-SHAPES = {"clip": ["video"], "clip+image": ["image", "video"]}
 
-
-def check_video_parity(server, model, shape: list[str], seed: int = 0, fps: float | None = None,
-                       max_tokens: int = 12):
-    """A 3 s, 8 fps, 128x96 clip (and an image, as `shape` orders them) and a question, greedy: the server's
-    ids and prompt token count equal transformers'. -> the server's answer."""
-    clip, picture = make_clip(seed=seed), make_image(120, 80, seed=seed, fmt="PNG")
-    content = [{"type": kind} for kind in shape] + [{"type": "text", "text": QUESTION}]
-    answer = stream(server.grpc_url, messages=[{"role": "user", "content": content}], videos=[clip],
-                    images=[picture] if "image" in shape else None, max_tokens=max_tokens,
-                    mm_processor_kwargs={"fps": fps} if fps else None)
-    files = {"video": "clip.mp4", "image": "picture.png"}
-    reference = [{"role": "user", "content": [dict(part, file=files[part["type"]]) if part["type"] in files else part
-                                              for part in content]}]
-    prompt, expected = reference_video_generate(model, reference, {"clip.mp4": clip, "picture.png": picture},
-                                                max_tokens, fps=fps)
-    assert answer.output_ids == expected
-    assert answer.num_input_tokens == len(prompt)
-    return answer
-
-
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", VIDEO_SHAPES)
 def test_a_clip_alone_and_beside_an_image_equals_transformers(server, tiny_model, shape):
-    check_video_parity(server, tiny_model, SHAPES[shape], seed=1)
+    check_video_parity([server], tiny_model, VIDEO_SHAPES[shape], seed=1)
 
 
 def _per_replica_patches(server) -> dict[str, float]:

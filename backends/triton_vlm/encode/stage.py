@@ -11,7 +11,9 @@ from collections.abc import Callable
 from ..config import EncodeConfig, PreprocessConfig
 from ..models.family import Family
 from ..preprocess.image_inputs import ImageProcessing, Images
-from ..preprocess.images import ImageLimits, open_image
+from ..preprocess.images import ImageLimits
+from ..preprocess.media_files import MediaFiles
+from ..preprocess.video_inputs import VideoProcessing, is_wrapped
 from .dispatch import ShardedEncode, even
 from .embedding_cache import EmbeddingCache
 from .remote_encoders import RemoteEncoders
@@ -21,22 +23,29 @@ log = logging.getLogger(__name__)
 CHECKED = ImageLimits(max_bytes=2**62, max_pixels=2**62)  # preprocess checked the files against the limits
 
 
-class LocalEncoder:
-    """This server's `vision_encoder` replicas; image files (E/PD's fallback, an encoder server's requests)
-    are preprocessed here first, under `limits`."""
+def media_files(model_path, family: Family, config: PreprocessConfig | None = None) -> MediaFiles:
+    """Image files and wrapped videos under `config`'s limits; without it, files preprocess has checked."""
+    if config is None:
+        config = PreprocessConfig(model_path=model_path, max_image_pixels=2**62, max_video_bytes=2**62,
+                                  max_video_frames=2**31, max_video_seconds=float("inf"))
+    return MediaFiles(ImageProcessing(model_path, family), VideoProcessing(family, config), ImageLimits.of(config))
 
-    def __init__(self, processing: ImageProcessing, encode_on_replicas: Callable,
-                 limits: ImageLimits = CHECKED) -> None:
-        self.processing, self.encode_on_replicas, self.limits = processing, encode_on_replicas, limits
+
+class LocalEncoder:
+    """This server's `vision_encoder` replicas; files (E/PD's fallback, an encoder server's requests: images and
+    wrapped videos) are decoded here first."""
+
+    def __init__(self, files: MediaFiles, encode_on_replicas: Callable) -> None:
+        self.files, self.encode_on_replicas = files, encode_on_replicas
 
     def pixels(self, files: tuple[bytes, ...]):
-        """Image files -> their pixel_values (for `Images.pieces`)."""
-        return self.processing.decode(files, self.limits)[0]
+        """Files -> their pixel_values (for `Images.pieces`)."""
+        return self.files.decode(files)[0]
 
     def __call__(self, images: Images, target=None):
         pixels, grid = images.pixel_values, images.layout
         if images.files is not None:
-            pixels, grid = self.processing.decode(images.files, self.limits)
+            pixels, grid = self.files.decode(images.files)
         return self.encode_on_replicas(pixels, grid)
 
 
@@ -46,7 +55,7 @@ def encode_stage(config: EncodeConfig, family: Family, encode_on_replicas: Calla
                  info: Callable[[str], None] = log.info) -> tuple[ShardedEncode, RemoteEncoders | None]:
     """-> (the stage, the encoder-server pool when `config` names encoder servers). Servers unreachable at
     start are marked down and said so (`warn`); changes of a watched list are said with `info`."""
-    local = LocalEncoder(ImageProcessing(config.model_path, family), encode_on_replicas)
+    local = LocalEncoder(media_files(config.model_path, family), encode_on_replicas)
     remote = None
     if config.remote_encoders or config.encoder_urls_file:
         fallback = local if config.encoder_fallback == "local" else None
@@ -63,24 +72,26 @@ def encode_stage(config: EncodeConfig, family: Family, encode_on_replicas: Calla
 
 
 class ImageEncoderStage:
-    """An E/PD encoder server's `image_encoder`: image files (and their content keys) -> embeddings and
-    layouts. Layouts come from the file headers; images whose embeddings are cached are neither decoded
-    nor encoded; the others are decoded under the preprocess limits and split over this server's replicas
-    by tokens (InternVL's images decoded first and split by tiles)."""
+    """An E/PD encoder server's `image_encoder`: image files and wrapped videos (and their content keys) ->
+    embeddings and layouts. Layouts come from the file headers (and the videos' plans, checked); files whose
+    embeddings are cached are neither decoded nor encoded; the others are decoded under the preprocess
+    limits and split over this server's replicas by tokens (videos, and InternVL's images, decoded first
+    and split by pieces: temporal patches, tiles)."""
 
     def __init__(self, preprocess: PreprocessConfig, encode: EncodeConfig, family: Family,
                  encode_on_replicas: Callable, cache: EmbeddingCache | None = None,
                  on_split: Callable[[int], None] | None = None) -> None:
-        self.config, self.limits, self.family = preprocess, ImageLimits.of(preprocess), family
-        self.processing = ImageProcessing(encode.model_path, family)
-        local = LocalEncoder(self.processing, encode_on_replicas, self.limits)
+        self.config, self.family = preprocess, family
+        self.files = media_files(encode.model_path, family, preprocess)
+        local = LocalEncoder(self.files, encode_on_replicas)
         self.stage = ShardedEncode(local, even(encode.data_parallel), family.embedding_width, cache=cache,
                                    on_split=on_split, pieces=lambda images: images.pieces(family, local.pixels))
 
     def __call__(self, files: list[bytes], keys: list[bytes]):
-        """-> (embeddings [sum tokens, embedding_width], layouts [N, 3]); a bad image raises InvalidRequest."""
-        self.config.check_image_count(len(files))
-        layout = self.processing.grid([open_image(data, i, self.limits).size for i, data in enumerate(files)])
+        """-> (embeddings [sum tokens, embedding_width], layouts [N, 3]); a bad file raises InvalidRequest."""
+        videos = sum(map(is_wrapped, files))
+        self.config.check_image_count(len(files) - videos, videos)
+        layout = self.files.layouts(files)
         return self.stage.encode(Images.of(self.family, layout, files=tuple(files)), keys), layout
 
     def shutdown(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,47 @@ from .grid import PatchGridFamily
 from .layers import DecoderSpec, dense_mlp
 from .moe import SharedMoE
 from .rotary import RotarySpec
+from .video import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, VideoConfig, VideoPlan, VideoRules, write_video_config
+
+
+class Glm4vVideo(VideoRules):
+    """transformers' `Glm4vVideoProcessor` and `Glm4vProcessor`: `fps` frames a second (frame k at
+    ceil(k * source_fps / fps)), an even count, one size for the clip within a budget for all its frames;
+    in the prompt each temporal patch is an image block (`<|image|>` tokens) and then its whole second, and
+    its M-RoPE positions are an image's. Its sampler has no frame cap: the server's limit refuses more."""
+
+    defaults = dict(min_pixels=112 * 112, max_pixels=28 * 28 * 2 * 30000, patch_size=14)
+    max_duration = 300
+
+    def sample(self, config: VideoConfig, info, fps: float | None) -> np.ndarray:
+        total, fps = info.frames, fps if fps is not None else 2
+        last = total - 1
+        duration = info.duration or round(last / info.fps) + 1
+        if duration <= self.max_duration:
+            indices = [min(last, int(math.ceil(i * info.fps / fps))) for i in range(int(math.floor(duration * fps)))]
+        else:
+            count = int(self.max_duration * fps)
+            indices = list(range(total)) if count >= total else [
+                min(last, int(math.ceil(t * info.fps))) for t in np.linspace(0, duration, count, endpoint=True)]
+        unique = list(dict.fromkeys(indices))
+        if len(unique) & 1:
+            unique.append(unique[-1])
+        return np.asarray(unique, np.int64)
+
+    def size(self, frames: int, height: int, width: int) -> tuple[int, int]:
+        from transformers.models.glm4v.image_processing_glm4v import smart_resize
+
+        c = self.config
+        return smart_resize(num_frames=frames, height=height, width=width, temporal_factor=c.temporal_patch_size,
+                            factor=c.patch_size * self.merge_size, min_pixels=c.min_pixels, max_pixels=c.max_pixels)
+
+    def expand(self, plan: VideoPlan, tokens: int) -> str:
+        t = plan.layout[0]
+        stamps = [i / plan.source_fps for i in plan.indices.tolist()][::2][:t]
+        stamps += [stamps[-1] if stamps else 0] * (t - len(stamps))
+        per_frame = tokens // t
+        return "".join(f"<|begin_of_image|>{'<|image|>' * per_frame}<|end_of_image|>{int(s)}" for s in stamps)
+
 
 # GLM-4.1V's chat format, for the parts our requests use.
 GLM4V_TEMPLATE = (
@@ -94,11 +136,15 @@ class Glm4vTiny(TinyCheckpoint):
             "image_std": [0.26862954, 0.26130258, 0.27577711], "patch_size": 14, "temporal_patch_size": 2,
             "merge_size": 2, "size": {"shortest_edge": 112 * 112, "longest_edge": 2 * 1024 * 28 * 28},
         }, indent=2) + "\n")
+        # the video processor: 2 frames a second, the whole clip within 1024 merged patches
+        write_video_config(out, "Glm4vVideoProcessor", patch_size=14, min_pixels=112 * 112,
+                           max_pixels=1024 * 28 * 28, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
 
 
 class Glm4v(PatchGridFamily):
     model_type = "glm4v"
     image_placeholder = "<|image|>"
+    video_placeholder = "<|video|>"  # it becomes image blocks: a video's tokens are `<|image|>` tokens
     tiny = Glm4vTiny
     # GLM's partial M-RoPE; MLPs hold gate and up as one gate_up_proj; norms after attention and MLP too
     decoder_spec = DecoderSpec(RotarySpec("glm4v.modeling_glm4v", "Glm4vTextRotaryEmbedding",
@@ -115,6 +161,13 @@ class Glm4v(PatchGridFamily):
                                 max_pixels=p.size["longest_edge"])
             rows.append((1, h // p.patch_size, w // p.patch_size))
         return np.asarray(rows, np.int64).reshape(-1, 3)
+
+    def __init__(self, model_path) -> None:
+        super().__init__(model_path)
+        self.video_token_id = self.image_token_id  # every row, image or temporal patch, is positioned as an image
+
+    def _video_rules(self) -> VideoRules:
+        return Glm4vVideo(self.path, self.merge_size)
 
     def load_vision(self, device: str, dtype: torch.dtype) -> torch.nn.Module:
         from transformers.models.glm4v.modeling_glm4v import Glm4vVisionModel

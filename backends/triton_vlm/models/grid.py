@@ -25,6 +25,14 @@ VISION_NAMES = {"visual.": "", "model.visual.": ""}
 TEXT_NAMES = {"model.": "model.", "model.visual.": None, "model.language_model.": "model.", "lm_head.": "lm_head."}
 
 
+def frame_rows(layout: torch.Tensor) -> torch.Tensor:
+    """A layout with each video row (t > 1) as its t temporal patches, (1, h, w) each, as the vision towers
+    take videos (GLM's requires it; Qwen's attend within each patch anyway): the same rows, in order."""
+    rows = torch.repeat_interleave(layout, layout[:, 0], dim=0)
+    rows[:, 0] = 1
+    return rows
+
+
 class PatchGridFamily(Family):
     def __init__(self, model_path: str | Path) -> None:
         super().__init__(model_path)
@@ -96,7 +104,7 @@ class PatchGridFamily(Family):
     @torch.inference_mode()
     def encode(self, vision: torch.nn.Module, pixel_values: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
         """pixel_values: [P, C*T*14*14], layout (grid_thw): [N, 3] -> embeddings [sum tokens_per_image, H]."""
-        return vision(pixel_values.to(vision.dtype), grid_thw=layout)
+        return vision(pixel_values.to(vision.dtype), grid_thw=frame_rows(layout))
 
     def load_decoder(self, device: str, dtype: torch.dtype, tp: TensorParallel):
         return load_decoder(self.text_config, self.decoder_spec,

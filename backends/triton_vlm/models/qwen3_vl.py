@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .grid import frame_rows
 from .layers import DecoderSpec, dense_mlp
 from .moe import MoE
 from .qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLTiny
@@ -182,7 +183,7 @@ class Qwen3VL(Qwen2_5_VL):
     @torch.inference_mode()
     def encode(self, vision: torch.nn.Module, pixel_values: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
         """-> [sum tokens, H * (1 + deepstack layers)]: the embeddings, then each deepstack feature."""
-        embeds, deepstack = vision(pixel_values.to(vision.dtype), grid_thw=layout)
+        embeds, deepstack = vision(pixel_values.to(vision.dtype), grid_thw=frame_rows(layout))
         return torch.cat([embeds, *deepstack], dim=1)
 
 

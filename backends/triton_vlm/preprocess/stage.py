@@ -25,7 +25,7 @@ from .chat import Media, build_conversation
 from .image_inputs import ImageProcessing
 from .image_keys import image_key, model_fingerprint
 from .images import ImageLimits, is_url, open_image, read_source
-from .video_inputs import VideoProcessing, video_key
+from .video_inputs import VideoProcessing, video_key, wrap
 
 
 @dataclass
@@ -103,11 +103,10 @@ class Preprocessor:
         keys = [image_key(self.fingerprint, data) for data in images]
         keys += [video_key(self.fingerprint, data, plan) for data, plan in zip(videos, plans, strict=True)]
         keys = tuple(keys[i] for i in order)
-        if self.config.image_processing == "remote":  # the encoder servers decode them
-            if videos:
-                raise InvalidRequest("video input through encoder servers is not supported yet")
+        if self.config.image_processing == "remote":  # the encoder servers decode them, videos by their plans
+            files = images + [wrap(data, plan) for data, plan in zip(videos, plans, strict=True)]
             return Preprocessed(input_ids, np.zeros((0, self.images.patch_dim), np.float32), grid_thw, sampling,
-                                tuple(images), keys)
+                                tuple(files[i] for i in order), keys)
         image_pixels, decoded_grid = self.images.decode(images, self.limits)
         if not np.array_equal(decoded_grid, image_grid):  # the resize rule and the processor disagree: a bug
             raise RuntimeError(f"image grids from headers {image_grid.tolist()} != decoded {decoded_grid.tolist()}")

@@ -15,6 +15,8 @@ from ..models.video import VideoPlan
 from ..protocol import VideoSampling
 from .videos import VideoLimits, decode, probe
 
+ENVELOPE = b"triton-vlm video\n"  # E/PD: a video file on its way to an encoder server, with its plan
+
 
 class VideoProcessing:
     def __init__(self, family, config) -> None:
@@ -62,3 +64,38 @@ def video_key(fingerprint: bytes, data: bytes, plan: VideoPlan) -> bytes:
     h = hashlib.blake2b(data, digest_size=16, key=fingerprint)
     h.update(json.dumps([plan.indices.tolist(), plan.height, plan.width, plan.fps]).encode())
     return b"v" + h.hexdigest().encode()
+
+
+def wrap(data: bytes, plan: VideoPlan) -> bytes:
+    """A video file with its plan, as it travels to an encoder server (among the `_IMAGES` files)."""
+    head = dict(indices=plan.indices.tolist(), height=plan.height, width=plan.width, layout=list(plan.layout),
+                source_fps=plan.source_fps, fps=plan.fps)
+    return ENVELOPE + json.dumps(head).encode() + b"\n" + data
+
+
+def is_wrapped(file: bytes) -> bool:
+    return file[:len(ENVELOPE)] == ENVELOPE
+
+
+def unwrap(file: bytes, index: int, videos: VideoProcessing) -> tuple[bytes, VideoPlan]:
+    """A wrapped video -> (its file, its plan), the plan checked against the file's header, this server's
+    limits and the family's rules (a client can call an encoder server directly)."""
+    try:
+        head, data = file[len(ENVELOPE):].split(b"\n", 1)
+        plan = json.loads(head)
+        indices = np.asarray(plan["indices"], np.int64)
+        height, width, layout = int(plan["height"]), int(plan["width"]), tuple(int(x) for x in plan["layout"])
+        fps, source_fps = float(plan["fps"]), float(plan["source_fps"])
+    except (ValueError, KeyError, TypeError):
+        raise InvalidRequest(f"video {index}: a malformed video envelope") from None
+    info = probe(data, index, videos.limits)
+    if videos.rules is None:
+        raise InvalidRequest(f"{videos.family.model_type} models do not take video input")
+    tp, p = videos.rules.config.temporal_patch_size, videos.rules.config.patch_size
+    ok = (0 < len(indices) <= videos.config.max_video_frames and indices.min() >= 0 and indices.max() < info.frames
+          and bool(np.all(np.diff(indices) >= 0)) and source_fps == info.fps
+          and (height, width) == tuple(videos.rules.size(len(indices), info.height, info.width))
+          and layout == (-(-len(indices) // tp), height // p, width // p))
+    if not ok:
+        raise InvalidRequest(f"video {index}: its plan does not fit the video or this server's limits")
+    return data, VideoPlan(indices, height, width, layout, source_fps, fps)
