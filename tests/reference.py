@@ -40,6 +40,17 @@ def reference_video_generate(path, messages: list[dict], files: dict[str, bytes]
     """transformers' own processor (its torchvision video processor) and generate, greedy, in the video
     reference environment (`scripts/setup-video-ref.sh`, made here if missing). `messages`: chat messages
     whose {"type": "image"} / {"type": "video"} parts name a file of `files` as "file". -> (prompt ids, new ids)."""
+    out = _video_reference(path, messages, files, max_new_tokens, fps, max_frames)
+    return out["input_ids"].tolist(), out["output_ids"].tolist()
+
+
+def reference_video_inputs(path, messages: list[dict], files: dict[str, bytes], fps: float | None = None,
+                           max_frames: int | None = None) -> dict[str, np.ndarray]:
+    """The processor's output alone: input_ids, pixel_values_videos, video_grid_thw."""
+    return _video_reference(path, messages, files, 0, fps, max_frames)
+
+
+def _video_reference(path, messages, files, max_new_tokens, fps, max_frames) -> dict[str, np.ndarray]:
     import json
     import subprocess
     import tempfile
@@ -56,7 +67,9 @@ def reference_video_generate(path, messages: list[dict], files: dict[str, bytes]
                                 if isinstance(m["content"], list) else m for m in messages]}
         (Path(tmp) / "request.json").write_text(json.dumps(request))
         out = Path(tmp) / "out.npz"
-        subprocess.run([str(VIDEO_REF_PYTHON), str(REPO / "clients" / "triton_vlm_clients" / "hf_video_reference.py"),
-                        str(Path(tmp) / "request.json"), str(out)], check=True, capture_output=True)
-        result = np.load(out)
-        return result["input_ids"].tolist(), result["output_ids"].tolist()
+        run = subprocess.run([str(VIDEO_REF_PYTHON), str(REPO / "clients" / "triton_vlm_clients" /
+                                                         "hf_video_reference.py"), str(Path(tmp) / "request.json"),
+                              str(out)], capture_output=True, text=True)
+        if run.returncode:
+            raise RuntimeError(f"the video reference failed:\n{run.stderr[-3000:]}")
+        return dict(np.load(out))

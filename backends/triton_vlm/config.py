@@ -88,7 +88,7 @@ class PreprocessConfig:
     # video limits (`serve --max-video-frames` etc.); each is a 400 before any frame is decoded
     max_videos: int = knob(2, "videos per request", _MEDIA)
     max_video_bytes: int = knob(64 * 2**20, "bytes of one video file", _MEDIA)
-    max_video_frames: int = knob(256, "frames sampled from one video (caps the processor's max_frames)", _MEDIA)
+    max_video_frames: int = knob(256, "frames sampled from one video (more: a 400 saying to send max_frames)", _MEDIA)
     max_video_seconds: float = knob(600.0, "duration of one video", _MEDIA)
     max_video_tokens: int = knob(16384, "prompt tokens of a request's videos, all together", _MEDIA)
     max_video_fps: float = knob(8.0, "the sampling rate a request may ask for (mm_processor_kwargs fps)", _MEDIA)

@@ -17,7 +17,7 @@ def default_model_path() -> Path:
 
 
 def allow_private_urls() -> bool:
-    """TRITON_VLM_ALLOW_PRIVATE_URLS=1 lets image URLs reach local and private addresses."""
+    """TRITON_VLM_ALLOW_PRIVATE_URLS=1 lets image and video URLs reach local and private addresses."""
     return os.environ.get("TRITON_VLM_ALLOW_PRIVATE_URLS", "0").lower() in ("1", "true", "yes")
 
 

@@ -6,8 +6,8 @@ for our torch, so it runs in an environment of its own (`scripts/setup-video-ref
 
 request.json: {"model": path, "messages": chat messages whose parts are {"type": "text"}, {"type": "image",
 "path": ...} or {"type": "video", "path": ...}, "fps": F or null, "max_frames": N or null, "max_tokens": N}.
-out.npz: input_ids, output_ids (the new tokens), pixel_values_videos, video_grid_thw. Imports nothing of
-triton-vlm."""
+out.npz: input_ids, output_ids (the new tokens; none for "max_tokens": 0), pixel_values_videos,
+video_grid_thw. Imports nothing of triton-vlm but the baseline's processor settings."""
 
 from __future__ import annotations
 
@@ -50,11 +50,14 @@ def main(request_path: str, out_path: str) -> None:
     inputs = processor(text=[prompt], images=images or None, videos=videos or None,
                        video_metadata=metadata or None, do_sample_frames=True, return_tensors="pt", **kwargs)
     inputs.pop("video_metadata", None)
-    model = AutoModelForImageTextToText.from_pretrained(request["model"], torch_dtype=torch.float32).eval()
-    with torch.inference_mode():
-        out = model.generate(**inputs, max_new_tokens=request["max_tokens"], do_sample=False)
     prompt_ids = inputs["input_ids"][0]
-    np.savez(out_path, input_ids=prompt_ids.numpy(), output_ids=out[0, len(prompt_ids):].numpy(),
+    new_ids = np.zeros(0, np.int64)
+    if request["max_tokens"]:  # 0: the processor's output alone
+        model = AutoModelForImageTextToText.from_pretrained(request["model"], torch_dtype=torch.float32).eval()
+        with torch.inference_mode():
+            out = model.generate(**inputs, max_new_tokens=request["max_tokens"], do_sample=False)
+        new_ids = out[0, len(prompt_ids):]
+    np.savez(out_path, input_ids=prompt_ids.numpy(), output_ids=np.asarray(new_ids),
              pixel_values_videos=inputs["pixel_values_videos"].numpy() if videos else np.zeros((0, 0), np.float32),
              video_grid_thw=inputs["video_grid_thw"].numpy() if videos else np.zeros((0, 3), np.int64))
 

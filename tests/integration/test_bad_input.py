@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import make_image, server_metric
 from triton_vlm_clients import stages
 from triton_vlm_clients.client import build_inputs, infer, stream
+from triton_vlm_clients.clips import make_clip, y4m
 
 
 def _tiff() -> bytes:
@@ -43,7 +44,37 @@ def _png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
+def _audio_only() -> bytes:
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+CLIP = make_clip(seconds=1.0)
 BAD = {
+    "truncated mp4": (dict(videos=[CLIP[:len(CLIP) // 2]]), "video 0 could not be opened: not a video, truncated"),
+    "10000-frame 1x1 clip": (dict(videos=[y4m(1, 1, 10_000)]), "video 0 samples to 768 frames; the limit is 256"),
+    "header claiming 100000x100000": (dict(videos=[y4m(100_000, 100_000, 0)]), "a frame size FFmpeg refuses"),
+    "header claiming 10000x10000": (dict(videos=[y4m(10_000, 10_000, 0)]),
+                                    "video 0 is 10000x10000; the limit is 67108864 pixels a frame"),
+    "audio-only file": (dict(videos=[_audio_only()]), "video 0 has no video stream (streams: audio)"),
+    "not a video": (dict(videos=[b"hello, this is text" * 10]), "video 0 could not be opened"),
+    "video data URL not a video": (dict(videos=[b"data:image/png;base64,aGVsbG8="]),
+                                   "video 0: the data: URL's media type is 'image/png'; it must be video/*"),
+    "video fps over the limit": (dict(videos=[CLIP], mm_processor_kwargs={"fps": 100}),
+                                 "mm_processor_kwargs fps 100 is over the limit of 8"),
+    "video max_frames over the limit": (dict(videos=[CLIP], mm_processor_kwargs={"max_frames": 1000}),
+                                        "max_frames 1000 is over the limit of 256"),
+    "unknown mm_processor_kwargs": (dict(videos=[CLIP], mm_processor_kwargs={"size": 3}),
+                                    "'mm_processor_kwargs' takes fps and max_frames, not size"),
+    "too many videos": (dict(videos=[CLIP] * 3), "3 videos sent; the limit is 2"),
     "huge image": (dict(images=[_huge_png()]), "9000x8000; the limit is 67108864 pixels"),
     "messages not JSON": (dict(prompt=None, messages="[{"), "'messages' is not valid JSON"),
     "messages not a list": (dict(prompt=None, messages='"hello"'), "must be a non-empty JSON list"),

@@ -28,6 +28,7 @@ from tests.reference import reference_generate
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.server import free_port
 from triton_vlm_clients.client import stream
+from triton_vlm_clients.clips import make_clip
 
 MIXED = [(640, 480), (300, 200), (800, 600), (200, 500)]
 LOCAL_BELOW = 500  # pixel rows: 640x480 alone is 1564
@@ -242,3 +243,23 @@ def test_killing_an_encoder_under_load_loses_no_request(epd, tiny_model):  # las
     wait_until(lambda: [server_metric(language, "triton_vlm_remote_encoder_up", f'encoder="{e.grpc_url}"')
                         for e in encoders] == [0, 1], 10, "the killed encoder's gauge to say so")
     wait_until(lambda: server_metric(language, "triton_vlm_remote_encoder_in_flight_tokens") == 0, 10, "idle")
+
+
+def test_a_clip_on_an_encoder_server_is_split_over_its_replicas(server, epd, tiny_model):
+    """Video through encoder servers: the session's colocated server (two replicas, and `image_encoder`)
+    listed alone as the encoder; a 32-frame clip goes there as its file and plan, and its 16 temporal
+    patches are split over that server's two replicas; the ids are the colocated server's."""
+    clip = make_clip(seconds=4.0, fps=8.0, seed=3200)
+    kwargs = {"prompt": "What happens in the video?", "videos": [clip], "mm_processor_kwargs": {"fps": 8},
+              "max_tokens": 8}
+    patches = lambda: {s["replica"]: v for s, v in server_series(server, "triton_vlm_encoder_patches_total")}  # noqa: E731
+    try:
+        epd.listed(server.grpc_url)
+        before, sent = patches(), encoder_shards(server.grpc_url)
+        disaggregated = stream(epd.language.grpc_url, **kwargs)
+        grown = {r: v - before.get(r, 0) for r, v in patches().items()}
+        assert encoder_shards(server.grpc_url) == sent + 1
+        assert len(grown) == 2 and all(v > 0 for v in grown.values()) and sum(grown.values()) == 16 * 6 * 10, grown
+    finally:
+        epd.both_listed()
+    assert disaggregated.output_ids == stream(server.grpc_url, **kwargs).output_ids

@@ -20,9 +20,10 @@ import openai
 import pytest
 
 from tests.conftest import make_image, server_metric, wait_until
-from tests.reference import reference_generate, reference_inputs
+from tests.reference import reference_generate, reference_inputs, reference_video_generate
 from triton_vlm.deploy.server import free_port, stop_process_group
 from triton_vlm_clients.client import stream
+from triton_vlm_clients.clips import make_clip
 
 BIN = Path(sys.executable).parent
 PROMPT = "Compare the two pictures."
@@ -119,6 +120,28 @@ def test_chat_with_two_images_equals_the_vlm_ensemble(client, server, tiny_model
         assert usage.total_tokens == prompt_tokens + len(expected)
 
 
+def test_a_video_url_streams_and_its_tokens_count_in_usage(client, server, tiny_model):
+    """vLLM's `video_url` part with a data: URL, and `mm_processor_kwargs`: the same answer as the ensemble's,
+    streamed, and the prompt's tokens (the video's among them, as transformers counts them) in usage."""
+    clip = make_clip(seed=61)
+    url = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happens?"}]}]
+    kwargs = {"mm_processor_kwargs": {"fps": 4}}
+    direct = stream(server.grpc_url, messages=[{"role": "user", "content": [
+        {"type": "video"}, {"type": "text", "text": "What happens?"}]}], videos=[clip], max_tokens=10, **kwargs)
+    chunks = list(client.chat.completions.create(model=SERVED, messages=messages, max_tokens=10, stream=True,
+                                                 stream_options={"include_usage": True}, extra_body=kwargs))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct.text
+    reference = [{"role": "user", "content": [{"type": "video", "file": "v.mp4"},
+                                              {"type": "text", "text": "What happens?"}]}]
+    prompt, expected = reference_video_generate(tiny_model, reference, {"v.mp4": clip}, 10, fps=4)
+    assert direct.output_ids == expected
+    usage = chunks[-1].usage
+    assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt), len(expected))
+    assert usage.prompt_tokens > 3 * 15  # 3 s at 4 fps: 6 temporal patches of 15 tokens each
+
+
 def test_the_stream_is_openai_server_sent_events(api):
     body = {"model": SERVED, "messages": chat("hi", [make_image(64, 64)]), "max_tokens": 6, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
@@ -164,6 +187,12 @@ BAD = {
     "corrupt image": dict(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"x" * 99).decode()}},
         {"type": "text", "text": "what"}]}]),
+    "corrupt video": dict(messages=[{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "data:video/mp4;base64," + base64.b64encode(b"x" * 99).decode()}},
+        {"type": "text", "text": "what"}]}]),
+    "video from a private address": dict(messages=[{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": "http://10.0.0.1/a.mp4"}}]}]),
+    "bad mm_processor_kwargs": dict(extra_body={"mm_processor_kwargs": {"fps": -1}}),
     "not an image url": dict(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]),
     "private address": dict(messages=[{"role": "user", "content": [

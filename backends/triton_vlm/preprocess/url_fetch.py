@@ -1,4 +1,4 @@
-"""Fetch an image URL without turning the server into a proxy into its own network.
+"""Fetch an image or video URL without turning the server into a proxy into its own network.
 
 http(s) only; every address a host name resolves to must be public unless
 `allow_private`; the connection goes to the address that was checked (no second
@@ -33,13 +33,13 @@ def _checked_address(host: str, port: int, policy: FetchPolicy, watchdog: _Watch
     try:
         infos = _resolve(host, port, watchdog)
     except socket.gaierror as e:
-        raise InvalidRequest(f"cannot resolve image URL host {host!r}: {e}") from None
+        raise InvalidRequest(f"cannot resolve URL host {host!r}: {e}") from None
     addresses = [info[4][0] for info in infos]
     for address in addresses:
         ip = ipaddress.ip_address(address.split("%")[0])
         if not policy.allow_private and not ip.is_global:
             raise InvalidRequest(
-                f"image URL host {host!r} resolves to non-public address {ip}; "
+                f"URL host {host!r} resolves to non-public address {ip}; "
                 "fetching from local or private addresses is disabled (allow_private_urls)"
             )
     return addresses[0]
@@ -139,7 +139,7 @@ def fetch_url(url: str, policy: FetchPolicy) -> bytes:
     except (OSError, http.client.HTTPException) as e:
         if watchdog.fired or isinstance(e, TimeoutError):  # socket timeouts are set to the deadline too
             raise InvalidRequest(f"fetching {url[:100]!r} took longer than {policy.timeout_s}s") from None
-        raise InvalidRequest(f"cannot fetch image URL {url[:100]!r}: {e}") from None
+        raise InvalidRequest(f"cannot fetch URL {url[:100]!r}: {e}") from None
     finally:
         watchdog.cancel()
 
@@ -148,31 +148,31 @@ def _fetch(url: str, policy: FetchPolicy, watchdog: _Watchdog) -> bytes:
     for _ in range(policy.max_redirects + 1):
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidRequest(f"unsupported image URL {url[:100]!r}: only http(s) URLs are fetched")
+            raise InvalidRequest(f"unsupported URL {url[:100]!r}: only http(s) URLs are fetched")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         address = _checked_address(parts.hostname, port, policy, watchdog)
         cls = _PinnedHTTPSConnection if parts.scheme == "https" else _PinnedHTTPConnection
         conn = cls(parts.hostname, port, address, watchdog)
         try:
             path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            conn.request("GET", path, headers={"User-Agent": "triton-vlm", "Accept": "image/*"})
+            conn.request("GET", path, headers={"User-Agent": "triton-vlm", "Accept": "image/*, video/*"})
             resp = conn.getresponse()
             if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                 url = urljoin(url, resp.getheader("Location"))
                 continue
             if resp.status != 200:
-                raise InvalidRequest(f"image URL {url[:100]!r} answered HTTP {resp.status}")
+                raise InvalidRequest(f"URL {url[:100]!r} answered HTTP {resp.status}")
             length = resp.getheader("Content-Length")
             if length and length.isdigit() and int(length) > policy.max_bytes:
-                raise InvalidRequest(f"image at {url[:100]!r} is {length} bytes; the limit is {policy.max_bytes}")
+                raise InvalidRequest(f"the file at {url[:100]!r} is {length} bytes; the limit is {policy.max_bytes}")
             body = bytearray()
             while chunk := resp.read(65536):
                 body += chunk
                 if len(body) > policy.max_bytes:
-                    raise InvalidRequest(f"image at {url[:100]!r} is larger than {policy.max_bytes} bytes")
-            if watchdog.fired:  # the socket was shut mid-body: what came is not the image
+                    raise InvalidRequest(f"the file at {url[:100]!r} is larger than {policy.max_bytes} bytes")
+            if watchdog.fired:  # the socket was shut mid-body: what came is not the file
                 raise TimeoutError
             return bytes(body)
         finally:
             conn.close()
-    raise InvalidRequest(f"image URL {url[:100]!r} redirected more than {policy.max_redirects} times")
+    raise InvalidRequest(f"URL {url[:100]!r} redirected more than {policy.max_redirects} times")

@@ -35,9 +35,8 @@ class VideoProcessing:
             raise InvalidRequest(f"mm_processor_kwargs max_frames {sampling.max_frames} is over the limit of "
                                  f"{c.max_video_frames}")
         info = probe(data, index, self.limits)
-        most = min(sampling.max_frames or self.rules.config.max_frames, c.max_video_frames)
         try:
-            plan = self.rules.plan(info, sampling.fps, most)
+            plan = self.rules.plan(info, sampling.fps, sampling.max_frames)
         except ValueError as e:
             raise InvalidRequest(f"video {index} ({info.width}x{info.height}, {info.frames} frames at "
                                  f"{info.fps:g} fps) cannot be used: {e}") from None
