@@ -51,34 +51,38 @@ def _resolution(text: str) -> tuple[int, int]:
     return int(w), int(h)
 
 
-def measure(server: TritonServer, images: list[bytes], repeats: int) -> dict[str, float]:
+def measure(server: TritonServer, media: dict, repeats: int) -> dict[str, float]:
+    """`media`: the request's `images` (and `videos`, `mm_processor_kwargs`)."""
     prompt = "Describe the pictures."
-    pre = stages.preprocess(server.grpc_url, prompt, images)
+    pre = stages.preprocess(server.grpc_url, prompt, **media)
     rows, _ = stages.encode(server.grpc_url, pre)  # warm-up; a row per image token
     encode_s = [stages.encode(server.grpc_url, pre)[1] for _ in range(repeats)]
-    stream(server.grpc_url, prompt=prompt, images=images, max_tokens=1)  # warm-up
-    ttft_s = [stream(server.grpc_url, prompt=prompt, images=images, max_tokens=1).ttft_s for _ in range(repeats)]
+    stream(server.grpc_url, prompt=prompt, max_tokens=1, **media)  # warm-up
+    ttft_s = [stream(server.grpc_url, prompt=prompt, max_tokens=1, **media).ttft_s for _ in range(repeats)]
     return {"encode_ms": statistics.median(encode_s) * 1000, "ttft_ms": statistics.median(ttft_s) * 1000,
             "image_tokens": int(rows.shape[0])}
 
 
-def run(model: Path, configs: list[Config], image_counts: list[int], resolutions: list[tuple[int, int]],
-        repeats: int) -> list[dict]:
-    workloads = [(w, h, n) for (w, h) in resolutions for n in image_counts]
-    images = {(w, h, n): [synthetic_image(w, h, seed=i, fmt="JPEG") for i in range(n)] for (w, h, n) in workloads}
-    rows = {key: {"resolution": f"{key[0]}x{key[1]}", "images": key[2]} for key in workloads}
+def image_workloads(image_counts: list[int], resolutions: list[tuple[int, int]]) -> dict[tuple, dict]:
+    """(resolution, count) -> the request's media: `count` JPEGs of that size."""
+    return {(f"{w}x{h}", n): {"images": [synthetic_image(w, h, seed=i, fmt="JPEG") for i in range(n)]}
+            for (w, h) in resolutions for n in image_counts}
+
+
+def run(model: Path, configs: list[Config], workloads: dict[tuple, dict], repeats: int) -> list[dict]:
+    """`workloads`: (resolution, what the media column says) -> the request's media."""
+    rows = {key: {"resolution": key[0], "images": key[1]} for key in workloads}
     for config in configs:
         with tempfile.TemporaryDirectory(prefix="triton-vlm-bench-") as tmp:
             repo = Deployment(model, embedding_cache_mb=0,
                               encoder_dp=config.dp, encoder_threads=config.threads).render(Path(tmp) / "repo")
             print(f"[{config.name}] starting tritonserver", file=sys.stderr, flush=True)
             with TritonServer(repo, log_file=Path(tmp) / "tritonserver.log") as server:
-                for key in workloads:
-                    result = measure(server, images[key], repeats)
+                for key, media in workloads.items():
+                    result = measure(server, media, repeats)
                     rows[key]["image_tokens"] = result.pop("image_tokens")
                     rows[key].update({f"{config.name}_{k}": v for k, v in result.items()})
-                    print(f"[{config.name}] {rows[key]['resolution']} x{key[2]}: {result}", file=sys.stderr,
-                          flush=True)
+                    print(f"[{config.name}] {key[0]} x{key[1]}: {result}", file=sys.stderr, flush=True)
     return list(rows.values())
 
 
@@ -92,6 +96,19 @@ def table(rows: list[dict], configs: list[Config], metric: str, ratios: list[tup
                  *(f"{r[f'{a}_{metric}_ms'] / r[f'{b}_{metric}_ms']:.2f}x" for a, b in ratios)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def small_model(model: Path | None, family: str) -> Path:
+    """`model`, or the `small` random model of `family` (built if missing)."""
+    if model is not None:
+        return model
+    model = MODELS / f"small-{family}"
+    if not (model / "config.json").exists():
+        from triton_vlm.models.tiny_model import make_tiny_model
+
+        print(f"building the small model in {model}", file=sys.stderr)
+        make_tiny_model(model, size="small", family=family)
+    return model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,15 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
 
-    if args.model is None:
-        args.model = MODELS / f"small-{args.family}"
-        if not (args.model / "config.json").exists():
-            from triton_vlm.models.tiny_model import make_tiny_model
-
-            print(f"building the small model in {args.model}", file=sys.stderr)
-            make_tiny_model(args.model, size="small", family=args.family)
+    args.model = small_model(args.model, args.family)
     start = time.perf_counter()
-    rows = run(args.model, args.configs, args.images, args.resolutions, args.repeats)
+    rows = run(args.model, args.configs, image_workloads(args.images, args.resolutions), args.repeats)
     names = {c.name for c in args.configs}
     ratios = [r for r in args.ratios if set(r) <= names]
     print(f"encode stage (median of {args.repeats}); A/B = time of A over time of B\n")

@@ -15,7 +15,8 @@ from .client import build_inputs, infer_inputs
 PREPROCESSED = ("_INPUT_IDS", "_PIXEL_VALUES", "_IMAGE_LAYOUT", "_SAMPLING", "_IMAGES")  # no keys: no cache
 
 
-def preprocess(url: str, prompt: str, images: list[bytes], timeout_s: float = 300, **media) -> dict[str, np.ndarray]:
+def preprocess(url: str, prompt: str, images: list[bytes] | None = None, timeout_s: float = 300,
+               **media) -> dict[str, np.ndarray]:
     """`preprocess`'s outputs (token ids, pixels, image_grid_thw, sampling, files), as the ensemble passes them on.
     `media`: `videos`, `mm_processor_kwargs`."""
     import tritonclient.grpc as grpcclient
