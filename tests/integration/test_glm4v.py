@@ -41,8 +41,10 @@ def test_a_language_server_without_a_cache_sends_a_repeated_image_again(family_s
     assert server_metric(epd, "triton_vlm_embedding_cache_hits_total", 'tier="local"') == 0
 
 
-def test_video_in_every_mode_equals_transformers(family_servers, family_model):
-    """A clip, colocated (its temporal patches over two replicas), and through an encoder server (the file
-    and its plan go there) and a prefill server. (Not beside an image: transformers 4.57's GLM fails on an
-    image and a video in one prompt, "Image features and image tokens do not match".)"""
-    check_video_parity(family_servers.values(), family_model, VIDEO_SHAPES["clip"], seed=5)
+@pytest.mark.parametrize("shape", VIDEO_SHAPES)
+def test_video_in_every_mode_equals_transformers(family_servers, family_model, shape):
+    """A clip alone and beside an image, colocated (its temporal patches over two replicas), and through an
+    encoder server (the file and its plan go there) and a prefill server. (transformers 4.57's GLM refuses an
+    image and a video in one prompt; the reference builds that case from its processor's and model's parts,
+    `hf_video_reference.glm_images_and_videos`.)"""
+    check_video_parity(family_servers.values(), family_model, VIDEO_SHAPES[shape], seed=5)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.families import CASES, assert_every_mode_equals
+from tests.integration.families import CASES, VIDEO_SHAPES, assert_every_mode_equals, check_video_parity
 
 FAMILY = "glm4v_moe"
 EPD_TRANSPORT = "shm"
@@ -18,3 +18,9 @@ FULL_EPD = True
 @pytest.mark.parametrize("case", CASES)
 def test_every_mode_equals_transformers(family_servers, family_expected, case):
     assert_every_mode_equals(family_servers, family_expected, case)
+
+
+def test_a_clip_in_every_mode_equals_transformers(family_servers, family_model):
+    """Video through the MoE decoder and both deployments (embeddings over shared memory from the encoder
+    servers)."""
+    check_video_parity(family_servers.values(), family_model, VIDEO_SHAPES["clip"], seed=9)

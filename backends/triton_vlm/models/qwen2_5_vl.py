@@ -100,8 +100,10 @@ class Qwen2_5_VLTiny(TinyCheckpoint):
         model.save_pretrained(out, safe_serialization=True)
         # A 1280x720 image becomes ~1200 tokens; cap pixels so one image stays cheap on a CPU.
         Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=1280 * 28 * 28).save_pretrained(out)
-        # the video processor samples 2 frames a second, each frame at most 256 patches
-        write_video_config(out, "Qwen2VLVideoProcessor", patch_size=14, min_pixels=56 * 56, max_pixels=256 * 14 * 14,
+        # the video processor samples 2 frames a second; each frame within the real processor's pixel budget
+        # (tiny: at most 256 patches)
+        budget = (56 * 56, 256 * 14 * 14) if size == "tiny" else (128 * 28 * 28, 768 * 28 * 28)
+        write_video_config(out, "Qwen2VLVideoProcessor", patch_size=14, min_pixels=budget[0], max_pixels=budget[1],
                            image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
 
 

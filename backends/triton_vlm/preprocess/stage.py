@@ -1,9 +1,10 @@
-"""Preprocessing engine: chat + images in, token ids with expanded image placeholders and pixels out.
+"""Preprocessing engine: chat + images and videos in, token ids with expanded placeholders and pixels out.
 
-Each image's token count comes from its file header alone, so the prompt length is checked before any
-pixel is decoded (eight 8192x8192 PNGs are refused in milliseconds, not after a minute of decoding).
-With `image_processing: remote` (E/PD language servers) the images are not decoded here at all: the
-files go on to the encoder servers, which decode, resize and patchify them."""
+Each image's token count comes from its file header alone, and each video's from its header and its
+sampling plan, so the prompt length is checked before any pixel is decoded (eight 8192x8192 PNGs are
+refused in milliseconds, not after a minute of decoding). With `image_processing: remote` (E/PD language
+servers) nothing is decoded here at all: the files (videos with their plans) go on to the encoder
+servers, which decode, resize and patchify them."""
 
 from __future__ import annotations
 
