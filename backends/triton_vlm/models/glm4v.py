@@ -36,7 +36,7 @@ class Glm4vVideo(VideoRules):
     max_duration = 300
 
     def sample(self, config: VideoConfig, info, fps: float | None) -> np.ndarray:
-        total, fps = info.frames, fps if fps is not None else 2
+        total, fps = info.frames, fps if fps is not None else config.fps or 2
         last = total - 1
         duration = info.duration or round(last / info.fps) + 1
         if duration <= self.max_duration:
@@ -173,7 +173,6 @@ class Glm4v(PatchGridFamily):
         from transformers.models.glm4v.modeling_glm4v import Glm4vVisionModel
 
         return self._vision(Glm4vVisionModel, device, dtype)
-
 
 
 def shared_moe_mlp(config, tp, layer: int) -> torch.nn.Module:

@@ -7,7 +7,6 @@ inherits another family's."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +24,6 @@ VISION_NAMES = {"visual.": "", "model.visual.": ""}
 TEXT_NAMES = {"model.": "model.", "model.visual.": None, "model.language_model.": "model.", "lm_head.": "lm_head."}
 
 
-def frame_rows(layout: torch.Tensor) -> torch.Tensor:
-    """A layout with each video row (t > 1) as its t temporal patches, (1, h, w) each, as the vision towers
-    take videos (GLM's requires it; Qwen's attend within each patch anyway): the same rows, in order."""
-    rows = torch.repeat_interleave(layout, layout[:, 0], dim=0)
-    rows[:, 0] = 1
-    return rows
-
-
 class PatchGridFamily(Family):
     def __init__(self, model_path: str | Path) -> None:
         super().__init__(model_path)
@@ -43,6 +34,7 @@ class PatchGridFamily(Family):
         self.merge_size: int = self.config.vision_config.spatial_merge_size
         self.hidden_size: int = self.config.text_config.hidden_size
         self.max_model_len: int = self.config.text_config.max_position_embeddings
+        self._video = None  # the video rules, read on first use
 
     @property
     def text_config(self):
@@ -88,9 +80,10 @@ class PatchGridFamily(Family):
             blocks += [(t, h, w, times)] if times is not None else [(1, h, w, None)] * t
         return mrope_positions(ids, blocks, self.media_token_ids, self.merge_size)
 
-    @functools.cache  # noqa: B019 (one per family instance, which lives as long as its server)
     def video_rules(self):
-        return self._video_rules()
+        if self._video is None:
+            self._video = self._video_rules()
+        return self._video
 
     def _video_rules(self):
         raise NotImplementedError
@@ -104,7 +97,12 @@ class PatchGridFamily(Family):
     @torch.inference_mode()
     def encode(self, vision: torch.nn.Module, pixel_values: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
         """pixel_values: [P, C*T*14*14], layout (grid_thw): [N, 3] -> embeddings [sum tokens_per_image, H]."""
-        return vision(pixel_values.to(vision.dtype), grid_thw=frame_rows(layout))
+        return vision(pixel_values.to(vision.dtype), grid_thw=self.frame_rows(layout))
+
+    def frame_rows(self, layout: torch.Tensor) -> torch.Tensor:
+        """The layout as the vision towers take it: each video row as its temporal patches (`pieces`), (1, h, w)
+        each (GLM's requires it; Qwen's attend within each patch anyway)."""
+        return torch.as_tensor(self.pieces(layout.cpu().numpy())[0], device=layout.device)
 
     def load_decoder(self, device: str, dtype: torch.dtype, tp: TensorParallel):
         return load_decoder(self.text_config, self.decoder_spec,

@@ -35,11 +35,16 @@ class Qwen2VLVideo(VideoRules):
 
     defaults = dict(min_pixels=128 * 28 * 28, max_pixels=28 * 28 * 768, patch_size=14)
 
+    def __init__(self, path, merge_size: int, tokens_per_second: float) -> None:
+        super().__init__(path, merge_size)
+        self.tokens_per_second = tokens_per_second
+
     def sample(self, config: VideoConfig, info, fps: float | None) -> np.ndarray:
         tp, total = config.temporal_patch_size, info.frames
         if fps is None and config.num_frames is not None:
             count = round(config.num_frames / tp) * tp
         else:
+            fps = fps if fps is not None else config.fps or 2.0
             most = math.floor(min(config.max_frames, total) / tp) * tp
             count = min(min(max(total / info.fps * fps, config.min_frames), most), total)
             count = math.floor(count / tp) * tp
@@ -62,10 +67,6 @@ class Qwen2VLVideo(VideoRules):
         `second_per_grid_t` to the integer dtype of `arange` first (so above 2 fps it is 0), as copied here."""
         seconds_per_patch = int(self.config.temporal_patch_size / fps)
         return np.arange(temporal_patches, dtype=np.int64) * seconds_per_patch * int(self.tokens_per_second)
-
-    def __init__(self, path, merge_size: int, tokens_per_second: float) -> None:
-        super().__init__(path, merge_size)
-        self.tokens_per_second = tokens_per_second
 
 
 class Qwen2_5_VLTiny(TinyCheckpoint):

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .grid import frame_rows
 from .layers import DecoderSpec, dense_mlp
 from .moe import MoE
 from .qwen2_5_vl import Qwen2_5_VL, Qwen2_5_VLTiny
@@ -34,6 +33,7 @@ class Qwen3VLVideo(VideoRules):
     def sample(self, config: VideoConfig, info, fps: float | None) -> np.ndarray:
         total = info.frames
         count = config.num_frames if fps is None else None
+        fps = fps if fps is not None else config.fps
         if count is None and fps is not None:
             count = min(min(max(int(total / info.fps * fps), config.min_frames), config.max_frames), total)
         if count is None:
@@ -183,7 +183,7 @@ class Qwen3VL(Qwen2_5_VL):
     @torch.inference_mode()
     def encode(self, vision: torch.nn.Module, pixel_values: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
         """-> [sum tokens, H * (1 + deepstack layers)]: the embeddings, then each deepstack feature."""
-        embeds, deepstack = vision(pixel_values.to(vision.dtype), grid_thw=frame_rows(layout))
+        embeds, deepstack = vision(pixel_values.to(vision.dtype), grid_thw=self.frame_rows(layout))
         return torch.cat([embeds, *deepstack], dim=1)
 
 

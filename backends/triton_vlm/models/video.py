@@ -1,7 +1,8 @@
 """Video frames -> patch rows, as transformers' (fast, torchvision) video processors of the patch-grid
-families make them, with torch alone: each family samples frames and picks the size by its own rules;
-`VideoConfig` reads the checkpoint's video processor settings; `patchify` resizes, normalizes, pads to
-whole temporal patches and lays the patches out as Qwen's and GLM's vision towers read them."""
+families make them, with torch alone: each family's `VideoRules` samples frames and picks the size by its
+own rules; `VideoConfig` reads the checkpoint's video processor settings; `resize` is torchvision's, and
+`patchify` normalizes, pads to whole temporal patches and lays the patches out as Qwen's and GLM's vision
+towers read them."""
 
 from __future__ import annotations
 
@@ -106,7 +107,7 @@ class VideoPlan:
     width: int
     layout: tuple[int, int, int]  # (t, h, w) in patches: t temporal patches of h x w
     source_fps: float  # the video's own frame rate (timestamps)
-    fps: float  # the sampling rate asked for (Qwen2.5-VL's M-RoPE time axis reads it)
+    fps: float  # the sampling rate asked for, else the checkpoint's (Qwen2.5-VL's M-RoPE time axis reads it)
 
 
 class VideoRules:
@@ -122,20 +123,22 @@ class VideoRules:
         """`info`: the header (`preprocess.videos.VideoInfo`); `fps`, `max_frames`: the request's settings.
         Raises ValueError for a video the rules cannot use."""
         config = self.config if max_frames is None else dataclasses.replace(self.config, max_frames=max_frames)
-        fps = fps if fps is not None else config.fps
         indices = self.sample(config, info, fps)
         if len(indices) == 0:
             raise ValueError("it samples to no frames")
         height, width = self.size(len(indices), info.height, info.width)
         p, tp = self.config.patch_size, self.config.temporal_patch_size
         layout = (math.ceil(len(indices) / tp), height // p, width // p)
-        return VideoPlan(np.asarray(indices, np.int64), height, width, layout, info.fps, float(fps or 0.0))
+        rate = fps if fps is not None else config.fps or 2.0
+        return VideoPlan(np.asarray(indices, np.int64), height, width, layout, info.fps, float(rate))
 
     def pixels(self, frames: np.ndarray, plan: VideoPlan) -> tuple[np.ndarray, np.ndarray]:
         """The decoded frames [T, H, W, 3] uint8 -> (pixel_values, grid [1, 3])."""
         return patchify(resize(frames, plan.height, plan.width), self.config)
 
     def sample(self, config: VideoConfig, info, fps: float | None) -> np.ndarray:
+        """The frame indices for the request's `fps` (None: the checkpoint's `num_frames` if it sets one,
+        else its `fps`)."""
         raise NotImplementedError
 
     def size(self, frames: int, height: int, width: int) -> tuple[int, int]:
