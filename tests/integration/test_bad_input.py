@@ -65,6 +65,7 @@ BAD = {
     "header claiming 10000x10000": (dict(videos=[y4m(10_000, 10_000, 0)]),
                                     "video 0 is 10000x10000; the limit is 67108864 pixels a frame"),
     "audio-only file": (dict(videos=[_audio_only()]), "video 0 has no video stream (streams: audio)"),
+    "video longer than the limit": (dict(videos=[y4m(2, 2, 601, fps=1)]), "video 0 is 601.0s long; the limit is 600s"),
     "not a video": (dict(videos=[b"hello, this is text" * 10]), "video 0 could not be opened"),
     "video data URL not a video": (dict(videos=[b"data:image/png;base64,aGVsbG8="]),
                                    "video 0: the data: URL's media type is 'image/png'; it must be video/*"),

@@ -77,6 +77,8 @@ def test_engine_metrics_count_a_request(server):
     names = ("triton_vlm_prefill_tokens_total", "triton_vlm_decode_tokens_total",
              "triton_vlm_time_to_first_token_seconds_count", "triton_vlm_time_to_first_token_seconds_sum",
              "triton_vlm_prefix_cache_queries_total", "triton_vlm_prefix_cache_hits_total")
+    busy = ("triton_vlm_running_sequences", "triton_vlm_waiting_sequences")
+    wait_until(lambda: all(server_metric(server, g) == 0 for g in busy), 60, "no other module's request in flight")
     before = [server_metric(server, name) for name in names]
     answer = stream(server.grpc_url, prompt="Describe it.", images=[make_image(200, 150, seed=41)], max_tokens=12,
                     ignore_eos=True)
