@@ -20,14 +20,12 @@ from .remote_encoders import RemoteEncoders
 
 log = logging.getLogger(__name__)
 
-CHECKED = ImageLimits(max_bytes=2**62, max_pixels=2**62)  # preprocess checked the files against the limits
-
-
 def media_files(model_path, family: Family, config: PreprocessConfig | None = None) -> MediaFiles:
-    """Image files and wrapped videos under `config`'s limits; without it, files preprocess has checked."""
+    """Image files and wrapped videos under `config`'s limits; without it, files preprocess has checked
+    against its own (no limit here)."""
     if config is None:
-        config = PreprocessConfig(model_path=model_path, max_image_pixels=2**62, max_video_bytes=2**62,
-                                  max_video_frames=2**31, max_video_seconds=float("inf"))
+        config = PreprocessConfig(model_path=model_path, max_image_bytes=2**62, max_image_pixels=2**62,
+                                  max_video_bytes=2**62, max_video_frames=2**31, max_video_seconds=float("inf"))
     return MediaFiles(ImageProcessing(model_path, family), VideoProcessing(family, config), ImageLimits.of(config))
 
 
