@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import signal
 import threading
 import time
@@ -28,10 +29,11 @@ from tests.reference import reference_generate
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.server import free_port
 from triton_vlm_clients.client import stream
-from triton_vlm_clients.clips import make_clip
+from triton_vlm_clients.clips import make_clip, y4m
 
 MIXED = [(640, 480), (300, 200), (800, 600), (200, 500)]
 LOCAL_BELOW = 500  # pixel rows: 640x480 alone is 1564
+VIDEO_BYTES, VIDEO_TOKENS = 2**21, 1000  # the language server's video limits (the others keep the defaults)
 
 
 def images(n, seed):
@@ -73,7 +75,8 @@ def epd(tiny_model, tmp_path_factory):
         dead, urls_file = f"127.0.0.1:{free_port()}", root / "encoders.txt"
         urls_file.write_text(f"{a.grpc_url}\n{b.grpc_url}\n{dead}\n")
         language = Deployment(tiny_model, mode="language", encoder_dp=1, minimal=True, encoder_urls_file=str(urls_file),
-                              local_encode_below=LOCAL_BELOW)
+                              local_encode_below=LOCAL_BELOW, max_video_bytes=VIDEO_BYTES,
+                              max_video_tokens=VIDEO_TOKENS)
         with serving((language, root / "language")) as server:
             epd = EPD(server, [a, b], dead, urls_file)
             dead_series = f'encoder="{dead}"'
@@ -263,3 +266,20 @@ def test_a_clip_on_an_encoder_server_is_split_over_its_replicas(server, epd, tin
     finally:
         epd.both_listed()
     assert disaggregated.output_ids == stream(server.grpc_url, **kwargs).output_ids
+
+
+@pytest.mark.parametrize("case", ["bytes", "tokens"])
+def test_the_video_limits_a_server_sets_are_400s_and_the_next_request_succeeds(epd, case):
+    """The language server's own `--max-video-bytes` and `--max-video-tokens` (the two limits the session
+    server's defaults leave out of reach of a test's clips)."""
+    big = y4m(1024, 1024, 3)
+    video, message = {
+        "bytes": (big, re.escape(f"video 0 is {len(big)} bytes; the limit is {VIDEO_BYTES}")),
+        # 64 frames sampled at 8 fps: 32 temporal patches of 54 tokens
+        "tokens": (make_clip(seconds=8.0, fps=8.0, width=640, height=480, seed=4),
+                   re.escape(f"the videos make {32 * 54} prompt tokens; the limit is {VIDEO_TOKENS}")),
+    }[case]
+    with pytest.raises(InferenceServerException, match=message):
+        stream(epd.language.grpc_url, prompt="What happens?", videos=[video], mm_processor_kwargs={"fps": 8},
+               max_tokens=4)
+    assert stream(epd.language.grpc_url, prompt="What happens?", videos=[make_clip(seed=8)], max_tokens=4).output_ids
