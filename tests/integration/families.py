@@ -50,28 +50,21 @@ def family_deployments(root, model, transport: str, full: bool = False):
       encoder, no embedding cache of its own), the embeddings coming back by `transport` (grpc | shm), and
       whose every prompt is prefilled there too (TP 2), its KV coming back to this server's TP 1 engine
       inside the answer (grpc) or, with shm, the other one-host path, written by NIXL.
-    `full` (the full E/P/D, 1P + 1D + 2E, on both KV transports): a `--mode encoder` server too, which the
-    disaggregated servers encode on beside the colocated one, and "disaggregated-<other transport>", a
-    second decode server, the same but for its KV transport."""
+    `full` (the full E/P/D, 1P + 1D + 2E): a `--mode encoder` server too, which the disaggregated server
+    encodes on beside the colocated one. (One KV transport per family; test_pd.py runs both.)"""
     kv_transport = "nixl" if transport == "shm" else "grpc"
-    other = {"nixl": "grpc", "grpc": "nixl"}[kv_transport]
-    colocated = Deployment(model, encoder_dp=2, tensor_parallel=2, kv_transport="nixl" if full else kv_transport)
+    colocated = Deployment(model, encoder_dp=2, tensor_parallel=2, kv_transport=kv_transport)
     with contextlib.ExitStack() as stack:
         first = [(colocated, root / "colocated")]
         if full:
             first.append((Deployment(model, mode="encoder", encoder_dp=1), root / "encoder"))
         started = stack.enter_context(serving(*first))
         encoder, encoders = (started[0], started) if full else (started, [started])
-
-        def decode(kv: str) -> Deployment:
-            return Deployment(model, mode="decode", encoder_dp=1, minimal=True, embedding_cache_mb=0,
-                              encoder_urls=tuple(e.grpc_url for e in encoders), encoder_transport=transport,
-                              encoder_fallback="none", prefill_urls=(encoder.grpc_url,), kv_transport=kv)
-
-        decoders = {"disaggregated": decode(kv_transport), **({f"disaggregated-{other}": decode(other)} if full
-                                                             else {})}
-        servers = stack.enter_context(serving(*((d, root / name) for name, d in decoders.items())))
-        yield {"colocated": encoder, **dict(zip(decoders, servers if full else [servers], strict=True))}
+        decode = Deployment(model, mode="decode", encoder_dp=1, minimal=True, embedding_cache_mb=0,
+                            encoder_urls=tuple(e.grpc_url for e in encoders), encoder_transport=transport,
+                            encoder_fallback="none", prefill_urls=(encoder.grpc_url,), kv_transport=kv_transport)
+        disaggregated = stack.enter_context(serving((decode, root / "disaggregated")))
+        yield {"colocated": encoder, "disaggregated": disaggregated}
 
 
 QUESTION = "What happens in the video?"

@@ -1,8 +1,7 @@
 """GLM-4.5V (MoE) through the real server against transformers' own `generate` on a tiny checkpoint, in
 both of `families.family_deployments`: colocated (two tensor-parallel ranks, each holding a slice of every
-routed and shared expert, and two encoder replicas) and the full E/P/D (the embeddings over shared memory
-from 2 encoder servers; prefilled on the colocated server's TP 2 engine, decoded on TP 1, the KV moved by
-NIXL and, on a second decode server, over gRPC)."""
+routed and shared expert, and two encoder replicas) and E/P/D (the embeddings over shared memory from the
+colocated server; prefilled on its TP 2 engine, decoded on TP 1, the KV moved by NIXL)."""
 
 from __future__ import annotations
 
@@ -12,7 +11,6 @@ from tests.integration.families import CASES, VIDEO_SHAPES, assert_every_mode_eq
 
 FAMILY = "glm4v_moe"
 EPD_TRANSPORT = "shm"
-FULL_EPD = True
 
 
 @pytest.mark.parametrize("case", CASES)

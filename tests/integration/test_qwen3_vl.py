@@ -2,7 +2,7 @@
 both of `families.family_deployments`: colocated (encoder DP 2, a request's images split over two replicas
 and their deepstack features gathered back in image order; tensor parallelism 2) and the full E/P/D, the
 deepstack features coming back from 2 encoder servers by gRPC (the MoE's, `test_qwen3_vl_moe.py`, by shared
-memory) and the KV (with the M-RoPE delta) over gRPC and, on a second decode server, by NIXL."""
+memory) and the KV (with the M-RoPE delta) over gRPC (the MoE's by NIXL)."""
 
 from __future__ import annotations
 
