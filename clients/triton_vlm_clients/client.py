@@ -36,11 +36,17 @@ def read_image(source: str) -> bytes:
     return Path(source).read_bytes()
 
 
-def build_inputs(module, prompt: str | None = None, images: list[bytes] | None = None,
-                 messages: list[dict] | str | None = None, stream: bool | None = None, stop: list[str] | None = None,
-                 videos: list[bytes] | None = None, mm_processor_kwargs: dict | None = None, **sampling) -> list:
-    """InferInputs for the `vlm` interface; `module` is tritonclient.grpc or tritonclient.http. `messages`:
-    chat messages, or their JSON text as it is; `mm_processor_kwargs`: the videos' sampling (fps, max_frames)."""
+def build_inputs(module, **request) -> list:
+    """InferInputs for the `vlm` interface (`request_tensors`); `module` is tritonclient.grpc or tritonclient.http."""
+    return infer_inputs(module, request_tensors(**request))
+
+
+def request_tensors(prompt: str | None = None, images: list[bytes] | None = None,
+                    messages: list[dict] | str | None = None, stream: bool | None = None, stop: list[str] | None = None,
+                    videos: list[bytes] | None = None, mm_processor_kwargs: dict | None = None,
+                    **sampling) -> dict[str, np.ndarray]:
+    """The `vlm` interface's tensors of one request. `messages`: chat messages, or their JSON text as it is;
+    `mm_processor_kwargs`: the videos' sampling (fps, max_frames)."""
     tensors: dict[str, np.ndarray] = {}
     if prompt is not None:
         tensors["text_input"] = np.array([prompt.encode()], dtype=np.object_)
@@ -62,7 +68,7 @@ def build_inputs(module, prompt: str | None = None, images: list[bytes] | None =
     for name, value in sampling.items():
         if value is not None:
             tensors[name] = np.array([value], dtype=kinds[name])
-    return infer_inputs(module, tensors)
+    return tensors
 
 
 def infer_inputs(module, tensors: dict[str, np.ndarray]) -> list:
