@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import make_image, server_metric, wait_until
+from tests.conftest import make_image, wait_until
 from tests.integration.serve import serving
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.serving.supervisor import stub_model
@@ -184,14 +184,10 @@ def _reloaded(server, since: int) -> set[str]:
 
 def test_a_killed_language_model_ends_every_stream_at_once_and_is_reloaded(own_server):
     """Triton 2.51 keeps no track of the streams a stub holds: before `language_relay`, a SIGKILLed language_model
-    stub left them open for good (5 of 7 ended, 2 never did). Now every one ends with an error within seconds,
-    counted once, and the model is reloaded. (Sometimes tritonserver 2.51 itself aborts when a stub dies holding a
-    lock in their shared memory; then the streams end with the server, and it is started again.)"""
+    stub left them open for good (5 of 7 ended, 2 never did). Now every one ends with an error within seconds."""
     before = stream(own_server.grpc_url, prompt="hello", max_tokens=4).output_ids
     [victim] = _stubs(own_server, "language_model")
     seen = own_server.log_file.stat().st_size
-    lost = ("triton_vlm_request_errors_total", 'stage="language_model",kind="unavailable"')
-    lost_before = server_metric(own_server, *lost)
     decoding = [threading.Event() for _ in range(6)]
 
     def long_stream(i):
@@ -208,18 +204,11 @@ def test_a_killed_language_model_ends_every_stream_at_once_and_is_reloaded(own_s
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         ended = [f.result() for f in ends]  # a stream left open fails here: the client's 60 s deadline
+    seen_ends = [(round(t - killed, 2), e and (e.status(), e.message())) for t, e in ended]
+    assert all(e is not None and "unavailable: the language model's process died" in e.message() for _, e in ended), \
+        seen_ends
     print(f"streams ended {max(t for t, _ in ended) - killed:.2f}s after the kill at most")
-    messages = [e.message() if e is not None else "answered" for _, e in ended]
-    time.sleep(1)  # Triton's own abort, if it comes, comes at once
-    if own_server.process.poll() is not None:
-        assert "boost::interprocess::lock_exception" in own_server.log_file.read_text(errors="replace")
-        assert all(m != "answered" for m in messages), messages
-        own_server.stop()
-        own_server.start().wait_ready()
-    else:
-        assert all("unavailable: the language model's process died" in m for m in messages), messages
-        assert server_metric(own_server, *lost) == lost_before + len(decoding)  # each counted once
-        wait_until(lambda: "language_model" in _reloaded(own_server, seen), what="language_model reloaded")
+    wait_until(lambda: "language_model" in _reloaded(own_server, seen), what="language_model reloaded")
     assert stream(own_server.grpc_url, prompt="hello", max_tokens=4).output_ids == before
 
 

@@ -7,9 +7,8 @@ and the ensemble waits for them forever. So `vlm`'s last step is `language_relay
 Its `Relays` watch language_model's stubs; when one dies, every request relayed while it lived ends at once
 with an error (the stub supervisor reloads the model, and the next request is served).
 
-Triton-free: each request's `send(response, final)` and the error's `lost()` (made, and counted, only for a
-request it ends) come from the adapter, and `live()` lists the watched model's live stub processes
-(`stubs.live_stubs`).
+Triton-free: each request's `send(response, final)` and the error's `lost()` come from the adapter, and `live()`
+lists the watched model's live stub processes (`stubs.live_stubs`).
 """
 
 from __future__ import annotations
@@ -31,14 +30,14 @@ class Relayed:
         self.ended = False
 
     def send(self, response, final: bool = False) -> bool:
-        """Pass a response on (the last one `final`; a callable makes it, only if it is sent); -> False, sending
-        nothing, once the request has ended (or the client is gone)."""
+        """Pass a response on (the last one `final`); -> False, sending nothing, once the request has ended
+        (or the client is gone)."""
         with self._lock:
             if self.ended:
                 return False
             self.ended = final
             try:
-                self._send(response() if callable(response) else response, final)
+                self._send(response, final)
                 sent = True
             except Exception:  # the client is gone: nothing more goes to it
                 self.ended, sent = True, False
@@ -74,7 +73,7 @@ class Relays:
         with self._lock:
             self._stubs = live
             lost = [r for r in self._open if r.stubs and not r.stubs & live]
-        return sum(r.send(self.lost, final=True) for r in lost)
+        return sum(r.send(self.lost(), final=True) for r in lost)
 
     def start(self) -> Relays:
         self._thread.start()
