@@ -74,8 +74,6 @@ MODELS = {
     "image_encoder": ([IMAGES, IMAGE_KEYS], [IMAGE_EMBEDS, IMAGE_LAYOUT]),
     "language_model": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_LAYOUT, SAMPLING, IMAGE_KEYS, KV_FROM, KV_TARGET, CANCEL],
                        [*PUBLIC_OUTPUTS, KV, KV_META]),
-    # `vlm`'s last step: passes the prompt on to language_model and its responses back (`serving/relay.py`)
-    "language_relay": ([INPUT_IDS, IMAGE_EMBEDS, IMAGE_LAYOUT, SAMPLING, IMAGE_KEYS], list(PUBLIC_OUTPUTS)),
     "vlm": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
     "vlm_unary": (list(PUBLIC_INPUTS), list(PUBLIC_OUTPUTS)),
 }

@@ -1,7 +1,7 @@
-"""What a python-backend stub process looks like from outside: its command line, the model it serves, its
-state, and the shared-memory prefix of its server (regions we make ourselves are named after it, so that
-they go wherever the server's go). Base layer: the supervisor and the relay (serving) and the E/PD shared
-memory (encode) read it."""
+"""What a python-backend stub process looks like from outside: its command line, the model it serves, and
+the shared-memory prefix of its server (regions we make ourselves are named after it, so that they go
+wherever the server's go). Base layer: the supervisor (serving) and the E/PD shared memory (encode) both
+read it."""
 
 from __future__ import annotations
 
@@ -17,32 +17,6 @@ def cmdline(pid: int) -> list[str]:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return []
-
-
-def stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a process ("Z": a zombie, dead and not reaped), or None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
-    return fields[0], int(fields[1])
-
-
-def children(parent: int) -> dict[int, str]:
-    """The processes whose parent is `parent` (a server's stubs): pid -> state."""
-    found = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            s = stat(int(entry.name))
-            if s is not None and s[1] == parent:
-                found[int(entry.name)] = s[0]
-    return found
-
-
-def live_stubs(server: int, model: str) -> set[int]:
-    """The live (not zombie) stub processes of `model` on the server whose pid is `server`."""
-    return {pid for pid, state in children(server).items() if state != "Z" and stub_model(cmdline(pid)) == model}
 
 
 def stub_model(args: list[str]) -> str | None:

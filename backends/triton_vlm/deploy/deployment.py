@@ -130,9 +130,8 @@ class Deployment:
         if self.gpus:
             parameters["language_model"]["device"] = f"cuda:{self.gpus[0]}"
             # the stubs that take embeddings on the GPU (from the replicas by BLS; from `encode` as an
-            # ensemble input, which language_relay passes on by BLS) run as GPU instances: the python backend
-            # hands them GPU tensors as they are
-            for model in ("encode", "language_relay", "language_model"):
+            # ensemble input) run as GPU instances: the python backend hands them GPU tensors as they are
+            for model in ("encode", "language_model"):
                 groups[model] = [{"count": 1, "kind": "KIND_GPU", "gpus": [self.gpus[0]]}]
         if self.dtype is not None:
             parameters["vision_encoder"]["dtype"] = parameters["language_model"]["dtype"] = self.dtype
@@ -154,11 +153,10 @@ class Deployment:
         # a colocated server keeps image_encoder: other language servers may use it as their encoder (and any
         # server with a language_model may serve as a decode server's prefill server)
         remote = ["image_encoder", *(["vision_encoder"] if self.encoder_fallback == "none" else [])]
-        drop = {"encoder": ["preprocess", "encode", "language_relay", "language_model", "vlm", "vlm_unary"],
+        drop = {"encoder": ["preprocess", "encode", "language_model", "vlm", "vlm_unary"],
                 "language": remote,
                 "decode": remote if self.remote_encode else ["image_encoder"],
-                "prefill": ["preprocess", "encode", "vision_encoder", "image_encoder", "language_relay", "vlm",
-                            "vlm_unary"],
+                "prefill": ["preprocess", "encode", "vision_encoder", "image_encoder", "vlm", "vlm_unary"],
                 }.get(self.mode, [])
         if self.minimal:
             drop += [m for m in ("vlm_unary", "image_encoder") if m not in drop and (repo / m).exists()
