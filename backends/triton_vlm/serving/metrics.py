@@ -4,7 +4,6 @@ per label values (an instance's own labels keep them apart where they would coll
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from collections.abc import Sequence
@@ -61,10 +60,19 @@ class _Series:
             self.metric.observe(value)
 
 
-@functools.cache
+_request_errors: list[Metric] = []
+_request_errors_lock = threading.Lock()
+
+
 def request_errors() -> Metric:
-    return Metric("triton_vlm_request_errors_total", "Requests a step ended with an error, by step and kind "
-                  "(invalid_request, unavailable, internal_error)", counter=True)
+    """Made once per process, under a lock: threads that answer their first errors at the same moment
+    would each make the family, and the loser's exception cost its request its answer."""
+    with _request_errors_lock:
+        if not _request_errors:
+            _request_errors.append(Metric("triton_vlm_request_errors_total", "Requests a step ended with an "
+                                          "error, by step and kind (invalid_request, unavailable, internal_error)",
+                                          counter=True))
+        return _request_errors[0]
 
 
 def embedding_cache(megabytes: int, redis_url: str = "", tier: str = "local"):

@@ -107,7 +107,10 @@ def error_response(e: Exception, stage: str = "") -> pb_utils.InferenceResponse:
     if stage:
         from .metrics import request_errors
 
-        request_errors()(stage=stage, kind=kind_of(e)).increment(1)
+        try:
+            request_errors()(stage=stage, kind=kind_of(e)).increment(1)
+        except Exception as failed:  # a count is worth less than the answer it would cost
+            print(f"triton-vlm: could not count a {stage} error: {failed!r}", file=sys.stderr, flush=True)
     return pb_utils.InferenceResponse(output_tensors=[], error=error(e))
 
 

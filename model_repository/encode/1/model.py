@@ -70,10 +70,13 @@ class _Reply:
         self.request, self.sender, self.passed = request, sender, passed
 
     def __call__(self, embeds, error):
-        if error is not None:
-            self.sender.send(triton_io.error_response(error, "encode"), flags=triton_io.FINAL)
-        else:
+        try:
+            if error is not None:
+                raise error
             outputs = [triton_io.output(I.IMAGE_EMBEDS, embeds)]
             outputs += [triton_io.output(name, value) for name, value in self.passed.items()]
-            self.sender.send(pb_utils.InferenceResponse(outputs), flags=triton_io.FINAL)
+            response = pb_utils.InferenceResponse(outputs)
+        except Exception as e:
+            response = triton_io.error_response(e, "encode")
+        self.sender.send(response, flags=triton_io.FINAL)
         self.request = None
