@@ -9,7 +9,8 @@ from triton_vlm_clients import gpu_check
 
 
 def test_a_step_past_its_deadline_is_cut_off_and_the_next_runs(tmp_path, monkeypatch):
-    monkeypatch.setitem(gpu_check.STEPS, "gpu_tests", 2)  # pytest alone takes longer than that to start
+    # 2 s in a dry run: pytest alone takes longer than that to start
+    monkeypatch.setitem(gpu_check.STEPS, "gpu_tests", 2 / gpu_check.DRY_RUN_SLOWER)
     code = gpu_check._drive(tmp_path / "out", tmp_path / "work", dry_run=True, budget_s=60,
                             steps=["gpu_tests", "environment"])
     summary = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
