@@ -212,8 +212,10 @@ def step_server_parity(work: Path, dry_run: bool) -> dict:
     copies = work / "cuda-copies"
     copies.mkdir(exist_ok=True)
     images = [synthetic_image(w, h, seed=i, fmt="PNG" if i % 2 else "JPEG") for i, (w, h) in enumerate(FOUR_IMAGES)]
-    deployments = {"cpu": Deployment(model, encoder_dp=2, gpus=(), dtype="float32", embedding_cache_mb=0),
-                   "gpu": Deployment(model, encoder_dp=2, gpus=gpus, dtype="float32", embedding_cache_mb=0)}
+    # minimal: only what `vlm` needs (no image_encoder, no vlm_unary): fewer stubs to start in the budget
+    deployments = {"cpu": Deployment(model, encoder_dp=2, gpus=(), dtype="float32", embedding_cache_mb=0, minimal=True),
+                   "gpu": Deployment(model, encoder_dp=2, gpus=gpus, dtype="float32", embedding_cache_mb=0,
+                                     minimal=True)}
     env = dict(os.environ, TRITON_VLM_CUDA_COPY_TRACE=str(copies))
     with _servers(work / "parity", deployments, {"gpu": env}) as servers:
         answers = {name: stream(s.grpc_url, prompt=PROMPT, images=images, max_tokens=16, ignore_eos=True)
@@ -244,7 +246,7 @@ def step_bench_7b(work: Path, dry_run: bool) -> dict:
     result["transformers"] = _transformers_timings(model, dry_run, weights)
     weights = None  # noqa: F841 (freed before the server loads its own)
     deployments = {"triton-vlm": Deployment(model, encoder_dp=2, gpus=() if dry_run else (0,), embedding_cache_mb=0,
-                                            enable_prefix_caching=False)}
+                                            enable_prefix_caching=False, minimal=True)}
     with _servers(work / "bench", deployments) as servers:
         url = servers["triton-vlm"].grpc_url
         result["triton-vlm single stream"] = _bench(url, model, work / "single.json", prompts=4, concurrency=1,
