@@ -131,3 +131,29 @@ def test_an_answer_that_cannot_be_built_still_ends_its_request_with_an_error():
     outbox.close()
     assert sender.sent == [(("error", "the answer could not be sent: Object of type int64 is not JSON serializable"),
                             Wire.FINAL)]
+
+
+def test_metrics_that_fail_cost_no_response_and_stop_no_other_stream():
+    class Failing:
+        """The engine's metrics, failing the way a stats read racing the engine thread, or a metric call
+        into a server that is stopping, can."""
+
+        def ended(self, reason):
+            raise RuntimeError("metrics are broken")
+
+        def first_token(self, arrival_s):
+            raise RuntimeError("metrics are broken")
+
+    def publish():
+        raise RuntimeError("dictionary changed size during iteration")
+
+    outbox = Outbox(after_sending=publish)
+    senders = [Sender(), Sender()]
+    for i, sender in enumerate(senders):  # the second comes after the outbox met the first's failures
+        stream = ResponseStream(outbox, Wire, sender, f"r{i}", True, num_input_tokens=7, arrival_s=time.time(),
+                                metrics=Failing())
+        for out in outputs(2):
+            stream(out)
+        assert sender.done.wait(5), f"stream {i} got no final response"
+    outbox.close()
+    assert [sum((r[1] for r, _ in s.sent), []) for s in senders] == [[0, 1]] * 2  # each its own tokens, all

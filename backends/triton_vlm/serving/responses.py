@@ -2,7 +2,8 @@
 the engine thread never waits on Triton's IPC; it merges a request's queued deltas into one response
 when it falls behind (fewer messages under load, no added latency when it keeps up). A stream that the
 client left, or whose send fails, ends its generation (its engine handle's `cancel()`); `InFlight` finds
-the streams of a request id for a `cancel_request_id`.
+the streams of a request id for a `cancel_request_id`. Nothing a send or a metric raises stops the outbox
+thread (it is every stream's way out): it is logged, and the next responses go.
 
 Triton-free: the response sender (`send(response, flags)`, `is_cancelled()`) comes from the model's
 adapter, and a `wire` builds the responses (`response(ids, text, finish_reason, num_input_tokens,
@@ -13,6 +14,7 @@ num_output_tokens)`, `error(exception)`, `handoff(prefilled_kv)`, `FINAL`; Trito
 from __future__ import annotations
 
 import contextlib
+import logging
 import queue
 import threading
 import time
@@ -20,6 +22,8 @@ from collections.abc import Callable
 
 from ..engine.sequence import StepOutput
 from ..errors import RequestError
+
+log = logging.getLogger(__name__)
 
 
 class Outbox:
@@ -43,12 +47,20 @@ class Outbox:
                 stream, out = item
                 pending[stream] = merge(pending[stream], out) if stream in pending else out
             for stream, out in pending.items():
-                stream.send(out)
-            self.after_sending()
+                _logged(stream.send, out)
+            _logged(self.after_sending)
 
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join(timeout=30)
+
+
+def _logged(call: Callable, *args) -> None:
+    """The outbox thread sends every stream's responses: nothing one call raises may end it."""
+    try:
+        call(*args)
+    except Exception:
+        log.exception("triton-vlm: the language outbox caught")
 
 
 def merge(first: StepOutput, then: StepOutput) -> StepOutput:
@@ -107,6 +119,12 @@ class ResponseStream:
         if self.cancelled and handle is not None:
             handle.cancel()
 
+    def _count(self, out: StepOutput) -> None:
+        if out.finished:  # an error's finish_reason is "error"
+            self.metrics.ended(out.finish_reason)
+        if out.token_ids and not self.ids:
+            self.metrics.first_token(self.arrival_s)
+
     def cancel(self) -> None:
         self.cancelled = True
         if self.handle is not None:
@@ -119,10 +137,7 @@ class ResponseStream:
         if out.finished and self.in_flight is not None:
             self.in_flight.discard(self)
         if self.metrics is not None:
-            if out.finished:  # an error's finish_reason is "error"
-                self.metrics.ended(out.finish_reason)
-            if out.token_ids and not self.ids:
-                self.metrics.first_token(self.arrival_s)
+            _logged(self._count, out)
         try:
             if out.error is not None:
                 self.sender.send(self.wire.error(out.error), flags=self.wire.FINAL)
