@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+log = logging.getLogger(__name__)
 
 
 def inputs(request, names) -> dict[str, np.ndarray]:
@@ -109,9 +112,21 @@ def error_response(e: Exception, stage: str = "") -> pb_utils.InferenceResponse:
 
         try:
             request_errors()(stage=stage, kind=kind_of(e)).increment(1)
-        except Exception as failed:  # a count is worth less than the answer it would cost
-            print(f"triton-vlm: could not count a {stage} error: {failed!r}", file=sys.stderr, flush=True)
+        except Exception:  # a count is worth less than the answer it would cost
+            log.exception("could not count a %s error", stage)
     return pb_utils.InferenceResponse(output_tensors=[], error=error(e))
+
+
+def answer(sender, stage: str, failed: Exception | None, build: Callable[[], pb_utils.InferenceResponse]) -> None:
+    """A request's one FINAL answer, from whichever thread finished its work: `build()`'s response, or the
+    error response for `failed`, or for what `build` raised."""
+    try:
+        if failed is not None:
+            raise failed
+        response = build()
+    except Exception as e:
+        response = error_response(e, stage)
+    sender.send(response, flags=FINAL)
 
 
 def parameters(args: dict) -> dict[str, str]:

@@ -70,13 +70,7 @@ class _Reply:
         self.request, self.sender, self.passed = request, sender, passed
 
     def __call__(self, embeds, error):
-        try:
-            if error is not None:
-                raise error
-            outputs = [triton_io.output(I.IMAGE_EMBEDS, embeds)]
-            outputs += [triton_io.output(name, value) for name, value in self.passed.items()]
-            response = pb_utils.InferenceResponse(outputs)
-        except Exception as e:
-            response = triton_io.error_response(e, "encode")
-        self.sender.send(response, flags=triton_io.FINAL)
+        triton_io.answer(self.sender, "encode", error, lambda: pb_utils.InferenceResponse(
+            [triton_io.output(I.IMAGE_EMBEDS, embeds)]
+            + [triton_io.output(name, value) for name, value in self.passed.items()]))
         self.request = None

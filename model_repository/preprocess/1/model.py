@@ -45,18 +45,12 @@ class _Reply:
         self.request, self.sender = request, sender
 
     def __call__(self, out, error):
-        try:
-            if error is not None:
-                raise error
-            response = pb_utils.InferenceResponse([
-                triton_io.output(I.INPUT_IDS, out.input_ids),
-                triton_io.output(I.PIXEL_VALUES, out.pixel_values),
-                triton_io.output(I.IMAGE_LAYOUT, out.image_grid_thw),
-                triton_io.text_tensor(I.SAMPLING, out.sampling.to_json()),
-                triton_io.bytes_tensor(I.IMAGES, out.image_files),
-                triton_io.bytes_tensor(I.IMAGE_KEYS, out.image_keys),
-            ])
-        except Exception as e:
-            response = triton_io.error_response(e, "preprocess")
-        self.sender.send(response, flags=triton_io.FINAL)
+        triton_io.answer(self.sender, "preprocess", error, lambda: pb_utils.InferenceResponse([
+            triton_io.output(I.INPUT_IDS, out.input_ids),
+            triton_io.output(I.PIXEL_VALUES, out.pixel_values),
+            triton_io.output(I.IMAGE_LAYOUT, out.image_grid_thw),
+            triton_io.text_tensor(I.SAMPLING, out.sampling.to_json()),
+            triton_io.bytes_tensor(I.IMAGES, out.image_files),
+            triton_io.bytes_tensor(I.IMAGE_KEYS, out.image_keys),
+        ]))
         self.request = None
