@@ -15,6 +15,9 @@
 
 Run as a file, it imports only `triton_vlm` (whichever is first on the path) and uses the engine API
 both engines share: LanguageEngine(LanguageConfig(...)), submit(LanguageRequest, callback), stats().
+
+`--engine process` runs the engine as the `language_model` stub does, in a process of its own
+(`serving/engine_process.py`); `--engine both` measures the engine on its thread, then in its process.
 """
 
 from __future__ import annotations
@@ -33,17 +36,27 @@ from triton_vlm.engine.language import LanguageEngine, LanguageRequest
 from triton_vlm.preprocess.stage import Preprocessor
 from triton_vlm.protocol import GenerateRequest, SamplingParams
 
+IN_PROCESS = True  # False: the engine in a process of its own (`--engine process`)
+
 
 def engine(model: str, **knobs) -> LanguageEngine:
     known = {f.name for f in dataclasses.fields(LanguageConfig)}
     if "max_num_batched_tokens" in knobs and "max_num_batched_tokens" not in known:  # the engine before
         knobs["max_prefill_tokens"] = knobs.pop("max_num_batched_tokens")
-    return LanguageEngine(LanguageConfig(model_path=model, **{k: v for k, v in knobs.items() if k in known}))
+    config = LanguageConfig(model_path=model, **{k: v for k, v in knobs.items() if k in known})
+    if IN_PROCESS:
+        return LanguageEngine(config)
+    from triton_vlm.models import load_family
+    from triton_vlm.serving.engine_process import EngineProcess
+
+    lm = EngineProcess(config)
+    lm.family = load_family(model)  # what the requests below are built from
+    return lm
 
 
 def text_request(lm: LanguageEngine, i: int, prompt_len: int, max_tokens: int) -> LanguageRequest:
-    ids = np.random.default_rng(i).integers(100, min(900, lm.family.text_config.vocab_size), prompt_len)
-    ids[ids == lm.family.image_token_id] = 100  # text only
+    # text only: the tiny checkpoints' special tokens (media, EOS, vision start) are ids 780 and up
+    ids = np.random.default_rng(i).integers(100, min(700, lm.family.text_config.vocab_size), prompt_len)
     return LanguageRequest(f"t{i}", ids, torch.zeros((0, lm.family.embedding_width)), np.zeros((0, 3), np.int64),
                            SamplingParams(max_tokens=max_tokens, ignore_eos=True))
 
@@ -156,17 +169,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True)
     p.add_argument("what", nargs="+", choices=["throughput", "itl", "capacity"])
     p.add_argument("--capacity-seqs", type=int, default=1024, help="max_num_seqs of the capacity run")
+    p.add_argument("--engine", choices=["thread", "process", "both"], default="thread",
+                   help="the engine on a thread of this process, in a process of its own, or each in turn")
     args = p.parse_args(argv)
     import triton_vlm
 
+    global IN_PROCESS
     result: dict = {"engine": triton_vlm.__file__}
-    if "throughput" in args.what:
-        result["throughput (8 streams)"] = throughput(args.model)
-    if "itl" in args.what:
-        for budget in (512, 8192):
-            result[f"itl (4 streams, 4-image prompts arrive; budget {budget})"] = itl(args.model, budget)
-    if "capacity" in args.what:
-        result["capacity (kv_cache_mb 256, 512-token prompts)"] = capacity(args.model, args.capacity_seqs)
+    for where in ("thread", "process") if args.engine == "both" else (args.engine,):
+        IN_PROCESS = where == "thread"
+        label = f" [{where}]" if args.engine == "both" else ""
+        if "throughput" in args.what:
+            result[f"throughput (8 streams){label}"] = throughput(args.model)
+        if "itl" in args.what:
+            for budget in (512, 8192):
+                result[f"itl (4 streams, 4-image prompts arrive; budget {budget}){label}"] = itl(args.model, budget)
+        if "capacity" in args.what:
+            result[f"capacity (kv_cache_mb 256, 512-token prompts){label}"] = capacity(args.model,
+                                                                                        args.capacity_seqs)
     print(json.dumps(result, indent=1), flush=True)
     return 0
 

@@ -231,7 +231,7 @@ def step_server_parity(work: Path, dry_run: bool) -> dict:
     dtoh = max([kind["max_bytes"] for t in traces.values() for name, kind in t.items() if "DtoH" in name] or [0])
     evidence = {"embeds_received": received, "image_tokens": image_tokens, "embeddings_bytes": embeds_bytes,
                 "copy_traces": traces, "largest_device_to_host_copy_bytes": dtoh}
-    traced = {name.split("-")[0] for name in traces} >= {"encode", "language_model"}
+    traced = {name.split("-")[0] for name in traces} >= {"encode", "language_model", "language_engine"}
     on_gpu = received.get("gpu", 0) >= 1 and not received.get("cpu") and traced and dtoh < embeds_bytes
     equal = ids["cpu"] == ids["gpu"] and len(ids["cpu"]) == 16
     return {"ok": equal and (dry_run or on_gpu), "ids_equal": equal, "ids": ids, "embeddings_stay_on_gpu": on_gpu,

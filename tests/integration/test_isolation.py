@@ -149,6 +149,55 @@ def test_a_killed_encoder_replica_loses_no_request_and_its_model_is_reloaded(own
     assert stream(own_server.grpc_url, prompt="compare them", images=images, max_tokens=6).output_ids == expected
 
 
+def _engine(server) -> int:
+    """The language engine process: the language_model stub's child (`serving/engine_process.py`)."""
+    [stub] = _stubs(server, "language_model")
+    [engine] = subprocess.run(["pgrep", "-P", str(stub), "-f", "triton_vlm.serving.engine_process"],
+                              capture_output=True, text=True).stdout.split()
+    return int(engine)
+
+
+def test_a_killed_language_engine_ends_its_streams_at_once_and_a_new_one_serves(own_server):
+    """Issue 24's defect 1: of 7 streams in flight when the language model's process was SIGKILLed, 2 never
+    got an answer. Each must end with an error within seconds, and the server must serve again."""
+    expected = stream(own_server.grpc_url, prompt="hello", max_tokens=4).output_ids
+    victim, streaming = _engine(own_server), threading.Semaphore(0)
+
+    def long_stream(i):
+        first = []
+
+        def on_delta(text, ids):
+            if ids and not first:
+                first.append(streaming.release())
+
+        try:
+            stream(own_server.grpc_url, prompt=f"tell story {i}", max_tokens=3000, ignore_eos=True,
+                   on_delta=on_delta, timeout_s=120)
+        except InferenceServerException as e:
+            return time.monotonic(), str(e)
+        return time.monotonic(), "finished"
+
+    with ThreadPoolExecutor(7) as pool:
+        streams = [pool.submit(long_stream, i) for i in range(7)]
+        for _ in streams:
+            assert streaming.acquire(timeout=120), "a stream never started"
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        ends = [f.result() for f in streams]
+    assert all("language engine process died (signal SIGKILL)" in message for _, message in ends), ends
+    assert max(at for at, _ in ends) - killed < 10, "a stream outlived its engine by more than 10 s"
+    wait_until(lambda: _engine_serves(own_server), what="a new language engine")
+    assert _engine(own_server) != victim
+    assert stream(own_server.grpc_url, prompt="hello", max_tokens=4).output_ids == expected
+
+
+def _engine_serves(server) -> bool:
+    try:
+        return bool(stream(server.grpc_url, prompt="hi", max_tokens=2, timeout_s=30).output_ids)
+    except InferenceServerException:  # "restarting": not yet
+        return False
+
+
 def _leader(server) -> int:
     """The stub whose supervisor leads: it holds the server's abstract socket name."""
     inode = next(line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
@@ -186,7 +235,9 @@ def test_no_stub_or_region_outlives_a_killed_server(own_server):
     stubs = [int(p) for p in subprocess.run(["pgrep", "-P", str(own_server.process.pid)], capture_output=True,
                                             text=True).stdout.split()]
     assert len(stubs) >= 6
+    stubs.append(_engine(own_server))  # the language engine, the language_model stub's child
     own_server.process.kill()  # the server alone, as the OOM killer would: not its process group
     own_server.process.wait()
-    wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in stubs), timeout_s=30, what="the stubs to exit")
+    wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in stubs), timeout_s=30,
+               what="the stubs and the engine to exit")
     assert not list(Path("/dev/shm").glob(f"{own_server.shm_prefix}*"))

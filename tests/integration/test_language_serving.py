@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -116,12 +117,9 @@ def test_an_abandoned_stream_ends_its_generation_and_the_next_request_succeeds(s
     assert answer.finish_reason in ("stop", "length") and answer.output_ids
 
 
-def _rank_zero(server, workers: set[int]) -> int:
-    """The language_model stub whose children are `workers`."""
-    stubs = subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", "/language_model/"], capture_output=True,
-                           text=True).stdout.split()
-    [rank0] = [int(p) for p in stubs if workers & {int(c) for c in subprocess.run(
-        ["pgrep", "-P", p], capture_output=True, text=True).stdout.split()}]
+def _rank_zero(workers: set[int]) -> int:
+    """Rank 0: the language engine process, the parent of every other rank."""
+    [rank0] = {int(Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[1]) for w in workers}
     return rank0
 
 
@@ -136,9 +134,9 @@ def test_ranks_exit_with_a_crashed_rank_zero_and_with_the_server(tp2_server):  #
     workers = _tp_workers() & {int(p) for p in subprocess.run(
         ["pgrep", "-g", str(tp2_server.process.pid)], capture_output=True, text=True).stdout.split()}
     assert len(workers) == 1
-    os.kill(_rank_zero(tp2_server, workers), signal.SIGKILL)  # rank 0 crashes
+    os.kill(_rank_zero(workers), signal.SIGKILL)  # rank 0 crashes
     _wait_gone(workers)
-    # the supervisor reloads the language model: new ranks, and the server answers again
+    # the language_model stub starts a new engine: new ranks, and the server answers again
     deadline = time.monotonic() + 180
     while not (_tp_workers() - workers) & _group(tp2_server) and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 
-def _exit_with_parent(parent: int) -> None:
+def exit_with_parent(parent: int) -> None:
+    """Exit as soon as the process `parent` is no longer this one's parent (run on a daemon thread)."""
     while True:
         if os.getppid() != parent:
             os._exit(0)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("--init", "--model", "--device", "--dtype"):
         p.add_argument(name, required=True)
     args = p.parse_args(argv)
-    threading.Thread(target=_exit_with_parent, args=(args.parent,), daemon=True).start()
+    threading.Thread(target=exit_with_parent, args=(args.parent,), daemon=True).start()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     from ..config import torch_dtype

@@ -203,8 +203,9 @@ class EngineMetrics:
         self.blocks_total().set(stats.blocks_total)
         for name, metric in self.counters.items():
             value = getattr(stats, name)
-            metric().increment(value - self._published[name])
-            self._published[name] = value
+            if value > self._published[name]:  # never a negative increment: Triton refuses it, and the one
+                metric().increment(value - self._published[name])  # time it did, the server aborted soon after
+                self._published[name] = value
 
     def kv_transferred(self, nbytes: int, seconds: float, transport: str) -> None:
         """E/P/D: a prompt's KV came from a prefill server, by `transport` (grpc | nixl)."""

@@ -18,13 +18,14 @@ import triton_python_backend_utils as pb_utils
 from triton_vlm import interface as I
 from triton_vlm.config import LanguageConfig
 from triton_vlm.engine.kv_nixl import NixlTransport
-from triton_vlm.engine.language import LanguageEngine, LanguageRequest
+from triton_vlm.engine.language import LanguageRequest
 from triton_vlm.engine.prefill_router import PrefillRouter
 from triton_vlm.engine.remote_prefill import RemotePrefill
 from triton_vlm.errors import InvalidRequest, Unavailable
 from triton_vlm.protocol import SamplingParams
 from triton_vlm.serving import metrics, triton_io
 from triton_vlm.serving.cuda_copies import CopyTrace
+from triton_vlm.serving.engine_process import EngineProcess
 from triton_vlm.serving.responses import InFlight, Outbox, ResponseStream
 
 
@@ -33,7 +34,7 @@ class TritonPythonModel:
         self.supervisor = triton_io.supervise()  # heals dead stubs, exits if the server dies
         self.copies = CopyTrace("language_model")  # with TRITON_VLM_CUDA_COPY_TRACE only (the GPU check)
         config = LanguageConfig.from_parameters(triton_io.parameters(args), device=triton_io.device(args))
-        self.engine = LanguageEngine(config)
+        self.engine = EngineProcess(config)  # the model runs in a child process: its death loses no stream
         self.metrics = metrics.EngineMetrics()
         self.outbox = Outbox(lambda: self.metrics.publish(self.engine.stats()))
         self.in_flight = InFlight()
