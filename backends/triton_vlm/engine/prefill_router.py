@@ -14,11 +14,14 @@ import dataclasses
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidRequest
-from .language import LanguageEngine
 from .remote_prefill import RemotePrefill
 from .sequence import Callback, LanguageRequest, Sequence, StepOutput
+
+if TYPE_CHECKING:
+    from .language import LanguageEngine
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,7 @@ from pathlib import Path
 import torch
 
 from ..config import LanguageConfig
-from ..engine.language import EngineStats, LanguageEngine, LanguageRequest
-from ..engine.sequence import Callback, StepOutput
+from ..engine.sequence import Callback, LanguageRequest, StepOutput
 from ..engine.tp_worker import exit_with_parent
 from ..errors import Unavailable
 
@@ -68,7 +67,6 @@ class Geometry:
     max_model_len: int
 
 
-_ZERO = EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0)
 _COUNTERS = ("prefill_tokens", "decode_tokens", "prefix_queries", "prefix_hits", "preemptions", "imported_tokens")
 
 
@@ -81,7 +79,7 @@ class _Handle:
 
 
 class EngineProcess:
-    RESTART_DELAY_S = 1.0  # between tries to start a new engine after one died
+    RESTART_DELAY_S = 1.0  # before the second try to start a new engine after one died (then twice as long)
 
     def __init__(self, config: LanguageConfig, start_timeout_s: float = 900) -> None:
         self.config, self.start_timeout_s = config, start_timeout_s
@@ -91,11 +89,11 @@ class EngineProcess:
         self._replies: dict[int, queue.SimpleQueue] = {}
         self._ids = itertools.count()
         self._conn: Connection | None = None
-        self._stats: EngineStats | None = None  # the engine's last, as it sent them
-        self._before = _ZERO  # the counters of the engines that died (metrics' counters only go up)
+        self._stats = None  # the engine's last `EngineStats`, as it sent them
+        self._before = dict.fromkeys(_COUNTERS, 0)  # the counts of the engines that died (counters only go up)
         self._closing = False
         self.restarts = 0
-        self.process, conn, self.geometry = self._start()  # raises when the engine cannot start
+        self.process, conn, self.geometry, self._stats = self._start()  # raises when the engine cannot start
         self._serve(conn)
 
     # --- LanguageEngine's interface -----------------------------------------
@@ -144,9 +142,11 @@ class EngineProcess:
             with self._lock:
                 self._replies.pop(rid, None)
 
-    def stats(self) -> EngineStats:
-        now = self._stats or replace(_ZERO, blocks_total=self.num_blocks)
-        return replace(now, **{name: getattr(now, name) + getattr(self._before, name) for name in _COUNTERS})
+    def stats(self):
+        """The engine's `EngineStats`, with the counts of the engines before it."""
+        with self._lock:
+            now, before = self._stats, self._before
+        return replace(now, **{name: getattr(now, name) + before[name] for name in _COUNTERS})
 
     def shutdown(self, timeout_s: float = 60) -> None:
         """The engine ends its requests (the waiting ones with an error), then exits."""
@@ -161,7 +161,8 @@ class EngineProcess:
         self._fail_all(Unavailable("the language model is shutting down"))
 
     # --- the process --------------------------------------------------------
-    def _start(self) -> tuple[subprocess.Popen, Connection, Geometry]:
+    def _start(self) -> tuple:
+        """-> the engine's process, its connection, its `Geometry` and its first stats."""
         ours, theirs = socket.socketpair()
         python = Path(sys.prefix) / "bin" / "python3"  # the stub's sys.executable is not a Python
         process = subprocess.Popen([str(python), "-m", "triton_vlm.serving.engine_process", "--fd",
@@ -174,10 +175,10 @@ class EngineProcess:
             while not conn.poll(1.0):
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the language engine process did not start (exit code {process.poll()})")
-            kind, value = pickle.loads(conn.recv_bytes())
+            kind, *value = pickle.loads(conn.recv_bytes())
             if kind == "failed":
-                raise value
-            return process, conn, value
+                raise value[0]
+            return process, conn, *value
         except BaseException:
             conn.close()
             process.kill()
@@ -205,7 +206,9 @@ class EngineProcess:
             while True:
                 kind, *rest = pickle.loads(conn.recv_bytes())
                 if kind == "out":
-                    outputs, self._stats = rest
+                    outputs, stats = rest
+                    with self._lock:
+                        self._stats = stats
                     for rid, out in outputs:
                         with self._lock:
                             callback = self._callbacks.pop(rid) if out.finished else self._callbacks.get(rid)
@@ -231,7 +234,10 @@ class EngineProcess:
             code = self.process.wait()
         how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
         log.error("triton-vlm: the language engine process died (%s); starting a new one", how)
-        self._before, self._stats = replace(self.stats(), running=0, waiting=0, blocks_in_use=0), None
+        counted = self.stats()
+        with self._lock:  # its counts carry over to the next engine's; it runs nothing now
+            self._before = {name: getattr(counted, name) for name in _COUNTERS}
+            self._stats = replace(counted, running=0, waiting=0, blocks_in_use=0, **dict.fromkeys(_COUNTERS, 0))
         self._fail_all(Unavailable(f"the language engine process died ({how}); this request was lost: retry it"))
         self._restart()
 
@@ -245,13 +251,17 @@ class EngineProcess:
             reply.put(0)
 
     def _restart(self) -> None:
+        delay_s = self.RESTART_DELAY_S
         while not self._closing:
             try:
-                self.process, conn, self.geometry = self._start()
+                self.process, conn, self.geometry, stats = self._start()
             except Exception:
-                log.exception("triton-vlm: a new language engine failed to start; trying again")
-                time.sleep(self.RESTART_DELAY_S)
+                log.exception("triton-vlm: a new language engine failed to start; trying again in %.0f s", delay_s)
+                time.sleep(delay_s)
+                delay_s = min(2 * delay_s, 60.0)
                 continue
+            with self._lock:
+                self._stats = stats
             self.restarts += 1
             if self._closing:  # shut down while it started: it goes too
                 self.process.kill()
@@ -279,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s language-engine %(levelname)s %(message)s")
     conn = Connection(args.fd)
     config: LanguageConfig = pickle.loads(conn.recv_bytes())
+    from ..engine.language import LanguageEngine
     from .cuda_copies import CopyTrace
 
     copies = CopyTrace("language_engine")  # with TRITON_VLM_CUDA_COPY_TRACE only (the GPU check)
@@ -289,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         conn.send_bytes(_dumps(("failed", RuntimeError(f"the language engine failed to start: {e}"))))
         return 1
     conn.send_bytes(_dumps(("ready", Geometry(engine.kv_bytes_per_token, engine.num_blocks, engine.block_size,
-                                               engine.max_model_len))))
+                                               engine.max_model_len), engine.stats())))
     outbox: queue.SimpleQueue = queue.SimpleQueue()
     handles: dict[int, object] = {}  # the unfinished requests' engine handles (`cancel()`)
     ended: set[int] = set()  # requests that ended before their handle was stored

@@ -18,9 +18,9 @@ import triton_python_backend_utils as pb_utils
 from triton_vlm import interface as I
 from triton_vlm.config import LanguageConfig
 from triton_vlm.engine.kv_nixl import NixlTransport
-from triton_vlm.engine.language import LanguageRequest
 from triton_vlm.engine.prefill_router import PrefillRouter
 from triton_vlm.engine.remote_prefill import RemotePrefill
+from triton_vlm.engine.sequence import LanguageRequest
 from triton_vlm.errors import InvalidRequest, Unavailable
 from triton_vlm.protocol import SamplingParams
 from triton_vlm.serving import metrics, triton_io
