@@ -33,7 +33,7 @@ class LocalEncoder:
     """This server's `vision_encoder` replicas; files (E/PD's fallback, an encoder server's requests: images and
     wrapped videos) are decoded here first."""
 
-    def __init__(self, files: MediaFiles, encode_on_replicas: Callable) -> None:
+    def __init__(self, files: MediaFiles | None, encode_on_replicas: Callable) -> None:
         self.files, self.encode_on_replicas = files, encode_on_replicas
 
     def pixels(self, files: tuple[bytes, ...]):
@@ -53,9 +53,10 @@ def encode_stage(config: EncodeConfig, family: Family, encode_on_replicas: Calla
                  info: Callable[[str], None] = log.info) -> tuple[ShardedEncode, RemoteEncoders | None]:
     """-> (the stage, the encoder-server pool when `config` names encoder servers). Servers unreachable at
     start are marked down and said so (`warn`); changes of a watched list are said with `info`."""
-    local = LocalEncoder(media_files(config.model_path, family), encode_on_replicas)
-    remote = None
-    if config.remote_encoders or config.encoder_urls_file:
+    remote, disaggregated = None, bool(config.remote_encoders or config.encoder_urls_file)
+    # files come only with encoder servers (preprocess sends pixels otherwise): only then the image processor
+    local = LocalEncoder(media_files(config.model_path, family) if disaggregated else None, encode_on_replicas)
+    if disaggregated:
         fallback = local if config.encoder_fallback == "local" else None
         remote = RemoteEncoders(config.remote_encoders, fallback=fallback, timeout_s=config.encoder_timeout_s,
                                 local_below=config.local_encode_below, transport=config.encoder_transport,

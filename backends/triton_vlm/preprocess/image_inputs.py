@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor
 
 from ..errors import InvalidRequest
 from .images import ImageLimits, decode_image
@@ -72,6 +71,8 @@ class ImageProcessing:
     resize as the checkpoint's own processor does."""
 
     def __init__(self, model_path, family=None) -> None:
+        from transformers import AutoImageProcessor  # here: the stages that only pass images on never load it
+
         from ..models import load_family
 
         self.family = family or load_family(model_path)
