@@ -1,7 +1,8 @@
-"""Prefill/decode disaggregation (E/P/D) through real servers on loopback: 1 prefill + 1 decode + 2 encoder
-servers. The decode server is the entry point: its images are encoded on the session's colocated server and
-a `--mode encoder` server, its prompts prefilled on a `--mode prefill` server (listed in a file, re-read
-while serving), the KV written into its memory by NIXL. A second decode server, the same but for its prefill
+"""Prefill/decode disaggregation (E/P/D) through real servers on loopback: 1 prefill + 1 decode servers, and
+the session's colocated server as the encoder server. The decode server is the entry point: its images are
+encoded on the colocated server, its prompts prefilled on a `--mode prefill` server (listed in a file,
+re-read while serving), the KV written into its memory by NIXL. (1P + 1D + 2E, with a `--mode encoder`
+server, is Qwen3-VL's family test.) A second decode server, the same but for its prefill
 server's address given on the command line, takes the KV inside the gRPC answer (the parity cases run on
 both). The per-family parity of E/P/D (Qwen3-VL's
 deepstack and M-RoPE, GLM-4.5V-MoE from TP 2 to TP 1, over gRPC or NIXL) is in the family tests; the
@@ -35,8 +36,8 @@ BYTES = "triton_vlm_kv_transfer_bytes_total"
 
 
 class PD:
-    def __init__(self, decode, grpc_decode, prefill, encoder, urls_file) -> None:
-        self.decode, self.prefill, self.encoder, self.urls_file = decode, prefill, encoder, urls_file
+    def __init__(self, decode, grpc_decode, prefill, urls_file) -> None:
+        self.decode, self.prefill, self.urls_file = decode, prefill, urls_file
         self.by_transport = {"nixl": decode, "grpc": grpc_decode}
 
     def prefills(self, where: str) -> float:
@@ -49,18 +50,16 @@ class PD:
 @pytest.fixture(scope="module")
 def pd(server, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("pd")
-    with serving((Deployment(tiny_model, mode="prefill", kv_transport="nixl"), root / "prefill"),
-                 (Deployment(tiny_model, mode="encoder", encoder_dp=1), root / "encoder")) as (prefill, encoder):
+    with serving((Deployment(tiny_model, mode="prefill", kv_transport="nixl"), root / "prefill")) as prefill:
         urls_file = root / "prefill.txt"
         urls_file.write_text(f"{prefill.grpc_url}\n")
         decode = Deployment(tiny_model, mode="decode", encoder_dp=1, minimal=True, encoder_fallback="none",
-                            encoder_urls=(server.grpc_url, encoder.grpc_url), prefill_urls_file=str(urls_file),
-                            kv_transport="nixl")
+                            encoder_urls=(server.grpc_url,), prefill_urls_file=str(urls_file), kv_transport="nixl")
         grpc_decode = Deployment(tiny_model, mode="decode", encoder_dp=1, minimal=True, encoder_fallback="none",
-                                 encoder_urls=(server.grpc_url, encoder.grpc_url), prefill_urls=(prefill.grpc_url,),
+                                 encoder_urls=(server.grpc_url,), prefill_urls=(prefill.grpc_url,),
                                  kv_transport="grpc")
         with serving((decode, root / "decode"), (grpc_decode, root / "grpc-decode")) as (d, g):
-            yield PD(d, g, prefill, encoder, urls_file)
+            yield PD(d, g, prefill, urls_file)
 
 
 def images(n: int, seed: int) -> list[bytes]:

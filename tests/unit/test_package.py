@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = [*(ROOT / "backends").rglob("*.py"), *(ROOT / "model_repository").rglob("*.py")]
@@ -79,3 +83,17 @@ def test_the_decoder_parts_name_no_family():
     offenders = [(name, family) for name in shared for family in FAMILIES
                  if re.search(rf"\b{family}\b", (models / name).read_text().lower())]
     assert not offenders
+
+
+@pytest.mark.parametrize("model", ["encode", "language_model"])
+def test_stages_that_run_no_hf_code_import_no_transformers(model):
+    """Every server start imports each stub's model.py, and transformers is a third of that (issue 24: server
+    starts are the suite's cost). `encode` (colocated) and `language_model` (whose engine runs in a child
+    process) never need it."""
+    program = ("import sys; from unittest import mock; sys.modules['triton_python_backend_utils'] = mock.MagicMock()\n"
+               "import importlib.util as u\n"
+               f"spec = u.spec_from_file_location('m', {str(ROOT / 'model_repository' / model / '1' / 'model.py')!r})\n"
+               "spec.loader.exec_module(u.module_from_spec(spec))\n"
+               "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'torch'}))")
+    found = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
+    assert found.split() == ["['torch']"]
