@@ -28,7 +28,7 @@ from .kv_handoff import PrefilledKV
 from .runner import ModelRunner, kv_budget
 from .sampling import next_token
 from .scheduler import Scheduler
-from .sequence import Callback, LanguageRequest, Sequence, Status, StepOutput, eos_token_ids
+from .sequence import Callback, LanguageRequest, Sequence, Status, StepOutput, deliver, eos_token_ids
 from .tp_worker import start_workers, stop_workers
 
 __all__ = ["EngineStats", "LanguageEngine", "LanguageRequest", "PrefilledKV", "StepOutput"]
@@ -112,7 +112,7 @@ class LanguageEngine:
         except Exception as e:  # a request's bad inputs fail that request only
             if not isinstance(e, RequestError):
                 log.exception("inputs of %s failed", request.request_id)
-            _call(callback, StepOutput([], "", "error", e if isinstance(e, RequestError) else RequestError(str(e))))
+            deliver(callback, StepOutput([], "", "error", e if isinstance(e, RequestError) else RequestError(str(e))))
             return None
         self._queue.put(seq)
         return seq
@@ -183,7 +183,7 @@ class LanguageEngine:
     def step(self) -> None:
         scheduled, cancelled = self.scheduler.schedule()
         for seq in cancelled:
-            _call(seq.callback, StepOutput([], "", "cancelled"))
+            deliver(seq.callback, StepOutput([], "", "cancelled"))
         decodes, prefills = [], []  # a decode is one generated token; a prompt's chunks (or a recompute) prefill
         for seq, n in scheduled:
             if seq.prefilled is not None:
@@ -282,12 +282,4 @@ class LanguageEngine:
         if seq.status is Status.FINISHED:
             return
         self.scheduler.finish(seq)
-        _call(seq.callback, out)
-
-
-def _call(callback: Callback, out: StepOutput) -> None:
-    """Hand an output to its request's callback; a failing callback (its client gone) hurts no other request."""
-    try:
-        callback(out)
-    except Exception:
-        log.exception("a request's callback failed")
+        deliver(seq.callback, out)

@@ -18,6 +18,7 @@ those). An image without a content key makes its blocks, and all after them, unc
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -64,6 +65,14 @@ class StepOutput:
 
 
 Callback = Callable[[StepOutput], None]
+
+
+def deliver(callback: Callback, out: StepOutput) -> None:
+    """Hand an output to its request's callback; a failing callback (its client gone) hurts no other request."""
+    try:
+        callback(out)
+    except Exception:
+        logging.getLogger(__name__).exception("a request's callback failed")
 
 
 class Status(Enum):

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from ..config import LanguageConfig
-from ..engine.sequence import Callback, LanguageRequest, StepOutput
+from ..engine.sequence import Callback, LanguageRequest, StepOutput, deliver
 from ..engine.tp_worker import exit_with_parent
 from ..errors import Unavailable
 
@@ -123,7 +123,7 @@ class EngineProcess:
             if accepted:
                 self._callbacks[rid] = callback
         if not accepted:
-            _call(callback, StepOutput([], "", "error", Unavailable(
+            deliver(callback, StepOutput([], "", "error", Unavailable(
                 "the language engine is restarting after its process died; retry")))
             return None
         self._send(payload)  # if it fails the engine is gone, and the reader ends the request
@@ -213,7 +213,7 @@ class EngineProcess:
                         with self._lock:
                             callback = self._callbacks.pop(rid) if out.finished else self._callbacks.get(rid)
                         if callback is not None:
-                            _call(callback, out)
+                            deliver(callback, out)
                 elif kind == "reply":
                     rid, value = rest
                     with self._lock:
@@ -246,7 +246,7 @@ class EngineProcess:
             callbacks, self._callbacks = self._callbacks, {}
             replies = list(self._replies.values())
         for callback in callbacks.values():
-            _call(callback, StepOutput([], "", "error", error))
+            deliver(callback, StepOutput([], "", "error", error))
         for reply in replies:
             reply.put(0)
 
@@ -270,13 +270,6 @@ class EngineProcess:
             log.warning("triton-vlm: a new language engine process serves (pid %d)", self.process.pid)
             self._serve(conn)
             return
-
-
-def _call(callback: Callback, out: StepOutput) -> None:
-    try:
-        callback(out)
-    except Exception:
-        log.exception("a request's callback failed")
 
 
 # --- the engine's side --------------------------------------------------------
