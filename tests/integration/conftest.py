@@ -9,6 +9,7 @@ import pytest
 from tests.integration.families import CASES, PROMPT, family_deployments, images
 from tests.integration.serve import serving
 from tests.reference import reference_generate
+from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.repository import COMMITTED
 from triton_vlm.models.tiny_model import make_tiny_model
 
@@ -20,6 +21,20 @@ def server(tiny_model, tmp_path_factory):
     tritonserver = str(Path(sys.executable).parent / "tritonserver")  # the command the README gives
     with serving((COMMITTED, tmp_path_factory.mktemp("server")), executable=tritonserver,
                  env={**os.environ, "TRITON_VLM_MODEL": str(tiny_model)}) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tp2_server(tiny_model, tmp_path_factory):
+    """The session's second server, the one tests may hurt: tensor parallelism 2, encoder DP 2 (a thread
+    each), no embedding cache (every image reaches the encoders), private image URLs allowed (for
+    test_isolation's dripping image server), `--minimal`. test_isolation kills its stubs and its engine (each
+    test leaves it serving); test_language_serving compares its two ranks with the session server's one and,
+    last, kills the server itself."""
+    deployment = Deployment(tiny_model, tensor_parallel=2, encoder_dp=2, encoder_threads=1, embedding_cache_mb=0,
+                            minimal=True)
+    with serving((deployment, tmp_path_factory.mktemp("tp2")),
+                 env={**os.environ, "TRITON_VLM_ALLOW_PRIVATE_URLS": "1"}) as server:
         yield server
 
 

@@ -29,6 +29,15 @@ def serving(*what: tuple[Deployment | Path, Path], ready_s: float = 300, **serve
         yield servers[0] if len(servers) == 1 else servers
 
 
+def encoder_shards(url: str) -> int:
+    """Shards an encoder server has encoded (requests to its image_encoder)."""
+    import tritonclient.grpc as grpcclient
+
+    with grpcclient.InferenceServerClient(url) as client:
+        stats = client.get_inference_statistics("image_encoder", as_json=True)["model_stats"][0]
+    return int(stats["inference_stats"]["success"].get("count", 0))
+
+
 def relist(server: TritonServer, urls_file: Path, kind: str, urls: list[str]) -> None:
     """Write `urls` into the watched list file of a server's `kind` ("encoder", "prefill") servers and wait
     for the server to log that it switched to them."""

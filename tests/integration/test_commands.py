@@ -11,7 +11,8 @@ from pathlib import Path
 import openai
 import tritonclient.http as httpclient
 
-from tests.conftest import make_image
+from tests.conftest import make_image, wait_until
+from tests.integration.processes import alive, descendants
 from triton_vlm.deploy.repository import COMMITTED
 from triton_vlm.deploy.server import free_ports, stop_process_group, wait_ready
 from triton_vlm.models import FAMILIES
@@ -27,7 +28,7 @@ def test_plain_tritonserver_serves_the_committed_repository(server):
     assert len(answer.output_ids) >= 1
 
 
-def test_serve_with_encoder_replicas_the_openai_api_and_infer_commands(tiny_model, tmp_path):
+def test_serve_with_encoder_replicas_two_ranks_the_openai_api_and_infer_commands(tiny_model, tmp_path):
     http, grpc, metrics, api = free_ports(4)
     image = tmp_path / "cat.png"
     image.write_bytes(make_image(120, 90))
@@ -35,7 +36,7 @@ def test_serve_with_encoder_replicas_the_openai_api_and_infer_commands(tiny_mode
         process = subprocess.Popen(
             [str(BIN / "triton-vlm"), "serve", "--model", str(tiny_model), "--http-port", str(http),
              "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--encoder-dp", "3",
-             "--encoder-threads", "1", "--gpus", "none", "--minimal", "--openai-port", str(api),
+             "--encoder-threads", "1", "--tp", "2", "--gpus", "none", "--minimal", "--openai-port", str(api),
              "--openai-host", "127.0.0.1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -59,9 +60,11 @@ def test_serve_with_encoder_replicas_the_openai_api_and_infer_commands(tiny_mode
                 model=Path(tiny_model).name, max_tokens=4, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "what is this"}]}])
             assert answer.usage.completion_tokens >= 1 and answer.usage.prompt_tokens > 20
+            below = descendants(process.pid)  # the server, its stubs, the language engine and its other rank
+            assert any(b"triton_vlm.engine.tp_worker" in Path(f"/proc/{p}/cmdline").read_bytes() for p in below)
             process.send_signal(signal.SIGTERM)  # as `docker stop` or systemd stop it: it ends, and ends the server
             process.wait(timeout=60)
-            assert subprocess.run(["pgrep", "-f", f"grpc-port={grpc}"], capture_output=True).returncode == 1
+            wait_until(lambda: not any(map(alive, below)), 30, "every process of the server to exit")
         finally:
             stop_process_group(process)
 

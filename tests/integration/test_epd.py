@@ -1,4 +1,6 @@
-"""Encoder disaggregation through real servers on loopback: 1 language server + 2 encoder servers.
+"""Encoder disaggregation through real servers on loopback: 1 language server + 2 encoder servers, a
+`--mode encoder` one and the session's colocated server (which keeps `image_encoder`, its embedding cache
+and two replicas: an encoder server, as a family's colocated server is its E/P/D's).
 
 One language server takes every E/PD setting at once: its encoder list is a file (re-read while serving)
 that names, at start, the two encoder servers and a third address where nothing listens (then only the
@@ -24,7 +26,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import make_image, server_metric, server_series, wait_until
-from tests.integration.serve import relist, serving
+from tests.integration.serve import encoder_shards, relist, serving
 from tests.reference import reference_generate
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.server import free_port
@@ -42,16 +44,9 @@ def images(n, seed):
     return [make_image(w, h, seed=50_000 + seed + i) for i, (w, h) in enumerate(MIXED[:n])]
 
 
-def encoder_shards(url: str) -> int:
-    """Shards an encoder server has encoded (requests to its image_encoder)."""
-    with grpcclient.InferenceServerClient(url) as client:
-        stats = client.get_inference_statistics("image_encoder", as_json=True)["model_stats"][0]
-    return int(stats["inference_stats"]["success"].get("count", 0))
-
-
 class EPD:
-    """The language server, its two encoder servers, the address where nothing listens (listed at start
-    only), and the list file."""
+    """The language server, its two encoder servers (the `--mode encoder` one first: a test kills it), the
+    address where nothing listens (listed at start only), and the list file."""
 
     def __init__(self, language, encoders, dead: str, urls_file) -> None:
         self.language, self.encoders, self.dead, self.urls_file = language, encoders, dead, urls_file
@@ -68,20 +63,21 @@ class EPD:
 
 
 @pytest.fixture(scope="module")
-def epd(tiny_model, tmp_path_factory):
+def epd(server, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("epd")
     encoder = Deployment(tiny_model, embedding_cache_mb=0, mode="encoder", encoder_dp=1)
-    with serving((encoder, root / "encoder0"), (encoder, root / "encoder1")) as (a, b):
+    with serving((encoder, root / "encoder")) as own:
         dead, urls_file = f"127.0.0.1:{free_port()}", root / "encoders.txt"
-        urls_file.write_text(f"{a.grpc_url}\n{b.grpc_url}\n{dead}\n")
+        urls_file.write_text(f"{own.grpc_url}\n{server.grpc_url}\n{dead}\n")
         language = Deployment(tiny_model, mode="language", encoder_dp=1, minimal=True, encoder_urls_file=str(urls_file),
                               local_encode_below=LOCAL_BELOW, max_video_bytes=VIDEO_BYTES,
                               max_video_tokens=VIDEO_TOKENS)
-        with serving((language, root / "language")) as server:
-            epd = EPD(server, [a, b], dead, urls_file)
+        with serving((language, root / "language")) as language_server:
+            epd = EPD(language_server, [own, server], dead, urls_file)
             dead_series = f'encoder="{dead}"'
-            wait_until(lambda: server_series(server, "triton_vlm_remote_encoder_up", dead_series), 10, "its gauge")
-            epd.dead_up_at_start = server_metric(server, "triton_vlm_remote_encoder_up", dead_series)
+            wait_until(lambda: server_series(language_server, "triton_vlm_remote_encoder_up", dead_series), 10,
+                       "its gauge")
+            epd.dead_up_at_start = server_metric(language_server, "triton_vlm_remote_encoder_up", dead_series)
             epd.both_listed()
             yield epd
 

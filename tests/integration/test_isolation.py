@@ -1,5 +1,6 @@
 """No request can hurt another through the real server: odd sampling values, slow image URLs and dead
-stubs each end (at most) their own request, and the next good request succeeds."""
+stubs each end (at most) their own request, and the next good request succeeds. The tests that kill
+processes do it on the session's second server (`tp2_server`, conftest.py), not on the README's."""
 
 from __future__ import annotations
 
@@ -18,8 +19,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import make_image, wait_until
-from tests.integration.serve import serving
-from triton_vlm.deploy.deployment import Deployment
+from tests.integration.processes import alive, engine, ranks, stubs
 from triton_vlm.serving.supervisor import stub_model
 from triton_vlm_clients.client import stream
 
@@ -46,22 +46,6 @@ def test_odd_sampling_values_hurt_no_concurrent_stream(server):
     assert _innocent(server, 0).output_ids == solo[0]
 
 
-def _stubs(server, model: str) -> set[int]:
-    """Live stub processes of `model` on `server`."""
-    out = subprocess.run(["pgrep", "-P", str(server.process.pid), "-f", f"/{model}/1/model.py"],
-                         capture_output=True, text=True).stdout.split()
-    return {int(p) for p in out if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"}
-
-
-@pytest.fixture(scope="module")
-def own_server(tiny_model, tmp_path_factory):
-    """A server of its own: the tests below kill its processes, the last one the server itself."""
-    deployment = Deployment(tiny_model, embedding_cache_mb=0, encoder_dp=2, encoder_threads=1, minimal=True)
-    with serving((deployment, tmp_path_factory.mktemp("victim")),
-                 env={**os.environ, "TRITON_VLM_ALLOW_PRIVATE_URLS": "1"}) as server:  # for the dripping server
-        yield server
-
-
 class _Drip(http.server.BaseHTTPRequestHandler):
     """An image server that sends its headers a byte every 0.2 s: no single read ever times out."""
 
@@ -78,7 +62,7 @@ class _Drip(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_dripping_image_urls_end_at_the_deadline_and_starve_no_one(own_server):
+def test_dripping_image_urls_end_at_the_deadline_and_starve_no_one(tp2_server):
     drip = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Drip)
     threading.Thread(target=drip.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{drip.server_port}/cat.png".encode()
@@ -87,12 +71,12 @@ def test_dripping_image_urls_end_at_the_deadline_and_starve_no_one(own_server):
     def slow(i):
         start = time.monotonic()
         with pytest.raises(InferenceServerException, match="took longer than 10.0s"):
-            stream(own_server.grpc_url, prompt="what is it", images=[url], max_tokens=2)
+            stream(tp2_server.grpc_url, prompt="what is it", images=[url], max_tokens=2)
         finished.append("slow")
         return time.monotonic() - start
 
     def quick(i):
-        stream(own_server.grpc_url, prompt="hi", images=[make_image(64, 64, seed=i)] if i % 2 else [], max_tokens=2)
+        stream(tp2_server.grpc_url, prompt="hi", images=[make_image(64, 64, seed=i)] if i % 2 else [], max_tokens=2)
         finished.append("quick")
 
     try:
@@ -116,14 +100,14 @@ def _anon_mb(pid: int) -> float:
     return int(line.split()[1]) / 1024
 
 
-def test_memory_goes_back_after_a_burst(own_server):
+def test_memory_goes_back_after_a_burst(tp2_server):
     images = [make_image(640, 480, seed=i) for i in range(4)]
-    stream(own_server.grpc_url, prompt="warm up", images=images, max_tokens=4)
-    [encode] = _stubs(own_server, "encode")
-    pids = {"tritonserver": own_server.process.pid, "encode": encode}
+    stream(tp2_server.grpc_url, prompt="warm up", images=images, max_tokens=4)
+    [encode] = stubs(tp2_server, "encode")
+    pids = {"tritonserver": tp2_server.process.pid, "encode": encode}
     before = {name: _anon_mb(pid) for name, pid in pids.items()}
     with ThreadPoolExecutor(40) as pool:  # 40 concurrent four-image streams
-        answers = list(pool.map(lambda i: stream(own_server.grpc_url, prompt=f"describe set {i}", max_tokens=8,
+        answers = list(pool.map(lambda i: stream(tp2_server.grpc_url, prompt=f"describe set {i}", max_tokens=8,
                                                  images=[make_image(640, 480, seed=10 * i + j) for j in range(4)]),
                                 range(40)))
     assert all(a.output_ids for a in answers)
@@ -133,35 +117,29 @@ def test_memory_goes_back_after_a_burst(own_server):
     assert all(mb < 150 for mb in grown.values()), grown
 
 
-def test_a_killed_encoder_replica_loses_no_request_and_its_model_is_reloaded(own_server):
+def test_a_killed_encoder_replica_loses_no_request_and_its_model_is_reloaded(tp2_server):
     images = [make_image(160, 120, seed=1), make_image(120, 160, seed=2), make_image(200, 100, seed=3)]
-    expected = stream(own_server.grpc_url, prompt="compare them", images=images, max_tokens=6).output_ids
-    replicas = _stubs(own_server, "vision_encoder")
+    expected = stream(tp2_server.grpc_url, prompt="compare them", images=images, max_tokens=6).output_ids
+    replicas = stubs(tp2_server, "vision_encoder")
     assert len(replicas) == 2
     victim = min(replicas)
     os.kill(victim, signal.SIGKILL)
     # every multi-image request needs both replicas: each shard that meets the dead one is tried again
     with ThreadPoolExecutor(4) as pool:
-        answers = list(pool.map(lambda _: stream(own_server.grpc_url, prompt="compare them", images=images,
+        answers = list(pool.map(lambda _: stream(tp2_server.grpc_url, prompt="compare them", images=images,
                                                  max_tokens=6), range(8)))
     assert all(a.output_ids == expected for a in answers)
-    wait_until(lambda: len(_stubs(own_server, "vision_encoder") - {victim}) >= 2, what="a reloaded vision_encoder")
-    assert stream(own_server.grpc_url, prompt="compare them", images=images, max_tokens=6).output_ids == expected
+    wait_until(lambda: len(stubs(tp2_server, "vision_encoder") - {victim}) >= 2, what="a reloaded vision_encoder")
+    assert stream(tp2_server.grpc_url, prompt="compare them", images=images, max_tokens=6).output_ids == expected
 
 
-def _engine(server) -> int:
-    """The language engine process: the language_model stub's child (`serving/engine_process.py`)."""
-    [stub] = _stubs(server, "language_model")
-    [engine] = subprocess.run(["pgrep", "-P", str(stub), "-f", "triton_vlm.serving.engine_process"],
-                              capture_output=True, text=True).stdout.split()
-    return int(engine)
-
-
-def test_a_killed_language_engine_ends_its_streams_at_once_and_a_new_one_serves(own_server):
+def test_a_killed_language_engine_ends_its_streams_at_once_and_a_new_one_serves(tp2_server):
     """Issue 24's defect 1: of 7 streams in flight when the language model's process was SIGKILLed, 2 never
-    got an answer. Each must end with an error within seconds, and the server must serve again."""
-    expected = stream(own_server.grpc_url, prompt="hello", max_tokens=4).output_ids
-    victim, streaming = _engine(own_server), threading.Semaphore(0)
+    got an answer. Each must end with an error within seconds, and the server must serve again. The engine
+    is rank 0: its other rank must exit with it, and the new engine come with a new one."""
+    expected = stream(tp2_server.grpc_url, prompt="hello", max_tokens=4).output_ids
+    victim, streaming = engine(tp2_server), threading.Semaphore(0)
+    [rank1] = ranks(victim)
 
     def long_stream(i):
         first = []
@@ -171,7 +149,7 @@ def test_a_killed_language_engine_ends_its_streams_at_once_and_a_new_one_serves(
                 first.append(streaming.release())
 
         try:
-            stream(own_server.grpc_url, prompt=f"tell story {i}", max_tokens=3000, ignore_eos=True,
+            stream(tp2_server.grpc_url, prompt=f"tell story {i}", max_tokens=3000, ignore_eos=True,
                    on_delta=on_delta, timeout_s=120)
         except InferenceServerException as e:
             return time.monotonic(), str(e)
@@ -186,9 +164,10 @@ def test_a_killed_language_engine_ends_its_streams_at_once_and_a_new_one_serves(
         ends = [f.result() for f in streams]
     assert all("language engine process died (signal SIGKILL)" in message for _, message in ends), ends
     assert max(at for at, _ in ends) - killed < 10, "a stream outlived its engine by more than 10 s"
-    wait_until(lambda: _engine_serves(own_server), what="a new language engine")
-    assert _engine(own_server) != victim
-    assert stream(own_server.grpc_url, prompt="hello", max_tokens=4).output_ids == expected
+    wait_until(lambda: not alive(rank1), 60, "rank 1 to exit with rank 0")
+    wait_until(lambda: _engine_serves(tp2_server), what="a new language engine")
+    assert engine(tp2_server) != victim and len(ranks(engine(tp2_server))) == 1
+    assert stream(tp2_server.grpc_url, prompt="hello", max_tokens=4).output_ids == expected
 
 
 def _engine_serves(server) -> bool:
@@ -210,18 +189,18 @@ def _leader(server) -> int:
     raise AssertionError("no stub leads")
 
 
-def test_a_killed_stage_and_the_leading_supervisor_are_reloaded(own_server):
-    before = stream(own_server.grpc_url, prompt="hello", images=[make_image(64, 64)], max_tokens=4).output_ids
-    [victim] = _stubs(own_server, "encode")
-    leader = _leader(own_server)
+def test_a_killed_stage_and_the_leading_supervisor_are_reloaded(tp2_server):
+    before = stream(tp2_server.grpc_url, prompt="hello", images=[make_image(64, 64)], max_tokens=4).output_ids
+    [victim] = stubs(tp2_server, "encode")
+    leader = _leader(tp2_server)
     leader_model = stub_model(Path(f"/proc/{leader}/cmdline").read_bytes().decode().split("\0"))
-    seen = own_server.log_file.stat().st_size
+    seen = tp2_server.log_file.stat().st_size
     for pid in {victim, leader}:  # another stub must take the lead and still heal both models
         os.kill(pid, signal.SIGKILL)
     # (the leader may be a lingering stub of an old version: its reload then changes nothing, and must not)
-    wait_until(lambda: {"encode", leader_model} <= _reloaded(own_server, seen), what="both models reloaded")
-    assert _leader(own_server) != leader
-    assert stream(own_server.grpc_url, prompt="hello", images=[make_image(64, 64)], max_tokens=4).output_ids == before
+    wait_until(lambda: {"encode", leader_model} <= _reloaded(tp2_server, seen), what="both models reloaded")
+    assert _leader(tp2_server) != leader
+    assert stream(tp2_server.grpc_url, prompt="hello", images=[make_image(64, 64)], max_tokens=4).output_ids == before
 
 
 def _reloaded(server, since: int) -> set[str]:
@@ -229,15 +208,3 @@ def _reloaded(server, since: int) -> set[str]:
     with open(server.log_file, "rb") as f:
         f.seek(since)
         return set(re.findall(r"reloaded model (\w+)", f.read().decode(errors="replace")))
-
-
-def test_no_stub_or_region_outlives_a_killed_server(own_server):
-    stubs = [int(p) for p in subprocess.run(["pgrep", "-P", str(own_server.process.pid)], capture_output=True,
-                                            text=True).stdout.split()]
-    assert len(stubs) >= 6
-    stubs.append(_engine(own_server))  # the language engine, the language_model stub's child
-    own_server.process.kill()  # the server alone, as the OOM killer would: not its process group
-    own_server.process.wait()
-    wait_until(lambda: not any(Path(f"/proc/{p}").exists() for p in stubs), timeout_s=30,
-               what="the stubs and the engine to exit")
-    assert not list(Path("/dev/shm").glob(f"{own_server.shm_prefix}*"))

@@ -1,37 +1,23 @@
-"""The language model as a serving engine through the real server: tensor parallelism over gloo,
-continuous batching under concurrent streams, stop strings, cancellation, and clean rank shutdown."""
+"""The language model as a serving engine through the real server: tensor parallelism over gloo (the
+session's `tp2_server`, conftest.py), continuous batching under concurrent streams, stop strings,
+cancellation, and no process left behind by a killed server. (A crashed rank 0 is test_isolation's; a
+stopped `triton-vlm serve --tp 2`, test_commands'.)"""
 
 from __future__ import annotations
 
 import functools
-import os
-import signal
-import subprocess
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import make_image, server_metric, wait_until
-from tests.integration.serve import serving
+from tests.integration.processes import alive, children, engine, ranks
 from tests.integration.test_prefix_caching import prefix_counts
 from tests.reference import reference_generate
-from triton_vlm.deploy.deployment import Deployment
 from triton_vlm_clients.client import stream
 
 CASES = {"text-only": [], "one-image": [(640, 480)], "three-images": [(300, 200), (800, 600), (200, 500)]}
-
-
-def _tp_workers() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "triton_vlm.engine.tp_worker"], capture_output=True, text=True)
-    return {int(p) for p in out.stdout.split()}
-
-
-@pytest.fixture(scope="module")
-def tp2_server(tiny_model, tmp_path_factory):
-    with serving((Deployment(tiny_model, tensor_parallel=2, minimal=True), tmp_path_factory.mktemp("tp2"))) as server:
-        yield server
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -117,48 +103,13 @@ def test_an_abandoned_stream_ends_its_generation_and_the_next_request_succeeds(s
     assert answer.finish_reason in ("stop", "length") and answer.output_ids
 
 
-def _rank_zero(workers: set[int]) -> int:
-    """Rank 0: the language engine process, the parent of every other rank."""
-    [rank0] = {int(Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[1]) for w in workers}
-    return rank0
-
-
-def _wait_gone(workers: set[int], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while _tp_workers() & workers and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _tp_workers() & workers, "a rank outlived rank 0"
-
-
-def test_ranks_exit_with_a_crashed_rank_zero_and_with_the_server(tp2_server):  # last: it ends tp2_server
-    workers = _tp_workers() & {int(p) for p in subprocess.run(
-        ["pgrep", "-g", str(tp2_server.process.pid)], capture_output=True, text=True).stdout.split()}
-    assert len(workers) == 1
-    os.kill(_rank_zero(workers), signal.SIGKILL)  # rank 0 crashes
-    _wait_gone(workers)
-    # the language_model stub starts a new engine: new ranks, and the server answers again
-    deadline = time.monotonic() + 180
-    while not (_tp_workers() - workers) & _group(tp2_server) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    workers = _tp_workers() & _group(tp2_server)
-    assert len(workers) == 1, "the language model was not reloaded with its ranks"
-    _wait_serving(tp2_server)
-    tp2_server.stop(graceful=True)  # and a plain server stop leaves none either
-    _wait_gone(workers, timeout_s=10)
-
-
-def _group(server) -> set[int]:
-    return {int(p) for p in subprocess.run(["pgrep", "-g", str(server.process.pid)], capture_output=True,
-                                           text=True).stdout.split()}
-
-
-def _wait_serving(server, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            assert stream(server.grpc_url, prompt="hi", max_tokens=2).output_ids
-            return
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+def test_no_stub_rank_or_region_outlives_a_killed_server(tp2_server):  # last: it ends the session's tp2_server
+    stubs = children(tp2_server.process.pid, "model.py")
+    assert len(stubs) >= 6
+    rank0 = engine(tp2_server)  # the language engine, the language_model stub's child, and its other rank
+    processes = stubs | {rank0} | ranks(rank0)
+    assert len(processes) == len(stubs) + 2
+    tp2_server.process.kill()  # the server alone, as the OOM killer would: not its process group
+    tp2_server.process.wait()
+    wait_until(lambda: not any(map(alive, processes)), timeout_s=30, what="the stubs, the engine and its rank to exit")
+    assert not list(Path("/dev/shm").glob(f"{tp2_server.shm_prefix}*"))

@@ -2,11 +2,12 @@
 the session's colocated server as the encoder server. The decode server is the entry point: its images are
 encoded on the colocated server, its prompts prefilled on a `--mode prefill` server (listed in a file,
 re-read while serving), the KV written into its memory by NIXL. (1P + 1D + 2E, with a `--mode encoder`
-server, is Qwen3-VL's family test.) A second decode server, the same but for its prefill
-server's address given on the command line, takes the KV inside the gRPC answer (the parity cases run on
-both). The per-family parity of E/P/D (Qwen3-VL's
-deepstack and M-RoPE, GLM-4.5V-MoE from TP 2 to TP 1, over gRPC or NIXL) is in the family tests; the
-engine's hand-off rules without servers in tests/unit/test_kv_handoff.py."""
+server, is Qwen3-VL's family test.) A second decode server, the same but for its prefill server's address
+given on the command line, takes the KV inside the gRPC answer (the parity cases run on both). The two
+decode servers' embedding caches share a Redis tier (a real redis-server, which one test starts and stops).
+The per-family parity of E/P/D (Qwen3-VL's deepstack and M-RoPE, GLM-4.5V-MoE from TP 2 to TP 1, over gRPC
+or NIXL) is in the family tests; the engine's hand-off rules without servers in
+tests/unit/test_kv_handoff.py."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import make_image, wait_until
-from tests.integration.serve import relist, serving
+from tests.conftest import make_image, redis_server, wait_until
+from tests.integration.serve import encoder_shards, relist, serving
 from tests.reference import reference_generate
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.server import free_port
@@ -36,8 +37,8 @@ BYTES = "triton_vlm_kv_transfer_bytes_total"
 
 
 class PD:
-    def __init__(self, decode, grpc_decode, prefill, urls_file) -> None:
-        self.decode, self.prefill, self.urls_file = decode, prefill, urls_file
+    def __init__(self, decode, grpc_decode, prefill, urls_file, redis_port: int) -> None:
+        self.decode, self.prefill, self.urls_file, self.redis_port = decode, prefill, urls_file, redis_port
         self.by_transport = {"nixl": decode, "grpc": grpc_decode}
 
     def prefills(self, where: str) -> float:
@@ -53,13 +54,13 @@ def pd(server, tiny_model, tmp_path_factory):
     with serving((Deployment(tiny_model, mode="prefill", kv_transport="nixl"), root / "prefill")) as prefill:
         urls_file = root / "prefill.txt"
         urls_file.write_text(f"{prefill.grpc_url}\n")
-        decode = Deployment(tiny_model, mode="decode", encoder_dp=1, minimal=True, encoder_fallback="none",
-                            encoder_urls=(server.grpc_url,), prefill_urls_file=str(urls_file), kv_transport="nixl")
-        grpc_decode = Deployment(tiny_model, mode="decode", encoder_dp=1, minimal=True, encoder_fallback="none",
-                                 encoder_urls=(server.grpc_url,), prefill_urls=(prefill.grpc_url,),
-                                 kv_transport="grpc")
+        redis_port = free_port()  # the shared tier of both decode servers' embedding caches, started by a test
+        common = dict(mode="decode", encoder_dp=1, minimal=True, encoder_fallback="none",
+                      encoder_urls=(server.grpc_url,), embedding_cache_redis=f"redis://127.0.0.1:{redis_port}")
+        decode = Deployment(tiny_model, prefill_urls_file=str(urls_file), kv_transport="nixl", **common)
+        grpc_decode = Deployment(tiny_model, prefill_urls=(prefill.grpc_url,), kv_transport="grpc", **common)
         with serving((decode, root / "decode"), (grpc_decode, root / "grpc-decode")) as (d, g):
-            yield PD(d, g, prefill, urls_file)
+            yield PD(d, g, prefill, urls_file, redis_port)
 
 
 def images(n: int, seed: int) -> list[bytes]:
@@ -145,6 +146,38 @@ def test_with_every_prefill_server_down_the_decode_server_prefills_itself(pd, ti
         assert pd.prefills(LOCAL) == local + 1
     finally:
         pd.listed(pd.prefill.grpc_url)
+
+
+LOCAL_MISSES, REDIS_HITS = ("triton_vlm_embedding_cache_misses_total", 'tier="local"'), \
+    ("triton_vlm_embedding_cache_hits_total", 'tier="redis"')
+REDIS_RETRY_S = 5  # RedisTier's bypass interval after a failure
+
+
+def test_two_servers_share_embeddings_through_redis_and_survive_it_going_away(pd, server, tiny_model):
+    """The decode servers' embedding caches share a real redis-server: what one had encoded on the encoder
+    server, the other takes from Redis, sending no file. With Redis gone both keep serving (as misses); once
+    it is back, and its bypass interval over, they share again. (Before this test it was down: the first
+    share waits out the bypass too.)"""
+    a, b = pd.decode, pd.by_transport["grpc"]
+    answer = lambda s, imgs: stream(s.grpc_url, prompt=PROMPT, images=imgs, max_tokens=12).output_ids  # noqa: E731
+    with redis_server(pd.redis_port):
+        time.sleep(REDIS_RETRY_S + 1)  # each server's tier has been down for the tests before: bypassed a while
+        imgs = images(2, seed=500)
+        expected = reference_generate(tiny_model, PROMPT, imgs, max_new_tokens=12)
+        assert answer(a, imgs) == expected
+        hits, misses = server_metric(b, *REDIS_HITS), server_metric(b, *LOCAL_MISSES)
+        sent = encoder_shards(server.grpc_url)
+        assert answer(b, imgs) == expected
+        assert server_metric(b, *REDIS_HITS) == hits + 2 and server_metric(b, *LOCAL_MISSES) == misses
+        assert encoder_shards(server.grpc_url) == sent, "B sent a file to the encoder server"
+    fresh = images(1, seed=510)
+    for decode in (a, b):
+        assert answer(decode, fresh) == reference_generate(tiny_model, PROMPT, fresh, max_new_tokens=12)
+    with redis_server(pd.redis_port):
+        time.sleep(REDIS_RETRY_S + 1)
+        again, hits = images(1, seed=520), server_metric(b, *REDIS_HITS)
+        assert answer(a, again) == answer(b, again)
+        assert server_metric(b, *REDIS_HITS) == hits + 1
 
 
 def test_killing_the_prefill_server_under_load_loses_no_request(pd, server):  # last: it kills the prefill server
