@@ -12,11 +12,17 @@ from collections.abc import Callable
 
 
 def read_urls_file(path: str) -> list[str] | None:
-    """A server list file: one HOST:PORT per line, # comments. None while it cannot be read."""
+    """A server list file: one HOST:PORT per line, # comments. None while it cannot be opened (a file being
+    replaced); ValueError if it is not UTF-8 text."""
     try:
-        lines = open(path).read().splitlines()  # noqa: SIM115 (read at once)
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError:
         return None
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
     return [u for u in (line.split("#")[0].strip() for line in lines) if u]
 
 
@@ -50,19 +56,28 @@ class ServerPool:
             if not ready:
                 warn(f"{what} server {url} is unreachable at start; {instead}")
         if urls_file:
-            self.watch(urls_file, lambda urls: info(f"{what} servers now: {', '.join(urls) or 'none'}"))
+            self.watch(urls_file, lambda urls: info(f"{what} servers now: {', '.join(urls) or 'none'}"), warn)
 
-    def watch(self, path: str, on_change: Callable[[list[str]], None], interval_s: float = 1.0) -> threading.Thread:
-        """Poll `path` (`read_urls_file`); on a change, `set_urls` and then `on_change`."""
+    def watch(self, path: str, on_change: Callable[[list[str]], None], warn: Callable[[str], None],
+              interval_s: float = 1.0) -> threading.Thread:
+        """Poll `path` (`read_urls_file`); on a change, `set_urls` and then `on_change`. A list that cannot be
+        used (or a failing `on_change`) is said once with `warn`, and the watch goes on."""
 
         def loop() -> None:
-            last = None
+            last, failed = None, None
             while True:
-                urls = read_urls_file(path)
-                if urls is not None and urls != last:
-                    last = urls
-                    self.set_urls(urls)
-                    on_change(urls)
+                try:
+                    urls = read_urls_file(path)
+                    if urls is not None and urls != last:
+                        last = urls
+                        self.set_urls(urls)
+                        on_change(urls)
+                    failed = None
+                except Exception as e:  # one bad read must not end the watch: the list would be frozen unsaid
+                    if str(e) != failed:
+                        warn(f"the server list {path} cannot be used ({e}); the servers stay "
+                             f"{', '.join(self.urls) or 'none'}")
+                    failed = str(e)
                 time.sleep(interval_s)
 
         thread = threading.Thread(target=loop, name=f"{self.model}-urls-watch", daemon=True)

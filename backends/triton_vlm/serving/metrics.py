@@ -4,12 +4,14 @@ per label values (an instance's own labels keep them apart where they would coll
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Sequence
 
 import triton_python_backend_utils as pb_utils
 
+log = logging.getLogger(__name__)
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
 SHARD_BUCKETS = (1, 2, 3, 4, 6, 8, 16)
 KV_TRANSFER_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -149,7 +151,11 @@ class RemoteServerMetrics:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.publish()
+            try:
+                self.publish()
+            except Exception:  # a failed update must not freeze the gauges for good
+                log.exception("remote %s server gauges: an update failed; trying again in %s s", self.kind,
+                              self.interval_s)
 
     def stop(self) -> None:
         self._stop.set()
