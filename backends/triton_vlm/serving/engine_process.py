@@ -119,14 +119,16 @@ class EngineProcess:
         rid = next(self._ids)
         payload = _dumps(("submit", rid, request))
         with self._lock:
-            accepted = self._conn is not None
-            if accepted:
+            conn = self._conn
+            if conn is not None:
                 self._callbacks[rid] = callback
-        if not accepted:
+        if conn is None:
             deliver(callback, StepOutput([], "", "error", Unavailable(
                 "the language engine is restarting after its process died; retry")))
             return None
-        self._send(payload)  # if it fails the engine is gone, and the reader ends the request
+        # to the engine it was accepted for: if that one is gone, the reader has ended the request (a new
+        # engine must not run it unheard)
+        self._send(payload, conn)
         return _Handle(self, rid)
 
     def cached_prefix(self, request: LanguageRequest, timeout_s: float = 30) -> int:
@@ -192,11 +194,12 @@ class EngineProcess:
                                         daemon=True)
         self._reader.start()
 
-    def _send(self, message) -> None:
+    def _send(self, message, to: Connection | None = None) -> None:
+        """To the engine now serving (or only to `to`, while it serves)."""
         payload = message if isinstance(message, bytes) else _dumps(message)
         with self._send_lock:
             conn = self._conn
-            if conn is None:
+            if conn is None or to not in (None, conn):
                 return
             with contextlib.suppress(OSError):  # the engine died: the reader sees it and ends its requests
                 conn.send_bytes(payload)
