@@ -52,11 +52,9 @@ def reference_video_inputs(path, messages: list[dict], files: dict[str, bytes], 
 
 def _video_reference(path, messages, files, max_new_tokens, fps, max_frames) -> dict[str, np.ndarray]:
     import json
-    import subprocess
     import tempfile
     from pathlib import Path
 
-    subprocess.run(["bash", str(REPO / "scripts" / "setup-video-ref.sh")], check=True, capture_output=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name, data in files.items():
             (Path(tmp) / name).write_bytes(data)
@@ -67,9 +65,48 @@ def _video_reference(path, messages, files, max_new_tokens, fps, max_frames) -> 
                                 if isinstance(m["content"], list) else m for m in messages]}
         (Path(tmp) / "request.json").write_text(json.dumps(request))
         out = Path(tmp) / "out.npz"
-        run = subprocess.run([str(VIDEO_REF_PYTHON), str(REPO / "clients" / "triton_vlm_clients" /
-                                                         "hf_video_reference.py"), str(Path(tmp) / "request.json"),
-                              str(out)], capture_output=True, text=True)
-        if run.returncode:
-            raise RuntimeError(f"the video reference failed:\n{run.stderr[-3000:]}")
+        _VIDEO_REFERENCE.ask(Path(tmp) / "request.json", out)
         return dict(np.load(out))
+
+
+class _VideoReferenceProcess:
+    """One `hf_video_reference.py --serve` for the test session, started at its first request (after
+    `scripts/setup-video-ref.sh`): its imports take seconds, which each request paid before. It ends when
+    the session does (its stdin closes)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.process, self.lock = None, threading.Lock()
+
+    def ask(self, request, out) -> None:
+        import atexit
+        import json
+        import subprocess
+
+        with self.lock:
+            if self.process is None or self.process.poll() is not None:
+                subprocess.run(["bash", str(REPO / "scripts" / "setup-video-ref.sh")], check=True, capture_output=True)
+                self.log = REPO / ".tools" / "video-ref.log"  # its stderr
+                with open(self.log, "wb") as log:
+                    self.process = subprocess.Popen(
+                        [str(VIDEO_REF_PYTHON), str(REPO / "clients" / "triton_vlm_clients" / "hf_video_reference.py"),
+                         "--serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+                atexit.register(self.close)
+            self.process.stdin.write(f"{request}\t{out}\n")
+            self.process.stdin.flush()
+            reply = self.process.stdout.readline()
+        if reply.startswith("error: "):
+            raise RuntimeError(f"the video reference failed:\n{json.loads(reply[7:])[-3000:]}")
+        if reply != "ok\n":
+            raise RuntimeError(f"the video reference process ended (exit code {self.process.poll()}); see {self.log}")
+
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.stdin.close()
+            self.process.wait(timeout=30)
+            self.process.stdout.close()
+
+
+_VIDEO_REFERENCE = _VideoReferenceProcess()

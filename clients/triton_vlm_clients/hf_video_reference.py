@@ -3,6 +3,10 @@ by transformers' PyAV loader) and model `generate`, greedy. It needs torchvision
 for our torch, so it runs in an environment of its own (`scripts/setup-video-ref.sh`) as a script:
 
     .tools/video-ref/bin/python clients/triton_vlm_clients/hf_video_reference.py request.json out.npz
+    .tools/video-ref/bin/python clients/triton_vlm_clients/hf_video_reference.py --serve
+
+`--serve` answers many requests in one process (its imports take seconds): each line on stdin is
+"request.json<TAB>out.npz", answered by one line on stdout, "ok" or "error: " and the traceback as JSON.
 
 request.json: {"model": path, "messages": chat messages whose parts are {"type": "text"}, {"type": "image",
 "path": ...} or {"type": "video", "path": ...}, "fps": F or null, "max_frames": N or null, "max_tokens": N}.
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -127,5 +132,16 @@ def glm_images_and_videos(request, processor, prompt, images, videos, metadata, 
              video_grid_thw=video_grid.numpy())
 
 
+def serve() -> None:
+    replies, sys.stdout = sys.stdout, sys.stderr  # what the libraries print is not a reply
+    for line in sys.stdin:
+        try:
+            main(*line.rstrip("\n").split("\t"))
+            replies.write("ok\n")
+        except Exception:
+            replies.write("error: " + json.dumps(traceback.format_exc()) + "\n")
+        replies.flush()
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    serve() if sys.argv[1:] == ["--serve"] else main(*sys.argv[1:])
