@@ -148,8 +148,8 @@ def test_with_every_prefill_server_down_the_decode_server_prefills_itself(pd, ti
         pd.listed(pd.prefill.grpc_url)
 
 
-LOCAL_MISSES, REDIS_HITS = ("triton_vlm_embedding_cache_misses_total", 'tier="local"'), \
-    ("triton_vlm_embedding_cache_hits_total", 'tier="redis"')
+LOCAL_MISSES = ("triton_vlm_embedding_cache_misses_total", 'tier="local"')
+REDIS_HITS = ("triton_vlm_embedding_cache_hits_total", 'tier="redis"')
 REDIS_RETRY_S = 5  # RedisTier's bypass interval after a failure
 
 
