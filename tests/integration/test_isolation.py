@@ -9,7 +9,6 @@ import http.server
 import os
 import re
 import signal
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import make_image, wait_until
-from tests.integration.processes import alive, engine, ranks, stubs
+from tests.integration.processes import alive, children, engine, ranks, stubs
 from triton_vlm.serving.supervisor import stub_model
 from triton_vlm_clients.client import stream
 
@@ -181,11 +180,10 @@ def _leader(server) -> int:
     """The stub whose supervisor leads: it holds the server's abstract socket name."""
     inode = next(line.split()[6] for line in Path("/proc/net/unix").read_text().splitlines()[1:]
                  if line.endswith(f"@triton-vlm-supervisor-{server.process.pid}"))
-    for pid in subprocess.run(["pgrep", "-P", str(server.process.pid)], capture_output=True,
-                              text=True).stdout.split():
+    for pid in children(server.process.pid, "model.py"):
         with contextlib.suppress(OSError):
             if any(os.readlink(fd) == f"socket:[{inode}]" for fd in Path(f"/proc/{pid}/fd").iterdir()):
-                return int(pid)
+                return pid
     raise AssertionError("no stub leads")
 
 
