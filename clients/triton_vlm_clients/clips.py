@@ -47,6 +47,7 @@ def make_clip(seconds: float = 3.0, fps: float = 8.0, width: int = 128, height: 
 
 
 def y4m(width: int, height: int, count: int, fps: int = 25) -> bytes:
-    """A raw YUV4MPEG2 video: its header says any size, cheaply (grey frames)."""
+    """A raw YUV4MPEG2 video: its header says any size, cheaply (grey frames; no frame is built when
+    `count` is 0, so a header claiming 100000x100000 costs its header only)."""
     header = f"YUV4MPEG2 W{width} H{height} F{fps}:1 Ip A1:1 Cmono\n".encode()
-    return header + (b"FRAME\n" + b"\x80" * (width * height)) * count
+    return header + (b"FRAME\n" + b"\x80" * (width * height)) * count if count else header
