@@ -5,8 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ENV=.tools/video-ref
-if [ -x "$ENV/bin/python" ] && "$ENV/bin/python" -c "import torchvision, av, transformers" 2>/dev/null; then exit 0; fi
 mkdir -p .tools
+exec 9>.tools/video-ref.lock  # the test workers may ask at once: one installs, the other waits for it
+flock 9
+[ -f "$ENV/installed" ] && exit 0  # written last: an install cut short is done again
 "${PYTHON:-python3}" -m venv "$ENV"
 "$ENV/bin/python" -m pip install -q --disable-pip-version-check \
   "torch==2.14.1" "torchvision==0.29.1" "transformers==4.57.6" "tokenizers>=0.22,<0.23" "av" "numpy<2" "pillow" "safetensors"
+"$ENV/bin/python" -c "import torchvision, av, transformers"
+touch "$ENV/installed"

@@ -5,6 +5,7 @@ import contextlib
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ _SERVER_STARTS: collections.Counter = collections.Counter()  # test module -> tr
 
 
 def _count_server_starts() -> None:
-    """Count the tritonservers this test process starts (the suite's main cost: issue 24 asks for fewer);
+    """Count the tritonservers the test processes start (the suite's main cost: issue 24 asks for fewer);
     the count is printed at the end of the run. Servers started by commands the tests run are not in it."""
     from triton_vlm.deploy.server import TritonServer
 
@@ -37,8 +38,27 @@ def _count_server_starts() -> None:
     TritonServer.start = counted
 
 
+def pytest_collection_modifyitems(config, items):
+    """With `-n 2 --dist loadgroup` (scripts/test.sh), one worker takes every test that starts servers, in
+    order (their session servers are shared and some tests end them), and the other the unit tests beside
+    them: a unit test uses one core, so the servers' starts get the other."""
+    for item in items:
+        if item.path.is_relative_to(Path(__file__).parent / "integration"):
+            item.add_marker(pytest.mark.xdist_group("servers"))
+
+
+def pytest_sessionfinish(session):
+    if hasattr(session.config, "workeroutput"):  # an xdist worker: its counts go to the controller
+        session.config.workeroutput["server_starts"] = dict(_SERVER_STARTS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _SERVER_STARTS.update(getattr(node, "workeroutput", {}).get("server_starts", {}))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    terminalreporter.write_line(f"tritonserver starts in the test process: {sum(_SERVER_STARTS.values())}")
+    terminalreporter.write_line(f"tritonserver starts in the test processes: {sum(_SERVER_STARTS.values())}")
     for module, count in _SERVER_STARTS.most_common():
         terminalreporter.write_line(f"  {count:3d}  {module}")
 
