@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 .venv/bin/ruff check backends clients tests model_repository || exit 1
 # two workers: one runs the tests that start servers, the other the unit tests beside them (tests/conftest.py)
-.venv/bin/python -m pytest -n 2 --dist loadgroup tests "$@"
+.venv/bin/python -m pytest -n 2 tests "$@"
 status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests: that is a failure" >&2

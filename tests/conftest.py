@@ -5,7 +5,6 @@ import contextlib
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -38,13 +37,19 @@ def _count_server_starts() -> None:
     TritonServer.start = counted
 
 
-def pytest_collection_modifyitems(config, items):
-    """With `-n 2 --dist loadgroup` (scripts/test.sh), one worker takes every test that starts servers, in
-    order (their session servers are shared and some tests end them), and the other the unit tests beside
-    them: a unit test uses one core, so the servers' starts get the other."""
-    for item in items:
-        if item.path.is_relative_to(Path(__file__).parent / "integration"):
-            item.add_marker(pytest.mark.xdist_group("servers"))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """With `-n 2` (scripts/test.sh), one worker takes every test that starts servers, in order (their
+    session servers are shared and some tests end them), and the other the unit tests beside them, a module
+    at a time: a unit test uses one core, so the servers' starts get the other. (xdist's own `loadgroup`
+    cannot do it under pytest 9: it renames node ids, which pytest 9 no longer lets a plugin do.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ServersOnOneWorker(LoadScopeScheduling):  # the largest scope goes first, to a worker of its own
+        def _split_scope(self, nodeid: str) -> str:
+            return "servers" if nodeid.startswith("tests/integration/") else super()._split_scope(nodeid)
+
+    return ServersOnOneWorker(config, log)
 
 
 def pytest_sessionfinish(session):

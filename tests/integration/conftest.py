@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,19 @@ from tests.reference import reference_generate
 from triton_vlm.deploy.deployment import Deployment
 from triton_vlm.deploy.repository import COMMITTED
 from triton_vlm.models.tiny_model import make_tiny_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_worker_for_servers(tmp_path_factory, worker_id):
+    """Under xdist every test here runs on one worker (`tests/conftest.py` groups them): on two, each would
+    start the session's servers, and tests that end a server would race the other's."""
+    if worker_id == "master":
+        return
+    claim, mine = (tmp_path_factory.getbasetemp().parent / name for name in ("servers-worker", f"servers-{worker_id}"))
+    mine.write_text(worker_id)
+    with contextlib.suppress(FileExistsError):
+        os.link(mine, claim)  # atomic: the first worker here claims the servers
+    assert claim.read_text() == worker_id, f"integration tests on {worker_id} and {claim.read_text()}"
 
 
 @pytest.fixture(scope="session")
