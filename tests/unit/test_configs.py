@@ -179,6 +179,17 @@ def test_the_docker_image_sets_the_launchers_malloc_knobs():
     assert dict(kv.split("=") for kv in line.split()[1:]) == MALLOC
 
 
+def test_servers_start_without_auto_complete_unless_asked(tmp_path):
+    """The `tritonserver` drop-in and `triton-vlm render`'s arguments (the docker image's) turn off Triton's
+    config auto-complete, which costs a throw-away stub per model; a user's own choice is kept."""
+    from triton_vlm.deploy import launcher
+
+    assert launcher.NO_AUTO_COMPLETE in launcher.command(["--model-repository=r"])
+    assert launcher.NO_AUTO_COMPLETE in Deployment(tmp_path / "model").server_args()
+    asked = launcher.command(["--model-repository=r", "--strict-model-config=false"])
+    assert launcher.NO_AUTO_COMPLETE not in asked and asked.count("--strict-model-config=false") == 1
+
+
 # Each committed model's parameters, read the way its model.py reads them (image_encoder: two configs)
 _Pre, _Encode = config_module.PreprocessConfig, config_module.EncodeConfig
 _READERS = {

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import LANGUAGE_MODE, MODELS, EncodeConfig, LanguageConfig, PreprocessConfig, serve_knobs
 from ..models import family_class
-from .launcher import MODEL_CONTROL
+from .launcher import MODEL_CONTROL, NO_AUTO_COMPLETE
 from .repository import COMMITTED, render
 
 CUDA_MEMORY_POOL_MB = 256  # per GPU and embedding block; in-flight embeddings between steps live here (Triton's
@@ -172,7 +172,7 @@ class Deployment:
 
             pool = CUDA_MEMORY_POOL_MB * (1 + load_family(self.model).extra_features)
         pool = (pool or 0) * 2**20
-        return [*MODEL_CONTROL, *(f"--cuda-memory-pool-byte-size={gpu}:{pool}" for gpu in self.gpus)]
+        return [*MODEL_CONTROL, NO_AUTO_COMPLETE, *(f"--cuda-memory-pool-byte-size={gpu}:{pool}" for gpu in self.gpus)]
 
 
 def _path(file: str | None) -> str:
