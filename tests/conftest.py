@@ -5,9 +5,11 @@ import contextlib
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
+from triton_vlm.models import FAMILIES
 from triton_vlm_clients.images import synthetic_image
 from triton_vlm_clients.prometheus import server_metric, server_series  # noqa: F401 (the tests' helpers)
 
@@ -37,19 +39,28 @@ def _count_server_starts() -> None:
     TritonServer.start = counted
 
 
+# Integration modules whose servers are their own (module-scoped, or started by the command they run); every
+# other one uses the session's servers (`tests/integration/conftest.py`)
+OWN_SERVERS = {"test_gpu_check.py", "test_server_ports.py", *(f"test_{family}.py" for family in FAMILIES)}
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """With `-n 2` (scripts/test.sh), one worker takes every test that starts servers, in order (their
-    session servers are shared and some tests end them), and the other the unit tests beside them, a module
-    at a time: a unit test uses one core, so the servers' starts get the other. (xdist's own `loadgroup`
-    cannot do it under pytest 9: it renames node ids, which pytest 9 no longer lets a plugin do.)"""
+    """With `-n 2` (scripts/test.sh): every test that uses the session's servers runs on one worker, in order
+    (some end a server), and the rest, a module at a time, on whichever worker is free. Modules go in file
+    order, so the costly integration modules start early and the unit modules fill in at the end. (xdist's
+    own `loadgroup` cannot group under pytest 9: it renames node ids, which pytest 9 no longer lets it do.)"""
     from xdist.scheduler import LoadScopeScheduling
 
-    class ServersOnOneWorker(LoadScopeScheduling):  # the largest scope goes first, to a worker of its own
+    class SessionServersOnOneWorker(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "servers" if nodeid.startswith("tests/integration/") else super()._split_scope(nodeid)
+            path = Path(nodeid.split("::")[0])
+            if path.parent == Path("tests/integration") and path.name not in OWN_SERVERS:
+                return "session servers"
+            return super()._split_scope(nodeid)
 
-    return ServersOnOneWorker(config, log)
+    config.option.loadscopereorder = False  # file order, not the largest module first
+    return SessionServersOnOneWorker(config, log)
 
 
 def pytest_sessionfinish(session):

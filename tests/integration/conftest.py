@@ -15,23 +15,24 @@ from triton_vlm.deploy.repository import COMMITTED
 from triton_vlm.models.tiny_model import make_tiny_model
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_worker_for_servers(tmp_path_factory, worker_id):
-    """Under xdist every test here runs on one worker (`tests/conftest.py` groups them): on two, each would
-    start the session's servers, and tests that end a server would race the other's."""
+def _claim_session_servers(tmp_path_factory, worker_id: str) -> None:
+    """Under xdist, the tests that use the session's servers run on one worker (`tests/conftest.py`): on two,
+    each would start them, and tests that end a server would race the other's. A module that uses them must
+    not be in `OWN_SERVERS`."""
     if worker_id == "master":
         return
-    claim, mine = (tmp_path_factory.getbasetemp().parent / name for name in ("servers-worker", f"servers-{worker_id}"))
+    claim, mine = (tmp_path_factory.getbasetemp().parent / f"session-servers-{name}" for name in ("claim", worker_id))
     mine.write_text(worker_id)
     with contextlib.suppress(FileExistsError):
         os.link(mine, claim)  # atomic: the first worker here claims the servers
-    assert claim.read_text() == worker_id, f"integration tests on {worker_id} and {claim.read_text()}"
+    assert claim.read_text() == worker_id, f"the session's servers on {worker_id} and on {claim.read_text()}"
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model, tmp_path_factory):
+def server(tiny_model, tmp_path_factory, worker_id):
     """The committed repository, unchanged, served the way the README says (`tritonserver
     --model-repository model_repository` with $TRITON_VLM_MODEL), on free ports; always stopped."""
+    _claim_session_servers(tmp_path_factory, worker_id)
     tritonserver = str(Path(sys.executable).parent / "tritonserver")  # the command the README gives
     with serving((COMMITTED, tmp_path_factory.mktemp("server")), executable=tritonserver,
                  env={**os.environ, "TRITON_VLM_MODEL": str(tiny_model)}) as server:
@@ -39,12 +40,13 @@ def server(tiny_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tp2_server(tiny_model, tmp_path_factory):
+def tp2_server(tiny_model, tmp_path_factory, worker_id):
     """The session's second server, the one tests may hurt: tensor parallelism 2, encoder DP 2 (a thread
     each), no embedding cache (every image reaches the encoders), private image URLs allowed (for
     test_isolation's dripping image server), `--minimal`. test_isolation kills its stubs and its engine (each
     test leaves it serving); test_language_serving compares its two ranks with the session server's one and,
     last, kills the server itself."""
+    _claim_session_servers(tmp_path_factory, worker_id)
     deployment = Deployment(tiny_model, tensor_parallel=2, encoder_dp=2, encoder_threads=1, embedding_cache_mb=0,
                             minimal=True)
     with serving((deployment, tmp_path_factory.mktemp("tp2")),
