@@ -74,7 +74,7 @@ def test_render_prints_the_tritonserver_arguments(tiny_model, tmp_path):
                           "--encoder-dp", "2", "--gpus", "0,1"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [f"--model-repository={tmp_path / 'repo'}",
-                                  "--model-control-mode=explicit", "--load-model=*",
+                                  "--model-control-mode=explicit", "--load-model=*", "--disable-auto-complete-config",
                                   "--cuda-memory-pool-byte-size=0:268435456",
                                   "--cuda-memory-pool-byte-size=1:268435456"]
     config = (tmp_path / "repo" / "vision_encoder" / "config.pbtxt").read_text()
