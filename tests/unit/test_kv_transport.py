@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 import torch
@@ -50,6 +51,13 @@ def test_nixl_writes_the_kv_into_the_decode_servers_pool(agents):
     prefill.write(torch.from_numpy(raw), again.target)
     assert torch.equal(again.wait(prefill.name, 10), torch.from_numpy(raw))
     again.close(written=True)
+
+
+def test_idle_agents_take_no_cpu(agents):
+    """NIXL's own progress thread spun a core in every server that had an agent, serving or not."""
+    before = time.process_time()
+    time.sleep(1.0)
+    assert time.process_time() - before < 0.2  # a spinning thread: about 1 s
 
 
 def test_a_full_pool_says_so_and_regions_come_back_whole(agents):

@@ -12,7 +12,11 @@ the notification, copies the bytes out, and gives the region back. While the poo
 KV comes inside the answer instead. Nothing stays held on the prefill server
 after its answer, so a decode server that dies leaves nothing behind there.
 
-One agent per process; its calls are serialised (its notification map is shared Python state).
+One agent per process; its calls are serialised (its notification map is shared Python state). NIXL's own
+progress thread is off: its Python API fixes the thread's delay at 0, so it spun a core on every server even
+when idle. Progress is ours instead: every wait here progresses the agent, and while a region waits for its
+KV a thread of the decode server's progresses it every 0.5 ms (a transport without one-sided writes, such as
+TCP, needs the target to progress), idle otherwise.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class NixlTransport:
         try:
             from nixl_cu12._api import nixl_agent, nixl_agent_config
 
-            self.agent = nixl_agent(self.name, nixl_agent_config(backends=["UCX"]))
+            self.agent = nixl_agent(self.name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
             self.pool = torch.empty(receive_bytes, dtype=torch.uint8)
             self._pool_registration = self.agent.register_memory(self.pool) if receive_bytes else None
         except Exception as e:
@@ -48,6 +52,24 @@ class NixlTransport:
         self._lock = threading.Lock()
         self._free = [(0, receive_bytes)] if receive_bytes else []  # (offset, size) of the pool's free extents
         self._peers: set[str] = set()  # agents whose metadata this one has loaded
+        self._waiting = threading.Condition()  # _open: regions waiting for their KV
+        self._open = 0
+        if receive_bytes:
+            threading.Thread(target=self._progress, name="nixl-progress", daemon=True).start()
+
+    def _progress(self, interval_s: float = 0.0005) -> None:
+        """While any region waits for its KV, progress the agent (its notifications stay in its map)."""
+        while True:
+            with self._waiting:
+                self._waiting.wait_for(lambda: self._open > 0)
+            with self._lock:
+                self.agent.update_notifs()
+            time.sleep(interval_s)
+
+    def _count_open(self, delta: int) -> None:
+        with self._waiting:
+            self._open += delta
+            self._waiting.notify()
 
     @property
     def metadata(self) -> str:
@@ -122,6 +144,7 @@ class Inbox:
         self.tag = uuid.uuid4().hex
         self.target = {"agent": transport.name, "descs": base64.b64encode(descs).decode(), "tag": self.tag,
                        "nbytes": nbytes, "metadata": transport.metadata if with_metadata else None}
+        transport._count_open(+1)  # progressed until closed
 
     def wait(self, peer: str, timeout_s: float) -> torch.Tensor:
         """The bytes (a view of the pool: copy them before `close`), once the prefill server's notification came."""
@@ -138,6 +161,7 @@ class Inbox:
         """Give the region back once its KV was `written` and taken. A region whose transfer did not end so
         (the prefill server failed or timed out) is retired: a late write must not land in another prompt's
         KV. The pool shrinks by it; when it has no room, prompts' KV comes inside the answer."""
+        self.transport._count_open(-1)
         if written:
             self.transport._give_back(self.offset, self.buffer.numel())
         else:
