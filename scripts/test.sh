@@ -4,7 +4,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
 .venv/bin/ruff check backends clients tests model_repository || exit 1
-# two workers: one runs the tests that start servers, the other the unit tests beside them (tests/conftest.py)
+# two workers; tests/conftest.py schedules them: the tests on the session's servers on one, the rest where free
 .venv/bin/python -m pytest -n 2 tests "$@"
 status=$?
 if [ "$status" -eq 5 ]; then

@@ -22,8 +22,8 @@ from .. import env
 MODEL_CONTROL = ["--model-control-mode=explicit", "--load-model=*"]
 
 # Our configs are complete. With auto-complete on (Triton's default), the python backend starts one more stub
-# per model only to ask its model.py for a config: it imports torch and transformers and exits, a quarter of
-# the CPU a server spends to start.
+# per model only to ask its model.py for a config: it imports torch and transformers and exits, a fifth of the
+# CPU a server spent to start.
 NO_AUTO_COMPLETE = "--disable-auto-complete-config"
 
 # glibc malloc for the server and its stubs (they inherit it). By default, a freed large buffer raises
