@@ -20,11 +20,13 @@ def pytest_configure(config):
 
 
 _SERVER_STARTS: collections.Counter = collections.Counter()  # test module -> tritonservers it started
+_RESTARTS: collections.Counter = collections.Counter()  # test module -> servers started again (`wait_ready`)
 
 
 def _count_server_starts() -> None:
-    """Count the tritonservers the test processes start (the suite's main cost: issue 24 asks for fewer);
-    the count is printed at the end of the run. Servers started by commands the tests run are not in it."""
+    """Count the tritonservers the test processes start (the suite's main cost: issue 24 asks for fewer),
+    and apart, those started again because they lost a port or tritonserver crashed at load; the counts are
+    printed at the end of the run. Servers started by commands the tests run are not in them."""
     from triton_vlm.deploy.server import TritonServer
 
     start = TritonServer.start
@@ -32,7 +34,8 @@ def _count_server_starts() -> None:
         return
 
     def counted(self):
-        _SERVER_STARTS[os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[0]] += 1
+        counter = _SERVER_STARTS if self.process is None else _RESTARTS
+        counter[os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[0]] += 1
         return start(self)
 
     counted.counted = True
@@ -66,17 +69,24 @@ def pytest_xdist_make_scheduler(config, log):
 def pytest_sessionfinish(session):
     if hasattr(session.config, "workeroutput"):  # an xdist worker: its counts go to the controller
         session.config.workeroutput["server_starts"] = dict(_SERVER_STARTS)
+        session.config.workeroutput["server_restarts"] = dict(_RESTARTS)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
     _SERVER_STARTS.update(getattr(node, "workeroutput", {}).get("server_starts", {}))
+    _RESTARTS.update(getattr(node, "workeroutput", {}).get("server_restarts", {}))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_line(f"tritonserver starts in the test processes: {sum(_SERVER_STARTS.values())}")
     for module, count in _SERVER_STARTS.most_common():
         terminalreporter.write_line(f"  {count:3d}  {module}")
+    if _RESTARTS:
+        terminalreporter.write_line(f"and started again (a port lost, a crash at load, a test's restart): "
+                                    f"{sum(_RESTARTS.values())}")
+        for module, count in _RESTARTS.most_common():
+            terminalreporter.write_line(f"  {count:3d}  {module}")
 
 
 @pytest.fixture(scope="session")
