@@ -19,8 +19,8 @@ def pytest_configure(config):
     _count_server_starts()
 
 
-_SERVER_STARTS: collections.Counter = collections.Counter()  # test module -> tritonservers it started
-_RESTARTS: collections.Counter = collections.Counter()  # test module -> servers started again (`wait_ready`)
+# test module -> tritonservers it started, and apart, those it started again (`TritonServer.wait_ready`)
+_SERVER_STARTS = {"started": collections.Counter(), "started again": collections.Counter()}
 
 
 def _count_server_starts() -> None:
@@ -34,8 +34,8 @@ def _count_server_starts() -> None:
         return
 
     def counted(self):
-        counter = _SERVER_STARTS if self.process is None else _RESTARTS
-        counter[os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[0]] += 1
+        kind = "started" if self.process is None else "started again"
+        _SERVER_STARTS[kind][os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[0]] += 1
         return start(self)
 
     counted.counted = True
@@ -68,24 +68,22 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_sessionfinish(session):
     if hasattr(session.config, "workeroutput"):  # an xdist worker: its counts go to the controller
-        session.config.workeroutput["server_starts"] = dict(_SERVER_STARTS)
-        session.config.workeroutput["server_restarts"] = dict(_RESTARTS)
+        session.config.workeroutput["server_starts"] = {kind: dict(c) for kind, c in _SERVER_STARTS.items()}
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-    _SERVER_STARTS.update(getattr(node, "workeroutput", {}).get("server_starts", {}))
-    _RESTARTS.update(getattr(node, "workeroutput", {}).get("server_restarts", {}))
+    for kind, counts in getattr(node, "workeroutput", {}).get("server_starts", {}).items():
+        _SERVER_STARTS[kind].update(counts)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    terminalreporter.write_line(f"tritonserver starts in the test processes: {sum(_SERVER_STARTS.values())}")
-    for module, count in _SERVER_STARTS.most_common():
-        terminalreporter.write_line(f"  {count:3d}  {module}")
-    if _RESTARTS:
-        terminalreporter.write_line(f"and started again (a port lost, a crash at load, a test's restart): "
-                                    f"{sum(_RESTARTS.values())}")
-        for module, count in _RESTARTS.most_common():
+    titles = {"started": "tritonserver starts in the test processes",
+              "started again": "and started again (a port lost, a crash at load, a test's restart)"}
+    for kind, counts in _SERVER_STARTS.items():
+        if counts or kind == "started":
+            terminalreporter.write_line(f"{titles[kind]}: {sum(counts.values())}")
+        for module, count in counts.most_common():
             terminalreporter.write_line(f"  {count:3d}  {module}")
 
 
