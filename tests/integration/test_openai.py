@@ -242,7 +242,8 @@ def test_a_client_that_disconnects_frees_its_kv_blocks(client, server):
     chunks = iter(answer)
     for _ in range(3):
         next(chunks)
-    assert server_metric(server, "triton_vlm_kv_blocks_in_use") >= 1
+    # no scrape of the blocks here: a scrape delayed by load outlasted the whole stream once (its ~4000 tokens
+    # take ~7 s); the cancelled count below shows the sequence still ran when the client left
     answer.close()  # the connection goes: the front end cancels the Triton request
     wait_until(lambda: server_metric(server, "triton_vlm_kv_blocks_in_use") == 0, 60, "the blocks to come back")
     # ended by the cancel, not by a full context (the engine's gauge and the stream's counter are published
