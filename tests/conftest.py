@@ -13,6 +13,12 @@ from triton_vlm.models import FAMILIES
 from triton_vlm_clients.images import synthetic_image
 from triton_vlm_clients.prometheus import server_metric, server_series  # noqa: F401 (the tests' helpers)
 
+# The suite runs many torch processes on few cores: two workers, and each server's stubs, engines and ranks.
+# OpenMP threads spin after every parallel region by default, taking a core from the others for nothing:
+# the tiny engine's decode took twice the CPU with 2 threads for the same time as 1 (docs/benchmarks.md).
+# Read when torch loads (none of the imports above loads it); the servers the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
