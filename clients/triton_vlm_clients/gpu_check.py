@@ -20,9 +20,9 @@ and DIR/servers.log (the tail of every server's log).
 5. encoder_dp: 4 x 1280x720 images through `image_encoder` with 1 vision_encoder replica and with 2 on
    the one GPU (the 7B-shaped vision tower).
 
---dry-run runs the same steps on CPU (--gpus none; the tiny model stands in for the 7B-shaped one, and
-the GPU-only assertions are reported, not required; each step may take DRY_RUN_SLOWER times its GPU
-deadline): CI runs it, so the check's own logic is tested.
+--dry-run runs the same steps on CPU (--gpus none; the tiny model stands in for the 7B-shaped one, 320x180
+images for the 1280x720 ones, and the GPU-only assertions are reported, not required; each step may take
+DRY_RUN_SLOWER times its GPU deadline): CI runs it, so the check's own logic is tested.
 """
 
 from __future__ import annotations
@@ -250,9 +250,9 @@ def step_bench_7b(work: Path, dry_run: bool) -> dict:
     with _servers(work / "bench", deployments) as servers:
         url = servers["triton-vlm"].grpc_url
         result["triton-vlm single stream"] = _bench(url, model, work / "single.json", prompts=4, concurrency=1,
-                                                    output_len=8 if dry_run else 64)
+                                                    output_len=8 if dry_run else 64, image=_image(dry_run))
         result["triton-vlm 8 streams"] = _bench(url, model, work / "eight.json", prompts=16, concurrency=8,
-                                                output_len=8 if dry_run else 64)
+                                                output_len=8 if dry_run else 64, image=_image(dry_run))
     hf, one, eight = result["transformers"], result["triton-vlm single stream"], result["triton-vlm 8 streams"]
     if one["failed_requests"] or eight["failed_requests"]:
         return {**result, "ok": False, "error": "; ".join(one["errors"] + eight["errors"])}
@@ -271,10 +271,11 @@ def step_encoder_dp(work: Path, dry_run: bool) -> dict:
 
     model, _ = _model_7b(work, dry_run)
     gpus = () if dry_run else (0,)
-    images = [synthetic_image(1280, 720, seed=i, fmt="JPEG") for i in range(4)]
+    width, height = _image(dry_run)
+    images = [synthetic_image(width, height, seed=i, fmt="JPEG") for i in range(4)]
     deployments = {f"dp{n}": Deployment(model, mode="encoder", encoder_dp=n, gpus=gpus, embedding_cache_mb=0)
                    for n in (1, 2)}
-    result: dict = {"images": "4 x 1280x720 JPEG", "repeats": 5}
+    result: dict = {"images": f"4 x {width}x{height} JPEG", "repeats": 5}
     with _servers(work / "encoder_dp", deployments) as servers:
         for name, server in servers.items():
             tensor = grpcclient.InferInput("_IMAGES", [len(images)], "BYTES")
@@ -362,7 +363,7 @@ def config_7b(tiny: dict) -> dict:
 
 
 def _transformers_timings(model: Path, dry_run: bool, weights=None) -> dict:
-    """transformers' generate on the same device and weights: one 1280x720 image and a prompt, TTFT and ITL
+    """transformers' generate on the same device and weights: one image (`_image`) and a prompt, TTFT and ITL
     of one stream (median of 3 after a warm-up), and the tokens/s of 8 such requests as one batch."""
     import torch
     import transformers
@@ -375,7 +376,7 @@ def _transformers_timings(model: Path, dry_run: bool, weights=None) -> dict:
     inputs = HFInputs(model)
     hf = weights or transformers.AutoModelForImageTextToText.from_pretrained(model, dtype=dtype)
     hf = hf.to(device).eval()
-    images = [synthetic_image(1280, 720, seed=i, fmt="JPEG") for i in range(8)]
+    images = [synthetic_image(*_image(dry_run), seed=i, fmt="JPEG") for i in range(8)]
 
     def run(batch: list[bytes]) -> tuple[list[float], float]:
         start = time.perf_counter()
@@ -399,12 +400,18 @@ def _transformers_timings(model: Path, dry_run: bool, weights=None) -> dict:
             "batch8_tokens_per_s": 8 * n / batch_s, "output_len": n}
 
 
-def _bench(url: str, model: Path, out: Path, prompts: int, concurrency: int, output_len: int) -> dict:
-    """Our bench client against the server: one 1280x720 image and 64 prompt tokens a request."""
+def _image(dry_run: bool) -> tuple[int, int]:
+    """The bench's and encoder DP's image size; the dry run tests the check's logic, not the figures."""
+    return (320, 180) if dry_run else (1280, 720)
+
+
+def _bench(url: str, model: Path, out: Path, prompts: int, concurrency: int, output_len: int,
+           image: tuple[int, int]) -> dict:
+    """Our bench client against the server: one `image`-sized image and 64 prompt tokens a request."""
     code = subprocess.run([sys.executable, "-m", "triton_vlm_clients.bench", "--url", url, "--model", str(model),
                            "--num-prompts", str(prompts), "--max-concurrency", str(concurrency), "--image-count", "1",
-                           "--image-resolution", "1280x720", "--output-len", str(output_len), "--ignore-eos",
-                           "--disable-tqdm", "--output-json", str(out)]).returncode
+                           "--image-resolution", "{}x{}".format(*image), "--output-len", str(output_len),
+                           "--ignore-eos", "--disable-tqdm", "--output-json", str(out)]).returncode
     results = json.loads(out.read_text())["results"]["triton-vlm"]
     keep = ("successful_requests", "failed_requests", "errors", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
             "median_itl_ms", "p99_itl_ms")
