@@ -10,7 +10,9 @@ exec 9>.tools/video-ref.lock  # the test workers may ask at once: one installs, 
 flock 9
 [ -f "$ENV/installed" ] && exit 0  # written last: an install cut short is done again
 "${PYTHON:-python3}" -m venv "$ENV"
-"$ENV/bin/python" -m pip install -q --disable-pip-version-check \
+# --no-compile: pip would compile every module of these 5.8 GB (58 CPU-s, 34 without); the check below
+# compiles the ones the reference imports (its bytecode is written whatever the caller's environment says)
+"$ENV/bin/python" -m pip install -q --disable-pip-version-check --no-compile \
   "torch==2.14.1" "torchvision==0.29.1" "transformers==4.57.6" "tokenizers>=0.22,<0.23" "av" "numpy<2" "pillow" "safetensors"
-"$ENV/bin/python" -c "import torchvision, av, transformers"
+env -u PYTHONDONTWRITEBYTECODE "$ENV/bin/python" -c "import torchvision, av, transformers"
 touch "$ENV/installed"
