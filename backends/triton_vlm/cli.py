@@ -34,7 +34,8 @@ def _deployment(args):
 
     try:
         return Deployment(ensure_model(args.model), encoder_dp=args.encoder_dp, encoder_threads=args.encoder_threads,
-                          gpus=_gpus(args.gpus), tensor_parallel=args.tp, mode=args.mode,
+                          preprocess_instances=args.preprocess_instances, gpus=_gpus(args.gpus),
+                          tensor_parallel=args.tp, mode=args.mode,
                           encoder_urls=tuple(args.encoder_urls or ()), encoder_urls_file=args.encoder_urls_file,
                           prefill_urls=tuple(args.prefill_urls or ()), prefill_urls_file=args.prefill_urls_file,
                           minimal=args.minimal, dtype=args.dtype,
@@ -149,6 +150,8 @@ def _deployment_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-dp", type=int, help="vision encoder replicas; a request's images are split "
                    "over them by image tokens (default: the repository's, 2; on GPUs one per GPU)")
     p.add_argument("--encoder-threads", type=int, help="torch threads per encoder replica (default: cores / replicas)")
+    p.add_argument("--preprocess-instances", type=int, help="preprocess processes (chat template, tokenizer, image "
+                   "decoding; each takes many requests at once on threads) (default: the repository's, 2)")
     p.add_argument("--mode", choices=["colocated", "encoder", "language", "prefill", "decode"], default="colocated",
                    help="encoder: only image_encoder + vision_encoder (an E/PD encoder server: image files in, "
                    "embeddings out); language: encode on the --encoder-urls servers; prefill: only the language "

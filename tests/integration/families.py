@@ -62,7 +62,8 @@ def family_deployments(root, model, transport: str, full: bool = False):
         encoder, encoders = (started[0], started) if full else (started, [started])
         decode = Deployment(model, mode="decode", encoder_dp=1, minimal=True, embedding_cache_mb=0,
                             encoder_urls=tuple(e.grpc_url for e in encoders), encoder_transport=transport,
-                            encoder_fallback="none", prefill_urls=(encoder.grpc_url,), kv_transport=kv_transport)
+                            encoder_fallback="none", prefill_urls=(encoder.grpc_url,), kv_transport=kv_transport,
+                            preprocess_instances=1)  # it decodes no image: one takes its requests on threads
         disaggregated = stack.enter_context(serving((decode, root / "disaggregated")))
         yield {"colocated": encoder, "disaggregated": disaggregated}
 

@@ -71,7 +71,8 @@ def test_serve_with_encoder_replicas_two_ranks_the_openai_api_and_infer_commands
 
 def test_render_prints_the_tritonserver_arguments(tiny_model, tmp_path):
     out = subprocess.run([str(BIN / "triton-vlm"), "render", str(tmp_path / "repo"), "--model", str(tiny_model),
-                          "--encoder-dp", "2", "--gpus", "0,1"], capture_output=True, text=True, timeout=120)
+                          "--encoder-dp", "2", "--gpus", "0,1", "--preprocess-instances", "1"], capture_output=True,
+                         text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [f"--model-repository={tmp_path / 'repo'}",
                                   "--model-control-mode=explicit", "--load-model=*", "--disable-auto-complete-config",
@@ -79,6 +80,8 @@ def test_render_prints_the_tritonserver_arguments(tiny_model, tmp_path):
                                   "--cuda-memory-pool-byte-size=1:268435456"]
     config = (tmp_path / "repo" / "vision_encoder" / "config.pbtxt").read_text()
     assert "{ count: 1 kind: KIND_GPU gpus: [ 0 ] }, { count: 1 kind: KIND_GPU gpus: [ 1 ] }" in config
+    preprocess = (tmp_path / "repo" / "preprocess" / "config.pbtxt").read_text()
+    assert "instance_group [ { count: 1 kind: KIND_CPU } ]" in preprocess
 
 
 def test_serve_refuses_a_family_we_do_not_serve_naming_the_ones_we_do(tiny_model, tmp_path):

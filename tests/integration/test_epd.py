@@ -71,7 +71,7 @@ def epd(server, tiny_model, tmp_path_factory):
         urls_file.write_text(f"{own.grpc_url}\n{server.grpc_url}\n{dead}\n")
         language = Deployment(tiny_model, mode="language", encoder_dp=1, minimal=True, encoder_urls_file=str(urls_file),
                               local_encode_below=LOCAL_BELOW, max_video_bytes=VIDEO_BYTES,
-                              max_video_tokens=VIDEO_TOKENS)
+                              max_video_tokens=VIDEO_TOKENS, preprocess_instances=1)
         with serving((language, root / "language")) as language_server:
             epd = EPD(language_server, [own, server], dead, urls_file)
             dead_series = f'encoder="{dead}"'

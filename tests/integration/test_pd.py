@@ -55,7 +55,7 @@ def pd(server, tiny_model, tmp_path_factory):
         urls_file = root / "prefill.txt"
         urls_file.write_text(f"{prefill.grpc_url}\n")
         redis_port = free_port()  # the shared tier of both decode servers' embedding caches, started by a test
-        common = dict(mode="decode", encoder_dp=1, minimal=True, encoder_fallback="none",
+        common = dict(mode="decode", encoder_dp=1, minimal=True, encoder_fallback="none", preprocess_instances=1,
                       encoder_urls=(server.grpc_url,), embedding_cache_redis=f"redis://127.0.0.1:{redis_port}")
         decode = Deployment(tiny_model, prefill_urls_file=str(urls_file), kv_transport="nixl", **common)
         grpc_decode = Deployment(tiny_model, prefill_urls=(prefill.grpc_url,), kv_transport="grpc", **common)

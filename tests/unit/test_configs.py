@@ -119,11 +119,19 @@ def test_deployment_dtype_reaches_the_encoder_and_the_language_model(tmp_path):
 
 def test_deployment_defaults_keep_the_repository(tmp_path):
     repo = Deployment(tmp_path / "model").render(tmp_path / "repo")
-    for model in ("vision_encoder", "encode", "language_model"):
+    for model in ("preprocess", "vision_encoder", "encode", "language_model"):
         committed, rendered = _load(COMMITTED / model / "config.pbtxt"), _load(repo / model / "config.pbtxt")
         assert _groups(rendered) == _groups(committed)
         assert {k: v for k, v in rendered.parameters.items() if k != "model_path"} == {
             k: v for k, v in committed.parameters.items() if k != "model_path"}
+
+
+def test_deployment_renders_preprocess_instances(tmp_path):
+    assert _groups(_load(COMMITTED / "preprocess" / "config.pbtxt")) == [(2, "KIND_CPU", [])]
+    repo = Deployment(tmp_path / "model", preprocess_instances=1).render(tmp_path / "repo")
+    assert _groups(_load(repo / "preprocess" / "config.pbtxt")) == [(1, "KIND_CPU", [])]
+    with pytest.raises(ValueError, match="preprocess_instances must be >= 1"):
+        Deployment(tmp_path / "model", preprocess_instances=0)
 
 
 def test_encoder_threads_default_to_cores_over_replicas(monkeypatch):

@@ -22,6 +22,7 @@ class Deployment:
     model: Path
     encoder_dp: int | None = None  # vision_encoder instances = shards per request
     encoder_threads: int | None = None  # torch threads per encoder instance; 0: cores / instances
+    preprocess_instances: int | None = None  # preprocess stubs (SGLang's --tokenizer-worker-num); the repository has 2
     gpus: tuple[int, ...] = ()  # () = CPU; else encoder instances spread over these, language from the first
     tensor_parallel: int | None = None  # language model ranks (one Triton instance; rank r on GPU first + r)
     cuda_memory_pool_mb: int | None = None  # default: CUDA_MEMORY_POOL_MB per embedding block
@@ -93,6 +94,8 @@ class Deployment:
             raise ValueError(f"tensor_parallel {self.tensor_parallel} needs as many GPUs; got {list(self.gpus)}")
         if self.dtype is not None and self.dtype not in self.DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(self.DTYPES)}, got {self.dtype!r}")
+        if self.preprocess_instances is not None and self.preprocess_instances < 1:
+            raise ValueError(f"preprocess_instances must be >= 1, got {self.preprocess_instances}")
         if self.encoder_threads is not None and self.encoder_threads < 0:
             raise ValueError(f"encoder_threads must be >= 0, got {self.encoder_threads}")
         config = Path(self.model) / "config.json"
@@ -127,6 +130,8 @@ class Deployment:
             groups["image_encoder"] = [{"count": max(2, dp), "kind": "KIND_CPU"}]
         if self.encoder_threads is not None:
             parameters["vision_encoder"]["threads"] = str(self.encoder_threads)
+        if self.preprocess_instances is not None:
+            groups["preprocess"] = [{"count": self.preprocess_instances, "kind": "KIND_CPU"}]
         if self.gpus:
             parameters["language_model"]["device"] = f"cuda:{self.gpus[0]}"
             # the stubs that take embeddings on the GPU (from the replicas by BLS; from `encode` as an
