@@ -89,7 +89,8 @@ def test_perf_analyzer_measures_preprocess(server, perf_analyzer, tmp_path):
 def test_bench_compares_a_started_deployment_with_plain_transformers(tiny_model, tmp_path):
     # an E/PD deployment (1 encoder server + 1 language server); with no local fallback, the image
     # embeddings behind outputs equal to transformers' can only come from the encoder server
-    epd = "epd=--encoder-servers 1 --encoder-dp 1 --encoder-fallback none --gpus none --minimal"
+    epd = ("epd=--encoder-servers 1 --encoder-dp 1 --encoder-fallback none --gpus none --minimal "
+           "--preprocess-instances 1")
     out = subprocess.run(
         [str(BIN / "triton-vlm"), "bench", "--model", str(tiny_model), "--compare", epd,
          "--transformers-baseline", "--num-prompts", "3", "--image-count", "2", "--image-resolution", "160x120",

@@ -36,15 +36,16 @@ def test_serve_with_encoder_replicas_two_ranks_the_openai_api_and_infer_commands
         process = subprocess.Popen(
             [str(BIN / "triton-vlm"), "serve", "--model", str(tiny_model), "--http-port", str(http),
              "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--encoder-dp", "3",
-             "--encoder-threads", "1", "--tp", "2", "--gpus", "none", "--minimal", "--openai-port", str(api),
-             "--openai-host", "127.0.0.1"],
+             "--encoder-threads", "1", "--tp", "2", "--gpus", "none", "--minimal", "--preprocess-instances", "1",
+             "--openai-port", str(api), "--openai-host", "127.0.0.1"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_ready(process, f"127.0.0.1:{http}")
             with httpclient.InferenceServerClient(f"127.0.0.1:{http}") as client:
                 encoder = client.get_model_config("vision_encoder")
                 encode = client.get_model_config("encode")
-            assert encoder["instance_group"][0]["count"] == 3
+                preprocess = client.get_model_config("preprocess")
+            assert encoder["instance_group"][0]["count"] == 3 and preprocess["instance_group"][0]["count"] == 1
             assert encoder["parameters"]["threads"]["string_value"] == "1"
             assert encode["parameters"]["data_parallel"]["string_value"] == "3"
             out = subprocess.run(
