@@ -21,7 +21,8 @@ and DIR/servers.log (the tail of every server's log).
    the one GPU (the 7B-shaped vision tower).
 
 --dry-run runs the same steps on CPU (--gpus none; the tiny model stands in for the 7B-shaped one, 320x180
-images for the 1280x720 ones, and the GPU-only assertions are reported, not required; each step may take
+images for the 1280x720 ones, one server answers as both of server_parity's (they are the same on CPU),
+and the GPU-only assertions are reported, not required; each step may take
 DRY_RUN_SLOWER times its GPU deadline): CI runs it, so the check's own logic is tested.
 """
 
@@ -216,10 +217,12 @@ def step_server_parity(work: Path, dry_run: bool) -> dict:
     deployments = {"cpu": Deployment(model, encoder_dp=2, gpus=(), dtype="float32", embedding_cache_mb=0, minimal=True),
                    "gpu": Deployment(model, encoder_dp=2, gpus=gpus, dtype="float32", embedding_cache_mb=0,
                                      minimal=True)}
+    if dry_run:  # no GPU: the two are one deployment, and one server answers as both
+        del deployments["cpu"]
     env = dict(os.environ, TRITON_VLM_CUDA_COPY_TRACE=str(copies))
     with _servers(work / "parity", deployments, {"gpu": env}) as servers:
-        answers = {name: stream(s.grpc_url, prompt=PROMPT, images=images, max_tokens=16, ignore_eos=True)
-                   for name, s in servers.items()}
+        answers = {name: stream(servers.get(name, servers["gpu"]).grpc_url, prompt=PROMPT, images=images,
+                                max_tokens=16, ignore_eos=True) for name in ("cpu", "gpu")}
         received = {labels["memory"]: value for labels, value in
                     server_series(servers["gpu"], "triton_vlm_image_embeds_received_total")}
         servers["gpu"].stop(graceful=True)  # finalize writes the copy traces
