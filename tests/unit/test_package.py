@@ -97,3 +97,21 @@ def test_stages_that_run_no_hf_code_import_no_transformers(model):
                "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'torch'}))")
     found = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True).stdout
     assert found.split() == ["['torch']"]
+
+
+def test_the_language_engine_process_messages_load_without_transformers():
+    """The `language_model` stub unpickles what its engine process sends: the ready message and every batch
+    of outputs, each with the engine's stats. When the stats' class lived in `engine/language.py`, the first
+    message imported the whole engine into the stub, transformers with it (1.8 CPU-s of each server start)."""
+    from triton_vlm.engine.sequence import StepOutput
+    from triton_vlm.engine.stats import EngineStats
+    from triton_vlm.serving.engine_process import Geometry, _dumps
+
+    stats = EngineStats(*range(10))
+    messages = _dumps([("ready", Geometry(4096, 64, 16, 2048), stats), ("out", [(7, StepOutput([5], "a", None)),
+                                                                                (8, StepOutput([], "", "stop"))],
+                                                                         stats)])
+    program = ("import pickle, sys; messages = pickle.loads(sys.stdin.buffer.read())\n"
+               "print(len(messages), sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'torch'}))")
+    found = subprocess.run([sys.executable, "-c", program], input=messages, capture_output=True, check=True).stdout
+    assert found.decode().split() == ["2", "['torch']"]

@@ -14,7 +14,6 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from transformers import AutoTokenizer
@@ -29,27 +28,12 @@ from .runner import ModelRunner, kv_budget
 from .sampling import next_token
 from .scheduler import Scheduler
 from .sequence import Callback, LanguageRequest, Sequence, Status, StepOutput, deliver, eos_token_ids
+from .stats import EngineStats
 from .tp_worker import start_workers, stop_workers
 
 __all__ = ["EngineStats", "LanguageEngine", "LanguageRequest", "PrefilledKV", "StepOutput"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """The engine now (the metrics' source)."""
-
-    running: int  # sequences admitted (prefilling or decoding)
-    waiting: int  # accepted, not admitted yet (or preempted)
-    prefill_tokens: int  # prompt tokens computed so far (cache hits are not computed)
-    decode_tokens: int  # tokens decode steps computed so far
-    blocks_in_use: int
-    blocks_total: int
-    prefix_queries: int  # tokens of admitted sequences looked up in the prefix cache
-    prefix_hits: int  # of those, found cached
-    preemptions: int
-    imported_tokens: int = 0  # prompt tokens whose KV came from prefill engines' hand-offs
 
 
 class LanguageEngine:
