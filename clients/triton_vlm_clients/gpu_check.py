@@ -22,8 +22,8 @@ and DIR/servers.log (the tail of every server's log).
 
 --dry-run runs the same steps on CPU (--gpus none; the tiny model stands in for the 7B-shaped one, 320x180
 images for the 1280x720 ones, one server answers as both of server_parity's (they are the same on CPU),
-and the GPU-only assertions are reported, not required; each step may take
-DRY_RUN_SLOWER times its GPU deadline): CI runs it, so the check's own logic is tested.
+and the GPU-only assertions are reported, not required; each step may take DRY_RUN_SLOWER times its GPU
+deadline): CI runs it, so the check's own logic is tested.
 """
 
 from __future__ import annotations
