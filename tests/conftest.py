@@ -31,7 +31,7 @@ _SERVER_STARTS = {"started": collections.Counter(), "started again": collections
 
 def _count_server_starts() -> None:
     """Count the tritonservers the test processes start (the suite's main cost: issue 24 asks for fewer),
-    and apart, those started again because they lost a port or tritonserver crashed at load; the counts are
+    and apart, those started again because they lost a port, or tritonserver crashed or hung at load; the counts are
     printed at the end of the run. Servers started by commands the tests run are not in them."""
     from triton_vlm.deploy.server import TritonServer
 
@@ -50,7 +50,8 @@ def _count_server_starts() -> None:
 
 # Integration modules whose servers are their own (module-scoped, or started by the command they run); every
 # other one uses the session's servers (`tests/integration/conftest.py`)
-OWN_SERVERS = {"test_gpu_check.py", "test_server_ports.py", *(f"test_{family}.py" for family in FAMILIES)}
+OWN_SERVERS = {"test_gpu_check.py", "test_server_ports.py", "test_hung_start.py",
+               *(f"test_{family}.py" for family in FAMILIES)}
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -85,7 +86,7 @@ def pytest_testnodedown(node, error):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     titles = {"started": "tritonserver starts in the test processes",
-              "started again": "and started again (a port lost, a crash at load, a test's restart)"}
+              "started again": "and started again (a port lost, a crash or hang at load, a test's restart)"}
     for kind, counts in _SERVER_STARTS.items():
         if counts or kind == "started":
             terminalreporter.write_line(f"{titles[kind]}: {sum(counts.values())}")

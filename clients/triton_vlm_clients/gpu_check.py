@@ -133,14 +133,16 @@ def _kill_group(pid: int) -> None:
 
 
 def _stop_servers(work: Path) -> None:
-    """Kill what a step left running: each server it started wrote its process group to servers.pids."""
+    """Kill what a step left running: each server it started wrote its process group and shared memory prefix
+    to servers.pids."""
     pids = work / "servers.pids"
     if pids.exists():
-        for line in pids.read_text().split():
-            _kill_group(int(line))
+        for line in pids.read_text().splitlines():
+            pid, shm_prefix = line.split()
+            _kill_group(int(pid))
+            for region in Path("/dev/shm").glob(f"{shm_prefix}*"):  # a killed server leaves them
+                region.unlink(missing_ok=True)
         pids.unlink()
-    for region in Path("/dev/shm").glob(f"tvlm{os.getpid()}*"):
-        region.unlink(missing_ok=True)
 
 
 def _collect_server_logs(work: Path, dest: Path, tail_bytes: int = 400_000) -> None:
@@ -220,7 +222,7 @@ def step_server_parity(work: Path, dry_run: bool) -> dict:
     if dry_run:  # no GPU: the two are one deployment, and one server answers as both
         del deployments["cpu"]
     env = dict(os.environ, TRITON_VLM_CUDA_COPY_TRACE=str(copies))
-    with _servers(work / "parity", deployments, {"gpu": env}) as servers:
+    with _servers(work / "parity", deployments, dry_run, {"gpu": env}) as servers:
         answers = {name: stream(servers.get(name, servers["gpu"]).grpc_url, prompt=PROMPT, images=images,
                                 max_tokens=16, ignore_eos=True) for name in ("cpu", "gpu")}
         received = {labels["memory"]: value for labels, value in
@@ -250,7 +252,7 @@ def step_bench_7b(work: Path, dry_run: bool) -> dict:
     weights = None  # noqa: F841 (freed before the server loads its own)
     deployments = {"triton-vlm": Deployment(model, encoder_dp=2, gpus=() if dry_run else (0,), embedding_cache_mb=0,
                                             enable_prefix_caching=False, minimal=True)}
-    with _servers(work / "bench", deployments) as servers:
+    with _servers(work / "bench", deployments, dry_run) as servers:
         url = servers["triton-vlm"].grpc_url
         result["triton-vlm single stream"] = _bench(url, model, work / "single.json", prompts=4, concurrency=1,
                                                     output_len=8 if dry_run else 64, image=_image(dry_run))
@@ -279,7 +281,7 @@ def step_encoder_dp(work: Path, dry_run: bool) -> dict:
     deployments = {f"dp{n}": Deployment(model, mode="encoder", encoder_dp=n, gpus=gpus, embedding_cache_mb=0)
                    for n in (1, 2)}
     result: dict = {"images": f"4 x {width}x{height} JPEG", "repeats": 5}
-    with _servers(work / "encoder_dp", deployments) as servers:
+    with _servers(work / "encoder_dp", deployments, dry_run) as servers:
         for name, server in servers.items():
             tensor = grpcclient.InferInput("_IMAGES", [len(images)], "BYTES")
             tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
@@ -299,21 +301,28 @@ def step_encoder_dp(work: Path, dry_run: bool) -> dict:
 # ---------------------------------------------------------------------------------------------- helpers
 
 @contextlib.contextmanager
-def _servers(root: Path, deployments: dict, envs: dict | None = None):
-    """Each deployment's tritonserver, started together; their process groups noted for the driver."""
+def _servers(root: Path, deployments: dict, dry_run: bool, envs: dict | None = None):
+    """Each deployment's tritonserver, started together; their process groups noted for the driver. In a dry
+    run, a server whose load hangs (once in CI: not ready after 240 s, where 20-60 s is usual) has its stubs'
+    stacks logged and starts again: twice 150 s fit the step's deadline."""
     from triton_vlm.deploy.server import TritonServer
+
+    class Noted(TritonServer):
+        def start(self) -> TritonServer:  # every start, a start again too (new ports, new prefix)
+            super().start()
+            with open(root.parent / "servers.pids", "a") as f:
+                f.write(f"{self.process.pid} {self.shm_prefix}\n")
+            return self
 
     root.mkdir(parents=True, exist_ok=True)
     servers = {}
     try:
         for name, deployment in deployments.items():
-            server = TritonServer(deployment.render(root / name), log_file=root / f"{name}.server.log",
-                                  extra_args=deployment.server_args(), env=(envs or {}).get(name), graceful_stop=False)
-            servers[name] = server.start()
-            with open(root.parent / "servers.pids", "a") as f:
-                f.write(f"{server.process.pid}\n")
+            servers[name] = Noted(deployment.render(root / name), log_file=root / f"{name}.server.log",
+                                  extra_args=deployment.server_args(), env=(envs or {}).get(name),
+                                  graceful_stop=False).start()
         for server in servers.values():
-            server.wait_ready(timeout_s=240)
+            server.wait_ready(timeout_s=150 if dry_run else 240, restart_hung=dry_run)
         yield servers
     finally:
         for server in servers.values():

@@ -24,8 +24,8 @@ def serving(*what: tuple[Deployment | Path, Path], ready_s: float = 300, **serve
             server = TritonServer(repo, graceful_stop=False, log_file=root / "tritonserver.log", **server_args)
             stack.callback(server.stop)
             servers.append(server.start())
-        for server in servers:
-            server.wait_ready(timeout_s=ready_s)
+        for server in servers:  # a load that hangs (its stacks in the log) starts again, counted as such
+            server.wait_ready(timeout_s=ready_s, restart_hung=True)
         yield servers[0] if len(servers) == 1 else servers
 
 

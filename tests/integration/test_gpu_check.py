@@ -19,7 +19,7 @@ def test_the_dry_run_passes_every_step_on_cpu(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=960)
     summary = json.loads((tmp_path / "out" / "gpu-check.json").read_text())
     steps = summary["steps"]
-    assert done.returncode == 0 and summary["ok"], (done.stdout[-3000:], done.stderr[-3000:])
+    assert done.returncode == 0 and summary["ok"], _report(done, tmp_path / "out")
     assert list(steps) == ["environment", "server_parity", "gpu_tests", "bench_7b", "encoder_dp"]
     tests = steps["gpu_tests"]
     assert tests["tests"] > 0 and tests["skipped"] == tests["tests"] and not tests["failures"] + tests["errors"]
@@ -31,3 +31,10 @@ def test_the_dry_run_passes_every_step_on_cpu(tmp_path):
     left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes of the check still running: {left}"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith("triton-vlm-gpu-check.")], "its venv was removed"
+
+
+def _report(done: subprocess.CompletedProcess, out: Path) -> str:
+    """What a failed check printed, with the ends of its step and server logs: all CI shows of a failure."""
+    logs = "".join(f"\n--- {name}, ending:\n" + (out / name).read_text(errors="replace")[-4000:]
+                   for name in ("steps.log", "servers.log") if (out / name).exists())
+    return f"{done.stdout[-3000:]}\n{done.stderr[-2000:]}{logs}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from ..stubs import cmdline, stub_model
 from . import launcher
 
 
@@ -47,15 +49,55 @@ def is_ready(http_url: str) -> bool:
 
 
 def wait_ready(process: subprocess.Popen, http_url: str, timeout_s: float = 300) -> None:
-    """Until /v2/health/ready answers 200; RuntimeError if the process exits, TimeoutError after timeout_s."""
+    """Until /v2/health/ready answers 200 from `process` (or a process it started): RuntimeError if it exits,
+    TimeoutError after timeout_s."""
     deadline = time.monotonic() + timeout_s
+    port = int(http_url.rsplit(":", 1)[1])
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"tritonserver exited with {process.returncode}")
-        if is_ready(http_url):
+        if is_ready(http_url) and listens_on(process.pid, port):
             return
         time.sleep(0.5)
     raise TimeoutError(f"tritonserver not ready after {timeout_s}s")
+
+
+def listens_on(pid: int, port: int) -> bool:
+    """Whether `pid` or a process it started holds the socket listening on TCP `port`. tritonserver's HTTP
+    listener shares its port (SO_REUSEPORT): another server that took the port we chose answers there while
+    ours still loads, as if it were ours. True where /proc cannot tell."""
+    inodes, readable = set(), False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        readable = True
+        for fields in map(str.split, rows):
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(f"socket:[{fields[9]}]")
+    if not readable:
+        return True
+    for member in descendants(pid):
+        with contextlib.suppress(OSError):
+            if any(os.readlink(fd) in inodes for fd in Path(f"/proc/{member}/fd").iterdir()):
+                return True
+    return False
+
+
+def descendants(pid: int) -> list[int]:
+    """pid and every process under it."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo += children.get(found[-1], [])
+    return found
 
 
 def stop_process(process: subprocess.Popen | None, timeout_s: float = 10) -> None:
@@ -133,22 +175,54 @@ class TritonServer:
                                         start_new_session=True)
         return self
 
-    def wait_ready(self, timeout_s: float = 300, attempts: int = 3) -> TritonServer:
+    def wait_ready(self, timeout_s: float = 300, attempts: int = 3, restart_hung: bool = False) -> TritonServer:
         """Until ready. A server on ports we chose that lost one to another process starts again on new ports;
-        one that tritonserver's known load crash killed starts again."""
+        one that tritonserver's known load crash killed starts again. One not ready in `timeout_s` has its
+        stubs' state and stacks written to its log, and is stopped: with `restart_hung`, started again."""
         try:
             wait_ready(self.process, self.http_url, timeout_s)
-        except TimeoutError:
+        except TimeoutError as e:
+            self._dump_stubs()
             self.stop()
-            raise
+            if restart_hung and attempts > 1:
+                if self.auto_ports:
+                    self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+                return self.start().wait_ready(timeout_s, attempts - 1, restart_hung)
+            raise TimeoutError(f"{e}; {self._log_tail()}") from None
         except RuntimeError as e:
             if attempts > 1 and (self.auto_ports and self._log_says(_BIND_FAILURES) or self._log_says(_LOAD_CRASHES)):
                 self.stop()
                 if self.auto_ports:
                     self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
-                return self.start().wait_ready(timeout_s, attempts - 1)
-            raise RuntimeError(f"{e}; log: {self.log_file}") from None
+                return self.start().wait_ready(timeout_s, attempts - 1, restart_hung)
+            raise RuntimeError(f"{e}; {self._log_tail()}") from None
         return self
+
+    def _dump_stubs(self) -> None:
+        """Into the log, for a server that hangs: each stub's state and kernel wait, and its threads' Python
+        stacks (`stubs.dump_stacks_on_signal`)."""
+        stubs = [(pid, model) for pid in descendants(self.process.pid)[1:] if (model := stub_model(cmdline(pid)))]
+        if self._log is not None:
+            for pid, model in stubs:
+                with contextlib.suppress(OSError):
+                    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                    wchan = Path(f"/proc/{pid}/wchan").read_text()
+                    self._log.write(f"triton-vlm: stub {pid} of {model}: state {state}, waits in {wchan}\n".encode())
+            self._log.flush()
+        for pid, _ in stubs:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGUSR2)
+        time.sleep(1 if stubs else 0)
+
+    def _log_tail(self) -> str:
+        """Where the server's log is, its errors and how it ended (its tables left out): what the error of a
+        failed start needs to be understood where only the error is seen (CI)."""
+        if self.log_file is None or not self.log_file.exists():
+            return "no log file"
+        lines = [line[:300] for line in self.log_file.read_text(errors="replace").splitlines()
+                 if line.strip() and not line.startswith(("|", "+"))]
+        errors = [line for line in lines if re.match(r"E\d{4} ", line)][-5:]
+        return "\n".join([f"log: {self.log_file}; its errors:", *errors, "its end:", *lines[-8:]])
 
     def _log_says(self, failures: tuple[str, ...]) -> bool:
         if self.log_file is None or not self.log_file.exists():
