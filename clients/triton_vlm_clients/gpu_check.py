@@ -303,8 +303,8 @@ def step_encoder_dp(work: Path, dry_run: bool) -> dict:
 @contextlib.contextmanager
 def _servers(root: Path, deployments: dict, dry_run: bool, envs: dict | None = None):
     """Each deployment's tritonserver, started together; their process groups noted for the driver. In a dry
-    run, a server whose load hangs (once in CI: not ready after 240 s, where 20-60 s is usual) has its stubs'
-    stacks logged and starts again: twice 150 s fit the step's deadline."""
+    run, a server whose load hangs (once in CI: not ready after 240 s; both of encoder_dp's take 20-30 s
+    here with both cores busy) has its stubs' stacks logged and starts again: twice 150 s fit the step."""
     from triton_vlm.deploy.server import TritonServer
 
     class Noted(TritonServer):
