@@ -1,7 +1,8 @@
 """What a python-backend stub process looks like from outside: its command line, the model it serves, and
 the shared-memory prefix of its server (regions we make ourselves are named after it, so that they go
 wherever the server's go). Base layer: the supervisor (serving) and the E/PD shared memory (encode) both
-read it. In a stub, `kill -USR2 <stub pid>` prints its threads' Python stacks to the server's log.
+read it. In a stub (or the language engine's processes), `kill -USR2 <pid>` prints its threads' Python
+stacks to the server's log.
 """
 
 from __future__ import annotations
@@ -37,8 +38,17 @@ def shm_prefix() -> str:
     return own[2][:-UUID_CHARS] if stub_model(own) and len(own[2]) > UUID_CHARS else "tvlm_"
 
 
+def our_process(args: list[str]) -> str | None:
+    """What a server's process of ours runs, from its command line: a stub's model, or the module of a
+    `python -m triton_vlm...` process (the language engine, a tensor-parallel rank); None for any other."""
+    if model := stub_model(args):
+        return model
+    return args[2] if len(args) > 2 and args[1] == "-m" and args[2].startswith("triton_vlm.") else None
+
+
 def dump_stacks_on_signal(signum: int = signal.SIGUSR2) -> None:
-    """In a python-backend stub, `signum` prints every thread's Python stack to stderr (the server's log):
-    what a stub that hangs is doing, while it hangs (`TritonServer` asks for it when a start times out)."""
-    if stub_model(cmdline(os.getpid())):
+    """In a process of ours (`our_process`), `signum` prints every thread's Python stack to stderr (the
+    server's log): what a process that hangs is doing, while it hangs (`TritonServer` asks for it when a
+    start times out)."""
+    if our_process(cmdline(os.getpid())):
         faulthandler.register(signum, all_threads=True)

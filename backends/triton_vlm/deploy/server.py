@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ..stubs import cmdline, stub_model
+from ..stubs import cmdline, our_process
 from . import launcher
 
 
@@ -178,11 +178,11 @@ class TritonServer:
     def wait_ready(self, timeout_s: float = 300, attempts: int = 3, restart_hung: bool = False) -> TritonServer:
         """Until ready. A server on ports we chose that lost one to another process starts again on new ports;
         one that tritonserver's known load crash killed starts again. One not ready in `timeout_s` has its
-        stubs' state and stacks written to its log, and is stopped: with `restart_hung`, started again."""
+        processes' state and stacks written to its log, and is stopped: with `restart_hung`, started again."""
         try:
             wait_ready(self.process, self.http_url, timeout_s)
         except TimeoutError as e:
-            self._dump_stubs()
+            self._dump_stacks()
             self.stop()
             if restart_hung and attempts > 1:
                 if self.auto_ports:
@@ -198,21 +198,22 @@ class TritonServer:
             raise RuntimeError(f"{e}; {self._log_tail()}") from None
         return self
 
-    def _dump_stubs(self) -> None:
-        """Into the log, for a server that hangs: each stub's state and kernel wait, and its threads' Python
-        stacks (`stubs.dump_stacks_on_signal`)."""
-        stubs = [(pid, model) for pid in descendants(self.process.pid)[1:] if (model := stub_model(cmdline(pid)))]
+    def _dump_stacks(self) -> None:
+        """Into the log, for a server that hangs: each stub's (and language engine process's) state and kernel
+        wait, and its threads' Python stacks (`stubs.dump_stacks_on_signal`)."""
+        ours = [(pid, what) for pid in descendants(self.process.pid)[1:] if (what := our_process(cmdline(pid)))]
         if self._log is not None:
-            for pid, model in stubs:
+            for pid, what in ours:
                 with contextlib.suppress(OSError):
                     state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
                     wchan = Path(f"/proc/{pid}/wchan").read_text()
-                    self._log.write(f"triton-vlm: stub {pid} of {model}: state {state}, waits in {wchan}\n".encode())
+                    self._log.write(f"triton-vlm: process {pid} ({what}): state {state}, waits in {wchan}\n".encode())
             self._log.flush()
-        for pid, _ in stubs:
+        for pid, _ in ours:  # one at a time: their stacks would interleave in the log
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGUSR2)
-        time.sleep(1 if stubs else 0)
+            time.sleep(0.2)
+        time.sleep(1 if ours else 0)
 
     def _log_tail(self) -> str:
         """Where the server's log is, its errors and how it ended (its tables left out): what the error of a

@@ -1,0 +1,19 @@
+"""Which processes of a server are ours, from their command lines: those a hung start's stacks come from."""
+
+from __future__ import annotations
+
+from triton_vlm.stubs import our_process, stub_model
+
+STUB = ["/x/backends/python/triton_python_backend_stub", "/repo/language_model/1/model.py",
+        "tvlm12p3_8d6f2c1e-0000-4000-8000-000000000000", "1048576", "1048576"]
+
+
+def test_stubs_and_our_module_processes_are_ours_and_nothing_else():
+    assert stub_model(STUB) == our_process(STUB) == "language_model"
+    engine = ["/venv/bin/python3", "-m", "triton_vlm.serving.engine_process", "--fd", "5", "--parent", "7"]
+    assert our_process(engine) == "triton_vlm.serving.engine_process"
+    assert our_process(["/venv/bin/python3", "-m", "triton_vlm.engine.tp_worker", "--rank", "1"]) == \
+        "triton_vlm.engine.tp_worker"
+    for other in ([], ["/usr/bin/redis-server", "--port", "1"], ["/venv/bin/python3", "-m", "pytest", "tests"],
+                  ["/venv/bin/python3", "-c", "import triton_vlm"], ["tritonserver", "--model-repository=/r"]):
+        assert our_process(other) is None
