@@ -63,9 +63,9 @@ def wait_ready(process: subprocess.Popen, http_url: str, timeout_s: float = 300)
 
 
 def listens_on(pid: int, port: int) -> bool:
-    """Whether `pid` or a process it started holds the socket listening on TCP `port`. tritonserver's HTTP
-    listener shares its port (SO_REUSEPORT): another server that took the port we chose answers there while
-    ours still loads, as if it were ours. True where /proc cannot tell."""
+    """Whether `pid` or a process it started holds the socket listening on TCP `port`. tritonserver binds its
+    HTTP port only once its models are loaded: until then another server that took the port we chose answers
+    there, as if it were ours. True where /proc cannot tell."""
     inodes, readable = set(), False
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
