@@ -23,6 +23,16 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process, or None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
+    return fields[0], int(fields[1])
+
+
 def stub_model(args: list[str]) -> str | None:
     """The model a python-backend stub serves, from its command line (<repository>/<model>/<version>/model.py)."""
     if len(args) < 3 or not args[0].endswith("triton_python_backend_stub"):

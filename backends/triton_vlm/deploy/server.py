@@ -12,7 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from ..stubs import cmdline, our_process
+from ..stubs import cmdline, our_process, proc_stat
 from . import launcher
 
 
@@ -89,10 +89,8 @@ def descendants(pid: int) -> list[int]:
     """pid and every process under it."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry.name))
+        if entry.name.isdigit() and (stat := proc_stat(int(entry.name))):
+            children.setdefault(stat[1], []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
         found.append(todo.pop())
@@ -204,10 +202,11 @@ class TritonServer:
         ours = [(pid, what) for pid in descendants(self.process.pid)[1:] if (what := our_process(cmdline(pid)))]
         if self._log is not None:
             for pid, what in ours:
+                stat = proc_stat(pid)
                 with contextlib.suppress(OSError):
-                    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
                     wchan = Path(f"/proc/{pid}/wchan").read_text()
-                    self._log.write(f"triton-vlm: process {pid} ({what}): state {state}, waits in {wchan}\n".encode())
+                    self._log.write(f"triton-vlm: process {pid} ({what}): state {stat and stat[0]}, waits in {wchan}\n"
+                                    .encode())
             self._log.flush()
         for pid, _ in ours:  # one at a time: their stacks would interleave in the log
             with contextlib.suppress(OSError):

@@ -24,23 +24,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from ..stubs import cmdline, shm_prefix, stub_model
+from ..stubs import cmdline, proc_stat, shm_prefix, stub_model
 
 log = logging.getLogger(__name__)
 
 SHM = Path("/dev/shm")
 LEARN_EVERY = 5  # rounds between the scans of a stub that does not lead
 PARENT_POLL_S = 0.1  # how often a stub asks whether its server still runs (one getppid)
-
-
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(state, parent pid) of a process, or None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
-    return fields[0], int(fields[1])
 
 
 def own_regions(prefix: str, pid: int) -> list[Path]:
@@ -130,7 +120,7 @@ class StubSupervisor:
             if not entry.name.isdigit():
                 continue
             pid = int(entry.name)
-            stat = _stat(pid)
+            stat = proc_stat(pid)
             if stat is None or stat[1] != self.server_pid:
                 continue
             if stat[0] == "Z":
