@@ -4,4 +4,4 @@ from .stubs import dump_stacks_on_signal
 
 __version__ = "0.1.0"
 
-dump_stacks_on_signal()  # first thing in every stub of ours (each model.py imports this package first)
+dump_stacks_on_signal()  # first thing in every stub (each model.py imports this package first) and engine process

@@ -181,20 +181,22 @@ class TritonServer:
             wait_ready(self.process, self.http_url, timeout_s)
         except TimeoutError as e:
             self._dump_stacks()
-            self.stop()
             if restart_hung and attempts > 1:
-                if self.auto_ports:
-                    self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
-                return self.start().wait_ready(timeout_s, attempts - 1, restart_hung)
+                return self._start_again(timeout_s, attempts, restart_hung)
+            self.stop()
             raise TimeoutError(f"{e}; {self._log_tail()}") from None
         except RuntimeError as e:
             if attempts > 1 and (self.auto_ports and self._log_says(_BIND_FAILURES) or self._log_says(_LOAD_CRASHES)):
-                self.stop()
-                if self.auto_ports:
-                    self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
-                return self.start().wait_ready(timeout_s, attempts - 1, restart_hung)
+                return self._start_again(timeout_s, attempts, restart_hung)
             raise RuntimeError(f"{e}; {self._log_tail()}") from None
         return self
+
+    def _start_again(self, timeout_s: float, attempts: int, restart_hung: bool) -> TritonServer:
+        """Stop, and start again (on new ports where we chose them) with one attempt less."""
+        self.stop()
+        if self.auto_ports:
+            self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        return self.start().wait_ready(timeout_s, attempts - 1, restart_hung)
 
     def _dump_stacks(self) -> None:
         """Into the log, for a server that hangs: each stub's (and language engine process's) state and kernel
