@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import compileall
 import contextlib
 import os
 import sys
@@ -45,12 +46,15 @@ def tp2_server(tiny_model, tmp_path_factory, worker_id):
     each), no embedding cache (every image reaches the encoders), private image URLs allowed (for
     test_isolation's dripping image server), `--minimal`. test_isolation kills its stubs and its engine (each
     test leaves it serving); test_language_serving compares its two ranks with the session server's one and,
-    last, kills the server itself."""
+    last, kills the server itself. Its repository is one served before (its `__pycache__` written before the
+    load), where a reload that changes no file keeps a dead stub's instance."""
     _claim_session_servers(tmp_path_factory, worker_id)
     deployment = Deployment(tiny_model, tensor_parallel=2, encoder_dp=2, encoder_threads=1, embedding_cache_mb=0,
                             minimal=True)
-    with serving((deployment, tmp_path_factory.mktemp("tp2")),
-                 env={**os.environ, "TRITON_VLM_ALLOW_PRIVATE_URLS": "1"}) as server:
+    root = tmp_path_factory.mktemp("tp2")
+    repository = deployment.render(root / "repository")
+    compileall.compile_dir(repository, quiet=1)
+    with serving((repository, root), env={**os.environ, "TRITON_VLM_ALLOW_PRIVATE_URLS": "1"}) as server:
         yield server
 
 

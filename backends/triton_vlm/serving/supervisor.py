@@ -4,7 +4,10 @@ Triton 2.51 neither restarts a stub that died (SIGKILL, OOM killer, a crash in n
 reporting ready: every request routed to that instance fails with "Stub process ... is not healthy"
 for as long as the server runs. What it does allow, in `--model-control-mode=explicit` (our launcher's
 default), is reloading the model: fresh instances take the traffic (the old version, zombie included,
-is never unloaded in 2.51; it holds its memory until the server stops).
+is never unloaded in 2.51; it holds its memory until the server stops). A reload makes fresh instances
+only if a file of the model's version changed since its load (the version directory's time counts):
+else 2.51 keeps its instances, the dead one too, and reports success. So the supervisor touches that
+directory first (a fresh repository's first `__pycache__` may do it by chance; one served before has it).
 
 Every stub of ours runs a `StubSupervisor` thread. One of them at a time (whoever binds the server's
 abstract socket name; the kernel frees it when that stub dies, and the next one takes over) watches
@@ -47,7 +50,7 @@ class StubSupervisor:
         self.prefix = shm_prefix()
         self.leader = False
         self._leader_socket: socket.socket | None = None
-        self._stubs: dict[int, tuple[str, str]] = {}  # stub pid -> (model, region), learned while it lived
+        self._stubs: dict[int, tuple[str, str, Path]] = {}  # stub pid -> (model, region, version directory)
         self._zombies: set[int] = set()  # stubs seen dead once: Triton reaps the ones it stops at once
         self._healed: set[int] = set()  # dead stubs whose model was reloaded already
         self._rounds = 0
@@ -87,12 +90,16 @@ class StubSupervisor:
                 self._scan()
             return []
         reloaded = []
-        for pid, (model, region) in self._dead_stubs().items():
+        for pid, (model, region, version) in self._dead_stubs().items():
             for path in [SHM / region, *own_regions(self.prefix, pid)]:
                 path.unlink(missing_ok=True)
             if model in reloaded:
                 continue
             log.warning("the stub of model %s (pid %d) died; reloading the model", model, pid)
+            try:
+                os.utime(version)  # changed since the load: Triton makes fresh instances (module docstring)
+            except OSError as e:  # e.g. a read-only repository: the reload may then keep the dead instance
+                log.error("cannot touch %s (%s); the reload of %s may keep its dead instance", version, e, model)
             try:
                 self.reload(model)
                 reloaded.append(model)
@@ -130,7 +137,7 @@ class StubSupervisor:
                 args = cmdline(pid)
                 model = stub_model(args)
                 if model:
-                    self._stubs[pid] = (model, args[2])
+                    self._stubs[pid] = (model, args[2], Path(args[1]).parent)
         return zombies
 
     def _dead_stubs(self) -> dict[int, tuple[str, str]]:
