@@ -140,8 +140,8 @@ class StubSupervisor:
                     self._stubs[pid] = (model, args[2], Path(args[1]).parent)
         return zombies
 
-    def _dead_stubs(self) -> dict[int, tuple[str, str]]:
-        """Stubs of this server that died and stayed unreaped for a whole round: pid -> (model, region)."""
+    def _dead_stubs(self) -> dict[int, tuple[str, str, Path]]:
+        """Stubs of this server that died and stayed unreaped for a whole round: pid -> (model, region, version)."""
         zombies = self._scan() - self._healed
         dead = {pid: self._stubs[pid] for pid in zombies & self._zombies}
         self._healed |= dead.keys()
