@@ -3,11 +3,12 @@
 Triton 2.51 neither restarts a stub that died (SIGKILL, OOM killer, a crash in native code) nor stops
 reporting ready: every request routed to that instance fails with "Stub process ... is not healthy"
 for as long as the server runs. What it does allow, in `--model-control-mode=explicit` (our launcher's
-default), is reloading the model: fresh instances take the traffic (the old version, zombie included,
-is never unloaded in 2.51; it holds its memory until the server stops). A reload makes fresh instances
-only if a file of the model's version changed since its load (the version directory's time counts):
-else 2.51 keeps its instances, the dead one too, and reports success. So the supervisor touches that
-directory first (a fresh repository's first `__pycache__` may do it by chance; one served before has it).
+default), is reloading the model: fresh instances take the traffic. Triton then unloads the old ones,
+live stubs and all: within seconds here, or, seen once after requests had met the dead one, not until
+its live sibling died too (until then they hold their memory). A reload makes fresh instances only if a
+file of the model's version changed since its load (the version directory's time counts): else 2.51
+keeps its instances, the dead one too, and reports success. So the supervisor touches that directory
+first (a fresh repository's first `__pycache__` may do it by chance; one served before has it).
 
 Every stub of ours runs a `StubSupervisor` thread. One of them at a time (whoever binds the server's
 abstract socket name; the kernel frees it when that stub dies, and the next one takes over) watches
