@@ -105,11 +105,13 @@ def tiny_model(tmp_path_factory):
 make_image = synthetic_image
 
 
-def wait_until(condition, timeout_s: float = 180, what: str = "", interval_s: float = 0.2) -> None:
+def wait_until(condition, timeout_s: float = 180, what: str = "", interval_s: float = 0.2):
+    """Until `condition()` is true -> that value; an assertion error after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
-    while not condition():
+    while not (value := condition()):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(interval_s)
+    return value
 
 
 @contextlib.contextmanager

@@ -189,11 +189,7 @@ def _leader(server, other_than: int | None = None) -> int:
                     return pid
         return None
 
-    deadline = time.monotonic() + 30
-    while (pid := leader()) in (None, other_than):
-        assert time.monotonic() < deadline, f"no stub but {other_than} took the lead in 30 s"
-        time.sleep(0.2)
-    return pid
+    return wait_until(lambda: (pid := leader()) != other_than and pid, 30, f"a stub other than {other_than} to lead")
 
 
 def test_a_killed_stage_and_the_leading_supervisor_are_reloaded(tp2_server):
